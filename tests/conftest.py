@@ -1,0 +1,270 @@
+"""Shared fixtures: personas, builders, and the real services some tests need.
+
+A test that needs PostgreSQL, Redis, NATS or chromium skips, saying why, when
+that service is not configured. `.ci/run` sets ARCHIPELAG_REQUIRE_SERVICES=1,
+which turns every such skip into a failure, so CI runs every test.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.cache import cache
+from django.db import connection
+from django.test import Client
+
+from pairing.models import IssuedCode, PairingCode
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+REQUIRE_SERVICES = os.environ.get("ARCHIPELAG_REQUIRE_SERVICES") == "1"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+PASSWORD = "correct-horse-battery-staple"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Password hashing is deliberately slow; tests create many users.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if REQUIRE_SERVICES and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped in a run that requires every service (ARCHIPELAG_REQUIRE_SERVICES=1): {reason}"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache() -> Iterator[None]:
+    # Rate-limit counters live in the cache; each test starts with none.
+    cache.clear()
+    yield
+    cache.clear()
+
+
+# --- Services ----------------------------------------------------------------
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def postgres() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: set DATABASE_URL=postgres://... (.ci/run does)")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    if not settings.REDIS_URL:
+        pytest.skip("needs Redis: set REDIS_URL=redis://... (.ci/run does)")
+    if not _reachable(settings.REDIS_URL, 6379):
+        pytest.skip(f"needs Redis, but nothing answers at {settings.REDIS_URL}")
+    return str(settings.REDIS_URL)
+
+
+@pytest.fixture
+def nats_url() -> str:
+    url = os.environ.get("NATS_URL")
+    if not url:
+        pytest.skip("needs NATS: set NATS_URL=nats://... (.ci/run does)")
+    if not _reachable(url, 4222):
+        pytest.skip(f"needs NATS, but nothing answers at {url}")
+    return url
+
+
+@pytest.fixture
+def browser_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fresh chromium page. Function-scoped on purpose: see below."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"needs chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("needs the playwright package (make test installs it)")
+    # Playwright's sync API keeps an event loop in this thread, which makes
+    # Django refuse ORM calls from the test. They are safe: no coroutine of
+    # ours runs in that loop. The permission ends with the test, so other
+    # tests still catch sync ORM calls made from async code.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--headless",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_context().new_page()
+        page.set_default_timeout(10_000)
+        yield page
+        browser.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _test_database_url() -> str:
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{Path(db['NAME']).resolve()}"
+    user = quote(db.get("USER") or "postgres")
+    password = f":{quote(db['PASSWORD'])}" if db.get("PASSWORD") else ""
+    return (
+        f"postgres://{user}{password}@{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{db['NAME']}"
+    )
+
+
+class LiveServer:
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path):
+        self.url = url
+        self.process = process
+        self.log = log
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def daphne_server(transactional_db: None, tmp_path: Path) -> Iterator[LiveServer]:
+    """The real ASGI app under daphne, in its own process, on the test database.
+
+    Unlike Django's live_server (a WSGI thread) it serves websockets. With
+    REDIS_URL set it uses the channels-redis layer on that Redis.
+    """
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "PUBLIC_URL": url,
+        "DEBUG": "1",
+        "DJANGO_SETTINGS_MODULE": "archipelag.settings",
+    }
+    log = tmp_path / "daphne.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "archipelag.asgi:application",
+            ],
+            cwd=BASE_DIR,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(url, process, log)
+    deadline = time.monotonic() + 20
+    while not _reachable(url, port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"daphne did not start:\n{server.output()}")
+        time.sleep(0.1)
+    yield server
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def login_browser(page: Any, server: LiveServer, user: User) -> None:
+    """Give the browser a signed-in session for `user`, as if it had logged in."""
+    client = Client()
+    client.force_login(user)
+    page.context.add_cookies(
+        [
+            {
+                "name": settings.SESSION_COOKIE_NAME,
+                "value": client.cookies[settings.SESSION_COOKIE_NAME].value,
+                "url": server.url,
+            }
+        ]
+    )
+
+
+# --- Personas and builders -----------------------------------------------------
+
+
+@pytest.fixture
+def alice(db: None) -> User:
+    """Alice owns Islands."""
+    return User.objects.create_user("alice", "alice@example.org", PASSWORD)
+
+
+@pytest.fixture
+def bob(db: None) -> User:
+    """Bob is another user, who must never see or touch Alice's things."""
+    return User.objects.create_user("bob", "bob@example.org", PASSWORD)
+
+
+@pytest.fixture
+def alice_client(alice: User) -> Client:
+    client = Client()
+    client.force_login(alice)
+    return client
+
+
+@pytest.fixture
+def bob_client(bob: User) -> Client:
+    client = Client()
+    client.force_login(bob)
+    return client
+
+
+HOST_ID = "550e8400-e29b-41d4-a716-446655440000"
+CAPABILITIES = {
+    "gpu_model": "RTX 4090",
+    "gpu_vram_mb": 24576,
+    "cpu_cores": 16,
+    "ram_mb": 65536,
+    "region": "us-east",
+}
+
+
+@pytest.fixture
+def issue_code(db: None) -> Callable[..., IssuedCode]:
+    """Build a pairing code as an Island would have asked for it over HTTP."""
+
+    def build(host_id: str = HOST_ID, **kwargs: Any) -> IssuedCode:
+        kwargs.setdefault("capabilities", CAPABILITIES)
+        kwargs.setdefault("version", "0.5.0")
+        kwargs.setdefault("requested_ip", "203.0.113.7")
+        kwargs.setdefault("channel", PairingCode.Channel.HTTP)
+        return PairingCode.objects.issue(host_id=host_id, **kwargs)
+
+    return build
