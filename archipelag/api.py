@@ -1,0 +1,111 @@
+"""Small helpers shared by the JSON endpoints.
+
+Every JSON endpoint answers errors as `{"success": false, "error": "..."}`
+with a 4xx status, and decodes its body into a msgspec Struct so that wrong
+types, missing fields and oversized values are rejected before anything is
+written. Unknown fields are ignored, as the real agent adds fields over time.
+"""
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+# Pairing and status bodies are a few hundred bytes; a heartbeat with many
+# GPUs and active jobs stays under 16 KiB. Anything far bigger is a mistake
+# or an attack, and is refused before it is read.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024
+
+_PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.headers = headers or {}
+
+
+def error_response(status: int, error: str, headers: dict[str, str] | None = None) -> JsonResponse:
+    response = JsonResponse({"success": False, "error": error}, status=status)
+    for name, value in (headers or {}).items():
+        response[name] = value
+    return response
+
+
+def describe_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    """Turn msgspec's message into one that names the field first."""
+    message = str(exc)
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return "body is not valid JSON"
+    match = _PATH_RE.search(message)
+    if not match:
+        return f"invalid body: {message}"
+    path = match.group("path") or "body"
+    return f"invalid {path}: {message[: match.start()]}"
+
+
+def read_body(request: HttpRequest, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> bytes:
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ApiError(400, "invalid Content-Length header") from None
+    if declared > max_bytes:
+        raise ApiError(413, f"body too large: at most {max_bytes} bytes")
+    body = request.body
+    if len(body) > max_bytes:
+        raise ApiError(413, f"body too large: at most {max_bytes} bytes")
+    return body
+
+
+def decode[T](body: bytes, type_: type[T]) -> T:
+    if not body.strip():
+        raise ApiError(400, "body is empty: send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ApiError(400, describe_validation_error(exc)) from None
+
+
+def parse_body[T](request: HttpRequest, type_: type[T], max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> T:
+    return decode(read_body(request, max_bytes), type_)
+
+
+def client_ip(request: HttpRequest) -> str:
+    """The client's address, trusting X-Forwarded-For only as far as NUM_PROXIES says."""
+    num_proxies = settings.NUM_PROXIES
+    if num_proxies > 0:
+        forwarded = [part.strip() for part in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        forwarded = [part for part in forwarded if part]
+        if len(forwarded) >= num_proxies:
+            return str(forwarded[-num_proxies])
+    return str(request.META.get("REMOTE_ADDR") or "0.0.0.0")  # noqa: S104 (not a bind address)
+
+
+type View = Callable[..., HttpResponse]
+
+
+def json_api(view: View) -> View:
+    """Mark a view as a JSON API endpoint that only accepts POST.
+
+    It is exempt from CSRF because no API endpoint reads the session cookie:
+    callers prove who they are with a token or a secret in the body. An
+    ApiError raised anywhere in the view becomes a JSON error response.
+    """
+
+    @functools.wraps(view)
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method != "POST":
+            return error_response(405, "method not allowed: use POST", {"Allow": "POST"})
+        try:
+            return view(request, *args, **kwargs)
+        except ApiError as exc:
+            return error_response(exc.status, exc.error, exc.headers)
+
+    return csrf_exempt(wrapper)

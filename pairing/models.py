@@ -1,0 +1,311 @@
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+from django.conf import settings
+from django.db import IntegrityError, models, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from islands.models import Island
+from pairing.codes import generate_code, generate_secret, hash_code, hash_secret
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+CODE_TTL = timedelta(minutes=10)
+POLL_INTERVAL = timedelta(seconds=5)
+# A device that sleeps exactly POLL_INTERVAL between polls arrives a little
+# early now and then (timer and network jitter); that is not "too fast".
+POLL_JITTER = timedelta(milliseconds=500)
+# Each draw collides with a live code with odds (live codes) / 32**6, so a
+# handful of attempts is only ever exhausted by a broken random source.
+ISSUE_ATTEMPTS = 8
+
+type CodeState = Literal["live", "used", "retired", "expired"]
+
+
+class PairingError(Exception):
+    """A pairing step that cannot go ahead; the message is safe to show."""
+
+
+class CodeNotFound(PairingError):
+    """Unknown, already used or superseded: one answer, so guessers learn nothing."""
+
+
+class CodeExpired(PairingError):
+    pass
+
+
+class HostAlreadyLinked(PairingError):
+    def __init__(self, island: Island):
+        super().__init__("already paired")
+        self.island = island
+
+
+class BadDeviceSecret(PairingError):
+    pass
+
+
+class PollTooFast(PairingError):
+    pass
+
+
+class TokenAlreadyCollected(PairingError):
+    pass
+
+
+class CodeQuerySet[M: "ExpiringCode"](models.QuerySet[M]):
+    def live(self, now: datetime) -> "CodeQuerySet[M]":
+        return self.filter(used_at__isnull=True, retired_at__isnull=True, expires_at__gt=now)
+
+    def unused(self) -> "CodeQuerySet[M]":
+        return self.filter(used_at__isnull=True, retired_at__isnull=True)
+
+    def find(self, code: str) -> M | None:
+        """The newest row for a canonical code, whatever its state."""
+        return self.filter(code_hash=hash_code(code)).order_by("-created_at").first()
+
+    def insert_with_fresh_code(self, row: M, now: datetime) -> str:
+        """Give `row` a code unique among live codes, save it, and return the code.
+
+        Uniqueness is the database's job (a partial unique index over unused
+        codes); an expired code still holds its slot there until it is retired,
+        which happens here when a new draw lands on it.
+        """
+        for _ in range(ISSUE_ATTEMPTS):
+            code = generate_code()
+            row.code_hash = hash_code(code)
+            row.created_at = now
+            row.expires_at = now + CODE_TTL
+            try:
+                with transaction.atomic():
+                    self.unused().filter(code_hash=row.code_hash, expires_at__lte=now).update(retired_at=now)
+                    row.save(force_insert=True)
+            except IntegrityError:
+                row.pk = None
+                continue
+            return code
+        raise RuntimeError("could not draw a pairing code unique among live codes")
+
+    def prune(self, now: datetime, keep: timedelta) -> int:
+        """Delete codes that stopped mattering `keep` ago. Returns how many."""
+        deleted, _ = self.filter(expires_at__lt=now - keep).delete()
+        return deleted
+
+
+class ExpiringCode(models.Model):
+    """A short code valid for CODE_TTL and redeemable once.
+
+    Every lookup checks expiry against the clock, so an expired code is dead
+    whether or not the prune command has run.
+    """
+
+    code_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Serves the prune command's range delete.
+    expires_at = models.DateTimeField(db_index=True)
+    used_at = models.DateTimeField(null=True, blank=True)
+    # Set when a newer code replaces this one before it was used.
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+        constraints = [
+            # "Unique among live codes", and the index every lookup by code uses.
+            models.UniqueConstraint(
+                fields=["code_hash"],
+                condition=Q(used_at__isnull=True, retired_at__isnull=True),
+                name="%(app_label)s_%(class)s_unused_code",
+            ),
+        ]
+
+    def state(self, now: datetime) -> CodeState:
+        if self.used_at is not None:
+            return "used"
+        if self.retired_at is not None:
+            return "retired"
+        if self.expires_at <= now:
+            return "expired"
+        return "live"
+
+    def expires_in_seconds(self, now: datetime) -> int:
+        return max(0, math.ceil((self.expires_at - now).total_seconds()))
+
+    def check_redeemable(self, now: datetime) -> None:
+        state = self.state(now)
+        if state == "expired":
+            raise CodeExpired("That code has expired.")
+        if state != "live":
+            raise CodeNotFound("That code is unknown or was already used.")
+
+
+class Capabilities(TypedDict, total=False):
+    gpu_model: str | None
+    gpu_vram_mb: int | None
+    cpu_cores: int | None
+    ram_mb: int | None
+    region: str | None
+
+
+class PollAnswer(TypedDict, total=False):
+    status: Literal["pending", "paired", "expired"]
+    expires_in_seconds: int
+    island_id: str
+    token: str
+
+
+@dataclass(frozen=True)
+class IssuedCode:
+    row: "PairingCode"
+    code: str
+    device_secret: str
+
+
+class PairingCodeManager(models.Manager["PairingCode"]):
+    def get_queryset(self) -> CodeQuerySet["PairingCode"]:
+        return CodeQuerySet(self.model, using=self._db)
+
+    def find(self, code: str) -> "PairingCode | None":
+        return self.get_queryset().find(code)
+
+    def issue(
+        self,
+        *,
+        host_id: str,
+        capabilities: Capabilities | None = None,
+        version: str | None = None,
+        requested_ip: str | None = None,
+        channel: "PairingCode.Channel",
+        now: datetime | None = None,
+    ) -> IssuedCode:
+        """Draw a code for a host that is not linked yet, retiring its earlier codes.
+
+        Codes asked for over NATS get no device secret: the real agent never
+        polls, it learns nothing more until it is restarted.
+        """
+        now = now or timezone.now()
+        linked = Island.objects.linked_host(host_id)
+        if linked is not None:
+            raise HostAlreadyLinked(linked)
+        device_secret = generate_secret() if channel == PairingCode.Channel.HTTP else ""
+        row = PairingCode(
+            host_id=host_id,
+            capabilities=dict(capabilities or {}),
+            agent_version=(version or "")[:64],
+            requested_ip=requested_ip,
+            channel=channel,
+            device_secret_hash=hash_secret(device_secret) if device_secret else "",
+        )
+        with transaction.atomic():
+            self.get_queryset().unused().filter(host_id=host_id).update(retired_at=now)
+            code = self.get_queryset().insert_with_fresh_code(row, now)
+        return IssuedCode(row=row, code=code, device_secret=device_secret)
+
+    def poll(self, host_id: str, device_secret: str, now: datetime | None = None) -> PollAnswer:
+        """What a device polling with its secret learns; the token is handed out once."""
+        now = now or timezone.now()
+        row = (
+            self.filter(host_id=host_id, device_secret_hash=hash_secret(device_secret))
+            .exclude(device_secret_hash="")
+            .select_related("island")
+            .first()
+        )
+        if row is None:
+            raise BadDeviceSecret("unknown host_id or wrong device_secret")
+        # Compare-and-set on the last poll time: two polls racing each other
+        # cannot both pass, and a device polling too fast is told to slow down.
+        allowed = self.filter(pk=row.pk).filter(
+            Q(last_polled_at__isnull=True) | Q(last_polled_at__lte=now - POLL_INTERVAL + POLL_JITTER)
+        )
+        if not allowed.update(last_polled_at=now):
+            raise PollTooFast("slow_down")
+
+        island = row.island
+        if row.used_at is not None and island is not None and island.removed_at is None:
+            with transaction.atomic():
+                if not self.filter(pk=row.pk, token_issued_at__isnull=True).update(token_issued_at=now):
+                    raise TokenAlreadyCollected(
+                        "the token for this Island was already handed out; "
+                        "remove the Island in /settings and pair again"
+                    )
+                token = island.issue_token(now)
+            return {"status": "paired", "island_id": str(island.pk), "token": token}
+        if row.state(now) != "live":
+            return {"status": "expired"}
+        return {"status": "pending", "expires_in_seconds": row.expires_in_seconds(now)}
+
+    def prune(self, now: datetime, keep: timedelta) -> int:
+        return self.get_queryset().prune(now, keep)
+
+
+class PairingCode(ExpiringCode):
+    """A code an Island asked for, to be typed by a signed-in user at /pair."""
+
+    class Channel(models.TextChoices):
+        HTTP = "http", "HTTP API"
+        NATS = "nats", "NATS"
+
+    # Serves retiring a host's earlier codes and the device's polls.
+    host_id = models.CharField(max_length=64, db_index=True)
+    capabilities = models.JSONField(default=dict, blank=True)
+    agent_version = models.CharField(max_length=64, blank=True)
+    requested_ip = models.GenericIPAddressField(null=True, blank=True)
+    channel = models.CharField(max_length=8, choices=Channel.choices, default=Channel.HTTP)
+    device_secret_hash = models.CharField(max_length=64, blank=True, editable=False)
+    used_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    island = models.ForeignKey(Island, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    last_polled_at = models.DateTimeField(null=True, blank=True)
+    token_issued_at = models.DateTimeField(null=True, blank=True)
+
+    objects = PairingCodeManager()
+
+    class Meta(ExpiringCode.Meta):
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Pairing code for {self.host_id}"
+
+    def redeem(self, user: "User", now: datetime | None = None) -> Island:
+        """Link the Island to `user`. Exactly one of any number of racing callers wins.
+
+        The conditional UPDATE decides the winner by its row count; the Island
+        is created in the same transaction, so a failed link writes nothing.
+        """
+        now = now or timezone.now()
+        self.check_redeemable(now)
+        caps = self.capabilities
+        try:
+            with transaction.atomic():
+                won = (
+                    PairingCode.objects.get_queryset()
+                    .live(now)
+                    .filter(pk=self.pk)
+                    .update(used_at=now, used_by=user)
+                )
+                if not won:
+                    raise CodeNotFound("That code is unknown or was already used.")
+                island = Island.objects.create(
+                    owner=user,
+                    host_id=self.host_id,
+                    kind=Island.Kind.DESKTOP,
+                    gpu_model=(caps.get("gpu_model") or "")[:128],
+                    gpu_vram_mb=caps.get("gpu_vram_mb"),
+                    cpu_cores=caps.get("cpu_cores"),
+                    ram_mb=caps.get("ram_mb"),
+                    region=(caps.get("region") or "")[:64],
+                    agent_version=self.agent_version,
+                    paired_at=now,
+                )
+                PairingCode.objects.filter(pk=self.pk).update(island=island)
+        except IntegrityError:
+            # Another account linked this host between lookup and confirm.
+            linked = Island.objects.linked_host(self.host_id)
+            if linked is None:
+                raise
+            raise HostAlreadyLinked(linked) from None
+        self.used_at, self.used_by, self.island = now, user, island
+        return island

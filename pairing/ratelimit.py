@@ -1,0 +1,136 @@
+"""Fixed-window counters in the shared cache, for anything guessable.
+
+Counters live in Django's default cache: Redis in production, so every
+process shares them and INCR keeps them exact under concurrency; local
+memory with the embedded default. Windows are aligned to the clock
+(a 15-minute window runs :00-:15, :15-:30, ...), which makes the wait
+before the next attempt easy to state exactly.
+
+Only failed redemptions are counted, and a request over any limit is
+refused before the code is even looked at, so a guesser who hits a limit
+cannot keep trying even with the right code.
+docs/security.md turns these numbers into odds of guessing a live code.
+"""
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.core.cache import cache
+
+
+@dataclass(frozen=True)
+class Limit:
+    name: str
+    max_hits: int
+    period_seconds: int
+
+    def describe(self) -> str:
+        return f"{self.max_hits} per {_period_words(self.period_seconds)}"
+
+
+# Failed redemptions of desktop codes at /pair, per signed-in account.
+REDEEM_PER_ACCOUNT = (
+    Limit("redeem-account-15m", 5, 15 * 60),
+    Limit("redeem-account-day", 20, 24 * 3600),
+)
+# Failed redemptions from one address, whoever is signed in.
+REDEEM_PER_IP = (Limit("redeem-ip-hour", 30, 3600),)
+# All failed redemptions on the service in a day. This caps what a botnet
+# with many accounts and addresses can try; reaching it pauses redemption
+# for everyone until the window ends, which is the price of that cap.
+REDEEM_GLOBAL = (Limit("redeem-global-day", 10_000, 24 * 3600),)
+# Codes issued to one address. An Island asks once per start; a rack of
+# machines behind one NAT address still fits comfortably.
+ISSUE_PER_IP = (Limit("issue-ip-hour", 60, 3600),)
+
+
+class RateLimited(Exception):
+    def __init__(self, limit: Limit, retry_after: int):
+        super().__init__(f"rate limited: {limit.describe()}")
+        self.limit = limit
+        self.retry_after = retry_after
+
+    @property
+    def wait_words(self) -> str:
+        return wait_words(self.retry_after)
+
+
+type Bucket = tuple[Limit, str]
+
+
+def _period_words(seconds: int) -> str:
+    if seconds % 86400 == 0:
+        return "day" if seconds == 86400 else f"{seconds // 86400} days"
+    if seconds % 3600 == 0:
+        return "hour" if seconds == 3600 else f"{seconds // 3600} hours"
+    return f"{seconds // 60} minutes"
+
+
+def wait_words(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 120:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{math.ceil(minutes / 60)} hours"
+
+
+def _window(limit: Limit, now: datetime) -> tuple[str, int]:
+    stamp = now.timestamp()
+    index = int(stamp // limit.period_seconds)
+    retry_after = max(1, math.ceil((index + 1) * limit.period_seconds - stamp))
+    return str(index), retry_after
+
+
+def _key(limit: Limit, ident: str, window: str) -> str:
+    return f"rl:{limit.name}:{ident}:{window}"
+
+
+def redeem_buckets(*, ip: str, user_id: int | None = None) -> list[Bucket]:
+    buckets: list[Bucket] = []
+    if user_id is not None:
+        buckets += [(limit, str(user_id)) for limit in REDEEM_PER_ACCOUNT]
+    buckets += [(limit, ip) for limit in REDEEM_PER_IP]
+    buckets += [(limit, "all") for limit in REDEEM_GLOBAL]
+    return buckets
+
+
+def issue_buckets(*, ip: str) -> list[Bucket]:
+    return [(limit, ip) for limit in ISSUE_PER_IP]
+
+
+def check(buckets: list[Bucket], now: datetime) -> None:
+    """Raise RateLimited, with the longest wait, if any bucket is full."""
+    windows: dict[str, tuple[Limit, int]] = {}
+    for limit, ident in buckets:
+        window, retry_after = _window(limit, now)
+        windows[_key(limit, ident, window)] = (limit, retry_after)
+    counts = cache.get_many(list(windows))
+    full = [
+        (retry_after, limit)
+        for key, (limit, retry_after) in windows.items()
+        if int(counts.get(key, 0)) >= limit.max_hits
+    ]
+    if full:
+        retry_after, limit = max(full, key=lambda item: item[0])
+        raise RateLimited(limit, retry_after)
+
+
+def hit(buckets: list[Bucket], now: datetime) -> None:
+    for limit, ident in buckets:
+        window, retry_after = _window(limit, now)
+        key = _key(limit, ident, window)
+        # add() is a no-op when the key exists; incr() is atomic in Redis.
+        cache.add(key, 0, timeout=retry_after + 60)
+        try:
+            cache.incr(key)
+        except ValueError:
+            # The key expired between add() and incr(); start it again.
+            cache.add(key, 1, timeout=retry_after + 60)
+
+
+def check_and_hit(buckets: list[Bucket], now: datetime) -> None:
+    """For actions counted whether or not they succeed (issuing codes)."""
+    check(buckets, now)
+    hit(buckets, now)

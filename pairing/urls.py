@@ -1,0 +1,12 @@
+from django.urls import path
+
+from pairing import views
+
+app_name = "pairing"
+
+urlpatterns = [
+    path("pair", views.pair, name="pair"),
+    path("pair/confirm", views.confirm, name="confirm"),
+    path("api/v1/islands/pairing", views.api_pairing, name="api-pairing"),
+    path("api/v1/islands/pairing/poll", views.api_pairing_poll, name="api-pairing-poll"),
+]

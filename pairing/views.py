@@ -1,0 +1,197 @@
+import logging
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from archipelag.api import ApiError, client_ip, json_api, parse_body
+from archipelag.htmx import HtmxHttpRequest
+from islands.agent import PairingRequest, PollRequest, capabilities_dict
+from islands.models import Island
+from pairing import ratelimit
+from pairing.forms import PairCodeForm
+from pairing.models import (
+    POLL_INTERVAL,
+    BadDeviceSecret,
+    CodeNotFound,
+    HostAlreadyLinked,
+    PairingCode,
+    PairingError,
+    PollTooFast,
+    TokenAlreadyCollected,
+)
+
+logger = logging.getLogger("archipelag.pairing")
+
+
+def pair_url() -> str:
+    return settings.PUBLIC_URL + reverse("pairing:pair")
+
+
+# --- The Island's side: JSON API -------------------------------------------
+
+
+@json_api
+def api_pairing(request: HttpRequest) -> HttpResponse:
+    now = timezone.now()
+    body = parse_body(request, PairingRequest)
+    ip = client_ip(request)
+    try:
+        ratelimit.check_and_hit(ratelimit.issue_buckets(ip=ip), now)
+    except ratelimit.RateLimited as exc:
+        logger.warning("event=rate_limited action=issue_code ip=%s limit=%s", ip, exc.limit.name)
+        raise ApiError(
+            429,
+            f"too many pairing requests from this address; retry in {exc.wait_words}",
+            {"Retry-After": str(exc.retry_after)},
+        ) from None
+    try:
+        issued = PairingCode.objects.issue(
+            host_id=body.host_id,
+            capabilities=capabilities_dict(body.capabilities),  # type: ignore[arg-type]
+            version=body.version,
+            requested_ip=ip,
+            channel=PairingCode.Channel.HTTP,
+            now=now,
+        )
+    except HostAlreadyLinked:
+        # The real agent matches this exact lowercase text.
+        raise ApiError(409, "already paired") from None
+    logger.info("event=code_issued channel=http host_id=%s ip=%s", body.host_id, ip)
+    return JsonResponse(
+        {
+            "success": True,
+            "code": issued.code,
+            "expires_in_seconds": issued.row.expires_in_seconds(now),
+            "pair_url": pair_url(),
+            "device_secret": issued.device_secret,
+            "poll_interval_seconds": int(POLL_INTERVAL.total_seconds()),
+        },
+        status=201,
+    )
+
+
+@json_api
+def api_pairing_poll(request: HttpRequest) -> HttpResponse:
+    body = parse_body(request, PollRequest)
+    try:
+        answer = PairingCode.objects.poll(body.host_id, body.device_secret)
+    except BadDeviceSecret as exc:
+        raise ApiError(401, str(exc)) from None
+    except PollTooFast:
+        interval = int(POLL_INTERVAL.total_seconds())
+        raise ApiError(429, "slow_down", {"Retry-After": str(interval)}) from None
+    except TokenAlreadyCollected as exc:
+        raise ApiError(410, str(exc)) from None
+    if answer["status"] == "paired":
+        logger.info("event=token_issued host_id=%s island_id=%s", body.host_id, answer["island_id"])
+    return JsonResponse(dict(answer))
+
+
+# --- The person's side: /pair ------------------------------------------------
+
+
+def _render_step(request: HtmxHttpRequest, context: dict[str, Any], status: int = 200) -> HttpResponse:
+    # One view serves the whole page and, for htmx, just the step that changes.
+    template = "pairing/pair.html#step" if request.htmx else "pairing/pair.html"
+    response = render(request, template, context, status=status)
+    if "retry_after" in context:
+        response["Retry-After"] = str(context["retry_after"])
+    return response
+
+
+def _limited(request: HtmxHttpRequest, form: PairCodeForm, exc: ratelimit.RateLimited) -> HttpResponse:
+    logger.warning(
+        "event=rate_limited action=redeem_code user_id=%s ip=%s limit=%s",
+        request.user.pk,
+        client_ip(request),
+        exc.limit.name,
+    )
+    error = f"Too many attempts with wrong codes. Try again in {exc.wait_words}."
+    return _render_step(request, {"form": form, "error": error, "retry_after": exc.retry_after}, status=429)
+
+
+def _failed(request: HtmxHttpRequest, form: PairCodeForm, exc: PairingError, now: datetime) -> HttpResponse:
+    """A wrong or expired code: count it against the limits and say what happened."""
+    ratelimit.hit(ratelimit.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
+    return _render_step(request, {"form": form, "error": str(exc)}, status=400)
+
+
+def _linked_elsewhere(request: HtmxHttpRequest, form: PairCodeForm, island: Island) -> HttpResponse:
+    if island.owner_id == request.user.pk:
+        error = f"This Island is already linked to your account as “{island.name}”."
+    else:
+        error = (
+            "This Island is already linked to another account. Its owner must remove it "
+            "from their Islands before it can be linked to yours."
+        )
+    return _render_step(request, {"form": form, "error": error}, status=409)
+
+
+def _lookup(request: HttpRequest, form: PairCodeForm, now: datetime) -> PairingCode:
+    """The live code the form names; raises PairingError or RateLimited."""
+    ratelimit.check(ratelimit.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
+    row = PairingCode.objects.find(form.cleaned_data["code"])
+    if row is None:
+        raise CodeNotFound("That code is unknown or was already used.")
+    row.check_redeemable(now)
+    linked = Island.objects.linked_host(row.host_id)
+    if linked is not None:
+        raise HostAlreadyLinked(linked)
+    return row
+
+
+@login_required
+def pair(request: HtmxHttpRequest) -> HttpResponse:
+    """Step one: type the code. Step two: see what it links, and confirm."""
+    if request.method != "POST":
+        return _render_step(request, {"form": PairCodeForm()})
+    now = timezone.now()
+    form = PairCodeForm(request.POST)
+    if not form.is_valid():
+        return _render_step(request, {"form": form}, status=400)
+    try:
+        row = _lookup(request, form, now)
+    except ratelimit.RateLimited as exc:
+        return _limited(request, form, exc)
+    except HostAlreadyLinked as exc:
+        return _linked_elsewhere(request, form, exc.island)
+    except PairingError as exc:
+        return _failed(request, form, exc, now)
+    return _render_step(request, {"form": form, "row": row, "code": form.cleaned_data["code"]})
+
+
+@login_required
+@require_POST
+def confirm(request: HtmxHttpRequest) -> HttpResponse:
+    now = timezone.now()
+    form = PairCodeForm(request.POST)
+    if not form.is_valid():
+        return _render_step(request, {"form": form}, status=400)
+    try:
+        row = _lookup(request, form, now)
+        island = row.redeem(request.user, now)  # type: ignore[arg-type]
+    except ratelimit.RateLimited as exc:
+        return _limited(request, form, exc)
+    except HostAlreadyLinked as exc:
+        return _linked_elsewhere(request, form, exc.island)
+    except PairingError as exc:
+        return _failed(request, form, exc, now)
+    logger.info(
+        "event=island_linked channel=desktop user_id=%s island_id=%s host_id=%s",
+        request.user.pk,
+        island.pk,
+        island.host_id,
+    )
+    messages.success(request, f"Island “{island.name}” is now linked to your account.")
+    if request.htmx:
+        # A full navigation, so the user lands on /settings with its message.
+        return HttpResponse(status=204, headers={"HX-Redirect": reverse("islands:settings")})
+    return redirect("islands:settings")
