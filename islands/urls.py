@@ -1,0 +1,9 @@
+from django.urls import path
+
+from islands import views
+
+app_name = "islands"
+
+urlpatterns = [
+    path("settings", views.settings_page, name="settings"),
+]

@@ -1,0 +1,141 @@
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import time_machine
+from django.core.cache import cache
+from django.test import Client
+
+from islands.models import Island
+from pairing import ratelimit
+from pairing.ratelimit import Limit
+
+# 10:00 UTC starts a 15-minute and an hourly window, 14 hours before the
+# daily window ends, which makes every wait easy to state.
+START = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
+
+
+def fail(client, n=1, ip="192.0.2.10"):
+    responses = [client.post("/pair", {"code": "ZZZZZZ"}, REMOTE_ADDR=ip) for _ in range(n)]
+    return responses[-1]
+
+
+def test_five_failures_in_fifteen_minutes_lock_the_account_even_for_the_right_code(
+    alice, alice_client, issue_code
+):
+    with time_machine.travel(START, tick=False):
+        issued = issue_code()
+        for _ in range(5):
+            assert fail(alice_client).status_code == 400
+        limited = alice_client.post("/pair", {"code": issued.code}, REMOTE_ADDR="192.0.2.10")
+        assert limited.status_code == 429
+        assert limited["Retry-After"] == "900"
+        assert "Too many attempts with wrong codes. Try again in 15 minutes." in limited.content.decode()
+        confirm = alice_client.post("/pair/confirm", {"code": issued.code}, REMOTE_ADDR="192.0.2.10")
+        assert confirm.status_code == 429
+        assert Island.objects.count() == 0
+    with time_machine.travel(START + timedelta(minutes=9, seconds=30), tick=False):
+        assert alice_client.post("/pair", {"code": issued.code})["Retry-After"] == "330"
+    with time_machine.travel(START + timedelta(minutes=15), tick=False):
+        issued = issue_code()
+        assert alice_client.post("/pair/confirm", {"code": issued.code}).status_code == 302
+    assert Island.objects.get().owner == alice
+
+
+def test_the_limit_is_per_account(alice_client, bob_client, db):
+    with time_machine.travel(START, tick=False):
+        fail(alice_client, 5, ip="192.0.2.10")
+        assert fail(alice_client, ip="192.0.2.10").status_code == 429
+        assert fail(bob_client, ip="192.0.2.11").status_code == 400
+
+
+def test_twenty_failures_a_day_lock_the_account_until_midnight(alice_client, db):
+    for quarter in range(4):
+        with time_machine.travel(START + timedelta(minutes=15 * quarter), tick=False):
+            assert fail(alice_client, 5).status_code == 400
+    with time_machine.travel(START + timedelta(hours=1), tick=False):
+        limited = fail(alice_client)
+        assert limited.status_code == 429
+        assert limited["Retry-After"] == str(13 * 3600)
+        assert "Try again in 13 hours" in limited.content.decode()
+
+
+def test_thirty_failures_an_hour_lock_an_address_for_every_account(django_user_model, db):
+    clients = []
+    for n in range(7):
+        client = Client()
+        client.force_login(django_user_model.objects.create_user(f"user{n}"))
+        clients.append(client)
+    with time_machine.travel(START, tick=False):
+        for client in clients[:6]:
+            assert fail(client, 5, ip="198.51.100.9").status_code == 400
+        limited = fail(clients[6], ip="198.51.100.9")
+        assert limited.status_code == 429
+        assert limited["Retry-After"] == "3600"
+        assert fail(clients[6], ip="198.51.100.10").status_code == 400
+
+
+def test_the_global_daily_budget_stops_everyone(alice_client, bob_client, monkeypatch, db):
+    monkeypatch.setattr(ratelimit, "REDEEM_GLOBAL", (Limit("redeem-global-day", 3, 86400),))
+    with time_machine.travel(START, tick=False):
+        fail(alice_client, 2, ip="192.0.2.1")
+        fail(bob_client, 1, ip="192.0.2.2")
+        limited = fail(bob_client, ip="192.0.2.3")
+        assert limited.status_code == 429
+        assert limited["Retry-After"] == str(14 * 3600)
+
+
+def test_successful_redemptions_are_not_counted(alice_client, issue_code):
+    with time_machine.travel(START, tick=False):
+        for n in range(6):
+            issued = issue_code(host_id=f"host-good-{n:04d}")
+            assert alice_client.post("/pair/confirm", {"code": issued.code}).status_code == 302
+    assert Island.objects.count() == 6
+
+
+def test_x_forwarded_for_is_ignored_without_trusted_proxies(alice_client, bob_client, db):
+    with time_machine.travel(START, tick=False):
+        for client in (alice_client, bob_client):
+            for n in range(5):
+                client.post(
+                    "/pair", {"code": "ZZZZZZ"}, REMOTE_ADDR="192.0.2.50", HTTP_X_FORWARDED_FOR=f"10.0.0.{n}"
+                )
+        # Both accounts' failures counted against the one real address.
+        assert cache.get(f"rl:redeem-ip-hour:192.0.2.50:{int(START.timestamp() // 3600)}") == 10
+
+
+def test_x_forwarded_for_is_used_behind_a_configured_proxy(alice_client, settings, db):
+    settings.NUM_PROXIES = 1
+    with time_machine.travel(START, tick=False):
+        alice_client.post(
+            "/pair", {"code": "ZZZZZZ"}, REMOTE_ADDR="10.0.0.1", HTTP_X_FORWARDED_FOR="1.2.3.4, 203.0.113.9"
+        )
+        assert cache.get(f"rl:redeem-ip-hour:203.0.113.9:{int(START.timestamp() // 3600)}") == 1
+
+
+def test_counters_are_exact_under_concurrent_hits(redis_url):
+    """Many processes share Redis; INCR must not lose updates."""
+    buckets = ratelimit.redeem_buckets(ip="192.0.2.77")
+    barrier = threading.Barrier(20)
+
+    def worker():
+        barrier.wait()
+        for _ in range(5):
+            ratelimit.hit(buckets, START)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.get(f"rl:redeem-ip-hour:192.0.2.77:{int(START.timestamp() // 3600)}") == 100
+    with pytest.raises(ratelimit.RateLimited):
+        ratelimit.check(buckets, START)
+
+
+def test_wait_words():
+    assert ratelimit.wait_words(1) == "1 second"
+    assert ratelimit.wait_words(59) == "59 seconds"
+    assert ratelimit.wait_words(60) == "1 minute"
+    assert ratelimit.wait_words(61) == "2 minutes"
+    assert ratelimit.wait_words(7200) == "2 hours"
