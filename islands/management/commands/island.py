@@ -1,0 +1,30 @@
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from islands.simulator import DEFAULT_STATE_PATH, CoordinatorError, IslandSimulator
+
+
+class Command(BaseCommand):
+    help = "Act as the Island software over the HTTP API: pair with a coordinator and report in."
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument("--url", default="http://127.0.0.1:8000", help="The coordinator's base URL.")
+        parser.add_argument(
+            "--state",
+            type=Path,
+            default=DEFAULT_STATE_PATH,
+            help=f"Where the host id and token are kept (default {DEFAULT_STATE_PATH}).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        simulator = IslandSimulator(options["url"], state_path=options["state"], out=sys.stdout)
+        try:
+            simulator.run()
+        except CoordinatorError as exc:
+            raise CommandError(f"The coordinator refused: {exc} (HTTP {exc.status})") from exc
+        except KeyboardInterrupt:
+            self.stdout.write("Stopped.")
