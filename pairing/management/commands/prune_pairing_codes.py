@@ -16,4 +16,5 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         deleted = PairingCode.objects.prune(timezone.now(), keep=timedelta(days=options["days"]))
-        self.stdout.write(f"Deleted {deleted} pairing codes that expired more than {options['days']} days ago.")
+        days = options["days"]
+        self.stdout.write(f"Deleted {deleted} pairing codes that expired more than {days} days ago.")
