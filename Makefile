@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 ## Run the service on the embedded defaults: SQLite, in-memory channel layer.
 run: $(VENV)/.installed
 	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py runserver $(HOST):$(PORT)
+	PUBLIC_URL=$${PUBLIC_URL:-http://$(HOST):$(PORT)} $(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 ## Run the whole test suite. Tests needing PostgreSQL, Redis, NATS or
 ## chromium skip, saying why, when those are not configured or installed.
