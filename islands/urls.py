@@ -6,4 +6,5 @@ app_name = "islands"
 
 urlpatterns = [
     path("settings", views.settings_page, name="settings"),
+    path("settings/islands/<uuid:pk>/remove", views.remove, name="remove"),
 ]

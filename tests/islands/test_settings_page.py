@@ -42,3 +42,22 @@ def test_refresh_with_htmx_renders_only_the_list(alice, alice_client):
     assert "<html" not in html
     assert html.strip().startswith('<div id="island-list">')
     assert "alice-host-0001" in html
+
+
+def test_removing_an_island_revokes_its_token_at_once(alice, alice_client):
+    island = Island.objects.create(owner=alice, host_id="alice-host-0001")
+    token = island.issue_token()
+    response = alice_client.post(f"/settings/islands/{island.pk}/remove", follow=True)
+    assert "was removed" in response.content.decode()
+    island.refresh_from_db()
+    assert island.removed_at is not None
+    assert Island.objects.authenticate(token) is None
+    assert "alice-host-0001" not in alice_client.get("/settings").content.decode()
+
+
+def test_nobody_can_remove_another_users_island(alice, bob_client):
+    island = Island.objects.create(owner=alice, host_id="alice-host-0001")
+    assert bob_client.post(f"/settings/islands/{island.pk}/remove").status_code == 404
+    assert bob_client.get(f"/settings/islands/{island.pk}/remove").status_code == 405
+    island.refresh_from_db()
+    assert island.removed_at is None
