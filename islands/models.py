@@ -1,12 +1,16 @@
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from islands.agent import EnhancedHeartbeat
 from islands.templatetags.island_tags import gigabytes
 from pairing.codes import generate_secret, hash_secret
 
@@ -17,6 +21,27 @@ if TYPE_CHECKING:
 # and pair again when one runs out, as the public app does.
 MOBILE_TOKEN_TTL = timedelta(days=30)
 TOKEN_PREFIX = "isl_"  # noqa: S105 (a prefix, not a secret)
+# How many overdue Islands one watcher step handles; the next step continues.
+WATCH_BATCH = 500
+
+# A heartbeat batch identifies Islands by primary key (HTTP, after token
+# auth) or by host_id (NATS, where the subject names the host).
+type IslandKey = uuid.UUID | str
+type HeartbeatIn = tuple[IslandKey, EnhancedHeartbeat, datetime]
+
+
+def offline_threshold() -> timedelta:
+    """How long after its last heartbeat an Island still counts as online."""
+    return timedelta(seconds=settings.ISLAND_OFFLINE_AFTER)
+
+
+@dataclass(frozen=True)
+class AppliedHeartbeat:
+    """One heartbeat that `record_heartbeats` applied, and what it changed."""
+
+    key: IslandKey
+    island: "Island"
+    changes: list["StatusChange"]
 
 
 class IslandQuerySet(models.QuerySet["Island"]):
@@ -25,6 +50,23 @@ class IslandQuerySet(models.QuerySet["Island"]):
 
     def owned_by(self, user: "User") -> "IslandQuerySet":
         return self.active().filter(owner=user)
+
+    def shown_as(self, status: "Island.LiveStatus", now: datetime) -> "IslandQuerySet":
+        """Islands that `Island.status_at(now)` would show as `status`, in SQL (for filters)."""
+        present = self.filter(removed_at__isnull=True, suspended_at__isnull=True)
+        match status:
+            case Island.LiveStatus.REMOVED:
+                return self.filter(removed_at__isnull=False)
+            case Island.LiveStatus.SUSPENDED:
+                return self.filter(removed_at__isnull=True, suspended_at__isnull=False)
+            case Island.LiveStatus.SIGNED_OFF:
+                return present.filter(status=Island.Status.SIGNED_OFF)
+            case Island.LiveStatus.ONLINE:
+                return present.exclude(status=Island.Status.SIGNED_OFF).filter(offline_after__gt=now)
+            case Island.LiveStatus.OFFLINE:
+                return present.exclude(status=Island.Status.SIGNED_OFF).filter(
+                    Q(offline_after__isnull=True) | Q(offline_after__lte=now)
+                )
 
 
 class IslandManager(models.Manager["Island"]):
@@ -56,6 +98,94 @@ class IslandManager(models.Manager["Island"]):
             .first()
         )
 
+    def record_heartbeats(
+        self, beats: Iterable[HeartbeatIn], *, by: Literal["pk", "host_id"] = "pk"
+    ) -> list[AppliedHeartbeat]:
+        """Apply a batch of heartbeats in one transaction; return those applied.
+
+        Each beat is (key, heartbeat, received_at), the key being an Island's
+        pk or, with by="host_id", its host id. The latest beat per Island wins,
+        and a beat older than the Island's recorded one is dropped, so batches
+        may arrive out of order. Beats for unknown or removed Islands are not
+        applied. However many beats there are, this costs one locking SELECT,
+        one UPDATE and, only when some Island changed status, one INSERT.
+        """
+        latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
+        for key, heartbeat, received_at in beats:
+            if by == "pk":
+                key = key if isinstance(key, uuid.UUID) else uuid.UUID(key)
+            if key not in latest or received_at >= latest[key][1]:
+                latest[key] = (heartbeat, received_at)
+        if not latest:
+            return []
+        threshold = offline_threshold()
+        applied: list[AppliedHeartbeat] = []
+        with transaction.atomic():
+            # The row locks make the status read here and the write below one
+            # compare-and-set with respect to the watcher, so a transition is
+            # recorded by exactly one of them. Locking in pk order keeps two
+            # concurrent batches from deadlocking; NO KEY leaves inserting jobs
+            # for these Islands unblocked.
+            islands = (
+                self.active()
+                .filter(**{f"{by}__in": list(latest)})
+                .select_for_update(no_key=True)
+                .order_by("pk")
+            )
+            for island in islands:
+                key = island.pk if by == "pk" else island.host_id
+                heartbeat, received_at = latest[key]
+                if island.last_heartbeat_at is not None and received_at < island.last_heartbeat_at:
+                    continue
+                changes = island.apply_heartbeat(heartbeat, received_at, threshold)
+                applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
+            if len(applied) == 1:
+                # The HTTP case: a plain UPDATE of one row is cheaper to plan than CASE.
+                applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
+            elif applied:
+                self.bulk_update([beat.island for beat in applied], HEARTBEAT_FIELDS)
+            if applied:
+                changes = [change for beat in applied for change in beat.changes]
+                if changes:
+                    StatusChange.objects.bulk_create(changes)
+        return applied
+
+    def due_offline(self, now: datetime) -> IslandQuerySet:
+        """Islands recorded online whose heartbeat deadline has passed, oldest deadline first."""
+        return (
+            self.get_queryset()
+            .filter(status=Island.Status.ONLINE, offline_after__lte=now)
+            .order_by("offline_after")
+        )
+
+    def record_silences(self, now: datetime, limit: int = WATCH_BATCH) -> list["StatusChange"]:
+        """Record online→offline for Islands that went silent. The watcher's step.
+
+        Each transition is a compare-and-set on the status and the very
+        deadline that passed: of two watchers (or a watcher and a late
+        heartbeat) only one changes the row, and only it records the change.
+        The change is dated at the deadline, not when a watcher noticed.
+        """
+        changes: list[StatusChange] = []
+        for pk, deadline in self.due_offline(now).values_list("pk", "offline_after")[:limit]:
+            if deadline is None:  # never: due_offline compares it with now
+                continue
+            with transaction.atomic():
+                won = self.filter(pk=pk, status=Island.Status.ONLINE, offline_after=deadline).update(
+                    status=Island.Status.OFFLINE
+                )
+                if won:
+                    changes.append(
+                        StatusChange.objects.create(
+                            island_id=pk,
+                            at=deadline,
+                            from_status=Island.Status.ONLINE,
+                            to_status=Island.Status.OFFLINE,
+                            reason=StatusChange.Reason.SILENCE,
+                        )
+                    )
+        return changes
+
 
 class Island(models.Model):
     class Kind(models.TextChoices):
@@ -65,6 +195,22 @@ class Island(models.Model):
     class Platform(models.TextChoices):
         IOS = "ios", "iOS"
         ANDROID = "android", "Android"
+
+    class Status(models.TextChoices):
+        """The status last recorded, for the watcher's compare-and-set."""
+
+        ONLINE = "online", "Online"
+        OFFLINE = "offline", "Offline"
+        SIGNED_OFF = "signed_off", "Signed off"
+
+    class LiveStatus(models.TextChoices):
+        """What people are shown: derived from the clock when read, never stale."""
+
+        ONLINE = "online", "Online"
+        OFFLINE = "offline", "Offline"
+        SIGNED_OFF = "signed_off", "Signed off"
+        SUSPENDED = "suspended", "Suspended"
+        REMOVED = "removed", "Removed"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="islands")
@@ -96,6 +242,30 @@ class Island(models.Model):
     # Removing keeps the row, so the job ledger and karma history stay whole;
     # a removed Island has no token and its host may pair again.
     removed_at = models.DateTimeField(null=True, blank=True)
+    # An admin may suspend an Island: it keeps its token and keeps reporting,
+    # but is shown as suspended and gets no new jobs.
+    suspended_at = models.DateTimeField(null=True, blank=True)
+
+    # Online status, healthchecks-style. Every heartbeat moves `offline_after`
+    # to its receive time plus the threshold; the status people see is
+    # derived from that deadline and the clock (see status_at). `status` is
+    # the last *recorded* status, which the watcher and heartbeats change
+    # with a compare-and-set so each transition is recorded exactly once.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OFFLINE)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    offline_after = models.DateTimeField(null=True, blank=True)
+
+    # The latest heartbeat's picture, replaced by each heartbeat. The sizes
+    # are bounded by the heartbeat struct's limits and its body limit.
+    metrics = models.JSONField(default=dict, blank=True)
+    supported_runtimes = models.JSONField(default=list, blank=True)
+    asking_prices = models.JSONField(default=dict, blank=True)
+
+    # Derived from the job ledger (Job), changed in the same transaction as
+    # the job whose terminal state they count.
+    jobs_completed = models.PositiveIntegerField(default=0)
+    jobs_failed = models.PositiveIntegerField(default=0)
+    earnings = models.DecimalField(max_digits=18, decimal_places=4, default=Decimal(0))
 
     objects = IslandManager()
 
@@ -113,6 +283,13 @@ class Island(models.Model):
         indexes = [
             # Serves "Your Islands": the active Islands of one owner.
             models.Index(fields=["owner", "removed_at"], name="island_owner_idx"),
+            # Serves the watcher (due_offline): Islands recorded online whose
+            # deadline passed. Partial, so offline Islands cost it nothing.
+            models.Index(
+                fields=["offline_after"],
+                condition=Q(status="online"),
+                name="island_due_offline_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -143,6 +320,87 @@ class Island(models.Model):
         self.token_expires_at = None
         self.save(update_fields=["removed_at", "token_hash", "token_expires_at"])
 
+    def status_at(self, now: datetime) -> "Island.LiveStatus":
+        """What this Island is shown as at `now`.
+
+        Online means a heartbeat beat the deadline and no sign-off followed,
+        whether or not the watcher has run since.
+        """
+        if self.removed_at is not None:
+            return self.LiveStatus.REMOVED
+        if self.suspended_at is not None:
+            return self.LiveStatus.SUSPENDED
+        if self.status == self.Status.SIGNED_OFF:
+            return self.LiveStatus.SIGNED_OFF
+        if self.offline_after is not None and now < self.offline_after:
+            return self.LiveStatus.ONLINE
+        return self.LiveStatus.OFFLINE
+
+    def apply_heartbeat(
+        self, heartbeat: EnhancedHeartbeat, received_at: datetime, threshold: timedelta
+    ) -> list["StatusChange"]:
+        """Take in one heartbeat, in memory; return the status changes it makes (unsaved).
+
+        Call it through `Island.objects.record_heartbeats`, which locks the row
+        and saves. A heartbeat arriving after the deadline passed also records
+        the silence the watcher has not recorded yet, dated at the deadline,
+        so the history is exact whenever the watcher happens to run.
+        """
+        target = self.Status.SIGNED_OFF if heartbeat.signs_off else self.Status.ONLINE
+        changes: list[StatusChange] = []
+        current = self.status
+        if (
+            current == self.Status.ONLINE
+            and self.offline_after is not None
+            and self.offline_after <= received_at
+        ):
+            changes.append(
+                self._change(current, self.Status.OFFLINE, StatusChange.Reason.SILENCE, self.offline_after)
+            )
+            current = self.Status.OFFLINE
+        if current != target:
+            if heartbeat.signs_off:
+                reason = StatusChange.Reason.GRACEFUL
+            elif self.last_heartbeat_at is None:
+                reason = StatusChange.Reason.FIRST_HEARTBEAT
+            else:
+                reason = StatusChange.Reason.BACK_ONLINE
+            changes.append(self._change(current, target, reason, received_at))
+
+        self.status = target
+        self.last_heartbeat_at = received_at
+        self.offline_after = received_at if heartbeat.signs_off else received_at + threshold
+        self.metrics = heartbeat.metrics()
+        estimates = heartbeat.performance_estimates
+        self.supported_runtimes = list(estimates.supported_runtimes or []) if estimates else []
+        # The agent sends prices only while pricing is configured; none means none.
+        self.asking_prices = dict(heartbeat.asking_prices or {})
+        if heartbeat.agent_version:
+            self.agent_version = heartbeat.agent_version
+        self._take_hardware(heartbeat)
+        return changes
+
+    def _take_hardware(self, heartbeat: EnhancedHeartbeat) -> None:
+        """Hardware a heartbeat reveals; what it leaves out stays as paired."""
+        if heartbeat.system is not None and heartbeat.system.memory_total_mb is not None:
+            self.ram_mb = heartbeat.system.memory_total_mb
+        if heartbeat.gpus:
+            first = min(heartbeat.gpus, key=lambda gpu: gpu.index or 0)
+            if first.memory_total_mb is not None:
+                self.gpu_vram_mb = first.memory_total_mb
+        caps = heartbeat.capabilities
+        if caps is None:
+            return
+        for name in ("gpu_vram_mb", "cpu_cores", "ram_mb"):
+            if (value := getattr(caps, name)) is not None:
+                setattr(self, name, value)
+        for name in ("gpu_model", "region", "device_model", "os_version", "runtime", "accelerator"):
+            if value := getattr(caps, name):
+                setattr(self, name, value)
+
+    def _change(self, from_status: str, to_status: str, reason: str, at: datetime) -> "StatusChange":
+        return StatusChange(island=self, at=at, from_status=from_status, to_status=to_status, reason=reason)
+
     @property
     def hardware_summary(self) -> str:
         parts: list[str] = []
@@ -159,3 +417,56 @@ class Island(models.Model):
         if self.ram_mb:
             parts.append(f"{gigabytes(self.ram_mb)} RAM")
         return " · ".join(parts) or "Not reported yet"
+
+
+# The columns a heartbeat may change; record_heartbeats writes exactly these.
+HEARTBEAT_FIELDS = [
+    "status",
+    "last_heartbeat_at",
+    "offline_after",
+    "metrics",
+    "supported_runtimes",
+    "asking_prices",
+    "agent_version",
+    "gpu_model",
+    "gpu_vram_mb",
+    "cpu_cores",
+    "ram_mb",
+    "region",
+    "device_model",
+    "os_version",
+    "runtime",
+    "accelerator",
+]
+
+
+class StatusChange(models.Model):
+    """One recorded transition of an Island's status, dated when it happened.
+
+    Silences are recorded by the watcher (or by the next heartbeat, whichever
+    comes first) at the deadline that passed; sign-offs and returns at the
+    heartbeat's receive time. The karma rules read these rows: a `silence`
+    opens an incident that the next `back_online` closes.
+    """
+
+    class Reason(models.TextChoices):
+        SILENCE = "silence", "No heartbeat before the deadline"
+        GRACEFUL = "graceful", "Signed off"
+        BACK_ONLINE = "back_online", "Back online"
+        FIRST_HEARTBEAT = "first_heartbeat", "First heartbeat"
+
+    island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="status_changes")
+    at = models.DateTimeField()
+    from_status = models.CharField(max_length=16, choices=Island.Status.choices)
+    to_status = models.CharField(max_length=16, choices=Island.Status.choices)
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+
+    class Meta:
+        indexes = [
+            # Serves "an Island's changes in time order" (the karma rules,
+            # the admin): an index range scan in `at` order per Island.
+            models.Index(fields=["island", "at"], name="statuschange_island_at_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} → {self.to_status} ({self.reason}) at {self.at:%Y-%m-%d %H:%M:%S}"
