@@ -1,11 +1,14 @@
 """The wire formats of the real Island agent, as msgspec Structs.
 
+Also the one body that is not the agent's: the dispatcher's job assignment.
 Field names are verbatim from the agent (see docs/api.md). Unknown fields
 are ignored and optional fields may be null or absent, because agents of
 several versions talk to one coordinator. Bounds on numbers and strings keep
 absurd values out of the database; a value outside them is a 400.
 """
 
+import uuid
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -169,3 +172,16 @@ class JobStatus(msgspec.Struct):
     # A terminal status refused for a long error would be retried forever.
     error: str | None = None
     timestamp: Milliseconds | None = None
+
+
+# --- The dispatcher's side (POST /api/v1/jobs) -----------------------------------
+
+
+class JobAssignment(msgspec.Struct):
+    """The dispatcher records a job it gave an Island. `credits` is a decimal string or number."""
+
+    job_id: JobId
+    island_id: uuid.UUID
+    workload: Text
+    credits: Decimal
+    lease_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * 24 * 3600)]

@@ -6,8 +6,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
-from django.db import models, transaction
-from django.db.models import Q
+from django.db import IntegrityError, models, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from islands.agent import EnhancedHeartbeat
@@ -21,8 +22,15 @@ if TYPE_CHECKING:
 # and pair again when one runs out, as the public app does.
 MOBILE_TOKEN_TTL = timedelta(days=30)
 TOKEN_PREFIX = "isl_"  # noqa: S105 (a prefix, not a secret)
-# How many overdue Islands one watcher step handles; the next step continues.
+# How many overdue Islands (and jobs) one watcher step handles; the next
+# step continues where it stopped.
 WATCH_BATCH = 500
+DISPATCHER_KEY_PREFIX = "dsp_"
+# Agents send whole stack traces as errors; the ledger keeps the start.
+JOB_ERROR_MAX_LENGTH = 2000
+# Credits carry four decimal places; a job pays at most this much.
+CREDITS_PLACES = Decimal("0.0001")
+MAX_JOB_CREDITS = Decimal("99999999")
 
 # A heartbeat batch identifies Islands by primary key (HTTP, after token
 # auth) or by host_id (NATS, where the subject names the host).
@@ -470,3 +478,250 @@ class StatusChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status} → {self.to_status} ({self.reason}) at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class JobError(Exception):
+    """A job operation that cannot go ahead; the message is safe to show."""
+
+
+class JobNotFound(JobError):
+    """No such job for this Island: unknown, or another Island's (one answer for both)."""
+
+
+class JobStateConflict(JobError):
+    def __init__(self, job_id: str, state: str):
+        super().__init__(f"job {job_id} already ended as {state}")
+        self.state = state
+
+
+class DuplicateJob(JobError):
+    def __init__(self, existing: "Job"):
+        super().__init__(f"job_id {existing.job_id} is already recorded")
+        self.existing = existing
+
+
+class IslandUnavailable(JobError):
+    pass
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The outcome of an Island's status report: applied, or accepted and ignored."""
+
+    applied: bool
+    state: "Job.State"
+
+
+class JobManager(models.Manager["Job"]):
+    def assign(
+        self,
+        *,
+        island: Island,
+        job_id: str,
+        workload: str,
+        credits: Decimal,
+        lease: timedelta,
+        now: datetime | None = None,
+    ) -> "Job":
+        """Record that the dispatcher gave `job_id` to `island`, holding it for `lease`."""
+        now = now or timezone.now()
+        if island.removed_at is not None:
+            raise IslandUnavailable("this Island was removed")
+        if island.suspended_at is not None:
+            raise IslandUnavailable("this Island is suspended")
+        try:
+            with transaction.atomic():
+                return self.create(
+                    job_id=job_id,
+                    island=island,
+                    workload=workload,
+                    credits=credits.quantize(CREDITS_PLACES),
+                    assigned_at=now,
+                    lease_expires_at=now + lease,
+                )
+        except IntegrityError:
+            existing = self.filter(job_id=job_id).first()
+            if existing is None:
+                raise
+            raise DuplicateJob(existing) from None
+
+    def waiting_for(self, island: Island) -> "models.QuerySet[Job]":
+        """Jobs given to `island` that it has not started yet, oldest first."""
+        return self.filter(island=island, state=Job.State.ASSIGNED).order_by("assigned_at", "pk")
+
+    def apply_status(
+        self,
+        island: Island,
+        job_id: str,
+        state: str,
+        error: str | None = None,
+        now: datetime | None = None,
+    ) -> StatusReport:
+        """Apply a state the Island reports for one of its jobs (HTTP and NATS alike).
+
+        A terminal state is applied exactly once: a conditional UPDATE from an
+        active state decides, by its row count, and the Island's counters
+        change in the same transaction. A repeat of the state the job ended in
+        is accepted and ignored (JetStream redelivers); a different terminal
+        state raises JobStateConflict. Active states only move forward, and
+        late or repeated ones are ignored. Times are the coordinator's, not
+        the agent's clock, because karma is computed from them.
+        """
+        now = now or timezone.now()
+        target = Job.State(state)
+        if target == Job.State.TIMED_OUT or target == Job.State.ASSIGNED:
+            raise ValueError(f"an Island cannot report {target}")
+        with transaction.atomic():
+            job = self.filter(job_id=job_id, island=island).only("pk", "island_id", "credits").first()
+            if job is None:
+                raise JobNotFound(f"no job {job_id} for this Island")
+            if target in Job.TERMINAL_STATES:
+                won = self.filter(pk=job.pk, state__in=Job.ACTIVE_STATES).update(
+                    state=target, finished_at=now, error=(error or "")[:JOB_ERROR_MAX_LENGTH]
+                )
+                if won:
+                    job.count_on_island(target)
+                    return StatusReport(applied=True, state=target)
+                current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
+                if current != target:
+                    raise JobStateConflict(job_id, current)
+                return StatusReport(applied=False, state=current)
+            earlier = (
+                [Job.State.ASSIGNED]
+                if target == Job.State.STARTED
+                else [Job.State.ASSIGNED, Job.State.STARTED]
+            )
+            moved = self.filter(pk=job.pk, state__in=earlier).update(
+                state=target, started_at=Coalesce(F("started_at"), models.Value(now))
+            )
+            if moved:
+                return StatusReport(applied=True, state=target)
+            current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
+            return StatusReport(applied=False, state=current)
+
+    def time_out_expired(self, now: datetime, limit: int = WATCH_BATCH) -> list[str]:
+        """Fail as timed out the jobs whose lease passed with no final state. The watcher's step.
+
+        Like the silences: a compare-and-set per job on its state and the
+        lease that passed, dated at that deadline, so two watchers (or a late
+        report racing one) settle each job once. Returns the job ids.
+        """
+        timed_out: list[str] = []
+        due = (
+            self.filter(state__in=Job.ACTIVE_STATES, lease_expires_at__lte=now)
+            .order_by("lease_expires_at")
+            .values_list("pk", "job_id", "island_id", "lease_expires_at")
+        )
+        for pk, job_id, island_id, deadline in due[:limit]:
+            with transaction.atomic():
+                won = self.filter(pk=pk, state__in=Job.ACTIVE_STATES, lease_expires_at=deadline).update(
+                    state=Job.State.TIMED_OUT,
+                    finished_at=deadline,
+                    error="the lease expired before the Island reported a final state",
+                )
+                if won:
+                    Island.objects.filter(pk=island_id).update(jobs_failed=F("jobs_failed") + 1)
+                    timed_out.append(job_id)
+        return timed_out
+
+
+class Job(models.Model):
+    """The ledger: one row per job the dispatcher gave an Island.
+
+    The Island's jobs_completed, jobs_failed and earnings are sums over these
+    rows, kept as counters so "Your Islands" reads them without aggregating.
+    """
+
+    class State(models.TextChoices):
+        ASSIGNED = "assigned", "Assigned"
+        STARTED = "started", "Started"
+        STREAMING = "streaming", "Streaming"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+        TIMED_OUT = "timed_out", "Timed out"
+
+    ACTIVE_STATES = (State.ASSIGNED, State.STARTED, State.STREAMING)
+    TERMINAL_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT)
+
+    # The dispatcher's id for the job; the agent reports status by it.
+    job_id = models.CharField(max_length=128, unique=True)
+    # Islands are never deleted, only removed, so their ledger stays whole.
+    island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="jobs")
+    workload = models.CharField(max_length=128)
+    credits = models.DecimalField(max_digits=12, decimal_places=4)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ASSIGNED)
+    assigned_at = models.DateTimeField(default=timezone.now)
+    lease_expires_at = models.DateTimeField()
+    # When the Island first said it started (or streamed): karma rewards quick starts.
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    objects = JobManager()
+
+    class Meta:
+        indexes = [
+            # Serves an Island's ledger, newest first (admin, karma).
+            models.Index(fields=["island", "-assigned_at"], name="job_island_idx"),
+            # Serves the Island's poll for work: its jobs not started yet.
+            models.Index(
+                fields=["island", "assigned_at"], condition=Q(state="assigned"), name="job_waiting_idx"
+            ),
+            # Serves the watcher's timeout sweep: active jobs by lease deadline.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(state__in=["assigned", "started", "streaming"]),
+                name="job_lease_idx",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(credits__gte=0), name="job_credits_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return self.job_id
+
+    def count_on_island(self, final_state: "Job.State") -> None:
+        """Add this job's outcome to its Island's counters, atomically in SQL."""
+        if final_state == Job.State.SUCCEEDED:
+            updates = {"jobs_completed": F("jobs_completed") + 1, "earnings": F("earnings") + self.credits}
+        elif final_state in (Job.State.FAILED, Job.State.TIMED_OUT):
+            updates = {"jobs_failed": F("jobs_failed") + 1}
+        else:
+            return  # a cancelled job neither counts nor pays
+        Island.objects.filter(pk=self.island_id).update(**updates)
+
+
+class DispatcherKeyManager(models.Manager["DispatcherKey"]):
+    def issue(self, name: str) -> tuple["DispatcherKey", str]:
+        """Create a key and return it with its plaintext, which is never stored."""
+        key = DISPATCHER_KEY_PREFIX + generate_secret()
+        return self.create(name=name, key_hash=hash_secret(key)), key
+
+    def authenticate(self, key: str) -> "DispatcherKey | None":
+        if not key.startswith(DISPATCHER_KEY_PREFIX) or len(key) > 128:
+            return None
+        return self.filter(key_hash=hash_secret(key), revoked_at__isnull=True).first()
+
+
+class DispatcherKey(models.Model):
+    """A credential for the dispatcher (or a staff script) to record jobs.
+
+    Only the SHA-256 of the key is kept: like Island tokens it has 256 random
+    bits, so a plain hash is enough and lookups stay one indexed query.
+    """
+
+    name = models.CharField(max_length=100, help_text="Who or what uses this key.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DispatcherKeyManager()
+
+    def __str__(self) -> str:
+        return self.name
+
+    def revoke(self, now: datetime | None = None) -> None:
+        self.revoked_at = now or timezone.now()
+        self.save(update_fields=["revoked_at"])

@@ -11,7 +11,7 @@ from django.core.management.base import BaseCommand
 from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
-from islands.models import WATCH_BATCH, Island
+from islands.models import WATCH_BATCH, Island, Job
 
 logger = logging.getLogger("archipelag.islands")
 
@@ -19,16 +19,18 @@ logger = logging.getLogger("archipelag.islands")
 @dataclass(frozen=True)
 class Step:
     silences: int
+    timeouts: int
 
     @property
     def full(self) -> bool:
         """A full batch means more may be waiting: go again without sleeping."""
-        return self.silences >= WATCH_BATCH
+        return self.silences >= WATCH_BATCH or self.timeouts >= WATCH_BATCH
 
 
 class Command(BaseCommand):
     help = (
-        "Watch Islands: record each one that stops sending heartbeats as offline. "
+        "Watch Islands: record each one that stops sending heartbeats as offline, "
+        "and fail as timed out the jobs whose lease expired. "
         "Runs until stopped (Ctrl-C or SIGTERM); any number may run at once."
     )
 
@@ -44,7 +46,10 @@ class Command(BaseCommand):
         silences = Island.objects.record_silences(now)
         for change in silences:
             logger.info("event=island_silent island_id=%s since=%s", change.island_id, change.at.isoformat())
-        return Step(silences=len(silences))
+        timeouts = Job.objects.time_out_expired(now)
+        for job_id in timeouts:
+            logger.info("event=job_timed_out job_id=%s", job_id)
+        return Step(silences=len(silences), timeouts=len(timeouts))
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["once"]:
@@ -62,7 +67,7 @@ class Command(BaseCommand):
                 step = self.handle_one()
             except DatabaseError:
                 logger.exception("event=watch_failed; retrying after the interval")
-                step = Step(silences=0)
+                step = Step(silences=0, timeouts=0)
             if not step.full:
                 self._rest(options["interval"])
         self.stdout.write("Stopped.")
