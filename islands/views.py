@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 from archipelag.api import ApiError, bearer_token, json_api, parse_body
 from archipelag.htmx import HtmxHttpRequest
 from islands.agent import EnhancedHeartbeat, JobAssignment, JobStatus
+from islands.forms import RenameIslandForm
 from islands.models import (
     CREDITS_PLACES,
     MAX_JOB_CREDITS,
@@ -177,12 +178,36 @@ def api_jobs(request: HttpRequest) -> HttpResponse:
 # --- The person's side: "Your Islands" ---------------------------------------
 
 
+def _render_settings(
+    request: HtmxHttpRequest, extra: dict[str, Any] | None = None, status: int = 200
+) -> HttpResponse:
+    # One query for all the cards: everything a card shows is on the Island
+    # row, and statuses are computed against one clock reading.
+    context = {
+        "islands": Island.objects.owned_by(request.user),  # type: ignore[arg-type]
+        "now": timezone.now(),
+        **(extra or {}),
+    }
+    template = "islands/settings.html#island-list" if request.htmx else "islands/settings.html"
+    return render(request, template, context, status=status)
+
+
 @login_required
 def settings_page(request: HtmxHttpRequest) -> HttpResponse:
     """ "Your Islands". With htmx (the Refresh button) only the list is rendered."""
-    islands = Island.objects.owned_by(request.user)  # type: ignore[arg-type]
-    template = "islands/settings.html#island-list" if request.htmx else "islands/settings.html"
-    return render(request, template, {"islands": islands})
+    return _render_settings(request)
+
+
+@login_required
+@require_POST
+def rename(request: HtmxHttpRequest, pk: str) -> HttpResponse:
+    island = _island_for(request, pk)
+    form = RenameIslandForm(request.POST, instance=island)
+    if not form.is_valid():
+        return _render_settings(request, {"rename_form": form, "renaming": island.pk}, status=400)
+    form.save()
+    messages.success(request, f"Island renamed to “{island.name}”.")
+    return redirect("islands:settings")
 
 
 @login_required
