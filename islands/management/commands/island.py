@@ -5,7 +5,13 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from islands.simulator import DEFAULT_STATE_PATH, CoordinatorError, IslandSimulator
+from islands.simulator import (
+    DEFAULT_INTERVAL,
+    DEFAULT_STATE_PATH,
+    CoordinatorError,
+    IslandSimulator,
+    stop_on_sigterm,
+)
 
 
 class Command(BaseCommand):
@@ -19,11 +25,20 @@ class Command(BaseCommand):
             default=DEFAULT_STATE_PATH,
             help=f"Where the host id and token are kept (default {DEFAULT_STATE_PATH}).",
         )
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=DEFAULT_INTERVAL,
+            help=f"Seconds between heartbeats (default {DEFAULT_INTERVAL:g}).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        simulator = IslandSimulator(options["url"], state_path=options["state"], out=sys.stdout)
+        simulator = IslandSimulator(
+            options["url"], state_path=options["state"], out=sys.stdout, interval=options["interval"]
+        )
         try:
-            simulator.run()
+            with stop_on_sigterm():
+                simulator.run()
         except CoordinatorError as exc:
             raise CommandError(f"The coordinator refused: {exc} (HTTP {exc.status})") from exc
         except KeyboardInterrupt:
