@@ -226,7 +226,8 @@ class Island(models.Model):
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.DESKTOP)
     name = models.CharField(max_length=100)
 
-    # Hardware, as the Island reported it when pairing or registering.
+    # Hardware, as the Island reported it when pairing, updated by heartbeats
+    # that report it (see Island._take_hardware).
     gpu_model = models.CharField(max_length=128, blank=True)
     gpu_vram_mb = models.PositiveIntegerField(null=True, blank=True)
     cpu_cores = models.PositiveIntegerField(null=True, blank=True)
@@ -454,7 +455,9 @@ class StatusChange(models.Model):
     Silences are recorded by the watcher (or by the next heartbeat, whichever
     comes first) at the deadline that passed; sign-offs and returns at the
     heartbeat's receive time. The karma rules read these rows: a `silence`
-    opens an incident that the next `back_online` closes.
+    opens an incident that the Island's next change closes (`back_online`,
+    or a `graceful` sign-off sent on its way back). Every row's from_status
+    is the previous row's to_status.
     """
 
     class Reason(models.TextChoices):
