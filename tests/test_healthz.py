@@ -1,5 +1,5 @@
 from channels.layers import get_channel_layer
-from django.db import connection
+from django.db import OperationalError
 
 
 def test_healthz_checks_database_and_channel_layer(client, db):
@@ -15,7 +15,7 @@ def test_healthz_works_with_the_redis_layer(client, db, redis_url):
 
 def test_healthz_reports_a_failing_database_as_503(client, db, monkeypatch):
     def broken_query():
-        raise connection.Database.OperationalError("server closed the connection")
+        raise OperationalError("server closed the connection")
 
     monkeypatch.setattr("archipelag.views._database_ok", broken_query)
     response = client.get("/healthz")
