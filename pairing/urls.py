@@ -9,4 +9,6 @@ urlpatterns = [
     path("pair/confirm", views.confirm, name="confirm"),
     path("api/v1/islands/pairing", views.api_pairing, name="api-pairing"),
     path("api/v1/islands/pairing/poll", views.api_pairing_poll, name="api-pairing-poll"),
+    path("pair/mobile/scan", views.mobile_scan, name="mobile-scan"),
+    path("api/v1/mobile/pair", views.api_mobile_pair, name="api-mobile-pair"),
 ]

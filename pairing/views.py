@@ -14,18 +14,24 @@ from django.views.decorators.http import require_POST
 from archipelag.api import ApiError, client_ip, json_api, parse_body
 from archipelag.htmx import HtmxHttpRequest
 from islands.agent import PairingRequest, PollRequest, capabilities_dict
+from islands.mobile import MobilePairRequest
 from islands.models import Island
 from pairing import ratelimit
+from pairing.codes import MalformedCode, normalize_code
 from pairing.forms import PairCodeForm
 from pairing.models import (
     POLL_INTERVAL,
     BadDeviceSecret,
+    CodeExpired,
     CodeNotFound,
     HostAlreadyLinked,
+    HostIdTaken,
+    MobilePairingSession,
     PairingCode,
     PairingError,
     PollTooFast,
     TokenAlreadyCollected,
+    mask_name,
 )
 
 logger = logging.getLogger("archipelag.pairing")
@@ -195,3 +201,76 @@ def confirm(request: HtmxHttpRequest) -> HttpResponse:
         # A full navigation, so the user lands on /settings with its message.
         return HttpResponse(status=204, headers={"HX-Redirect": reverse("islands:settings")})
     return redirect("islands:settings")
+
+
+# --- Mobile pairing: the phone's side ------------------------------------------
+
+
+@json_api
+def api_mobile_pair(request: HttpRequest) -> HttpResponse:
+    now = timezone.now()
+    body = parse_body(request, MobilePairRequest)
+    if (body.code is None) == (body.secret is None):
+        raise ApiError(400, "invalid body: send either `code` or `secret`, not both")
+    code = None
+    if body.code is not None:
+        try:
+            code = normalize_code(body.code)
+        except MalformedCode as exc:
+            raise ApiError(400, f"invalid code: {exc}") from None
+    ip = client_ip(request)
+    buckets = ratelimit.mobile_redeem_buckets(ip=ip, by_code=code is not None)
+    try:
+        # Refused before the code is looked at: past a limit even the right code
+        # teaches a guesser nothing.
+        ratelimit.check(buckets, now)
+    except ratelimit.RateLimited as exc:
+        logger.warning("event=rate_limited action=mobile_redeem ip=%s limit=%s", ip, exc.limit.name)
+        raise ApiError(
+            429,
+            f"too many wrong codes from this address; retry in {exc.wait_words}",
+            {"Retry-After": str(exc.retry_after)},
+        ) from None
+    try:
+        paired = MobilePairingSession.objects.redeem(
+            code=code, secret=body.secret, host_id=body.host_id, device=body.device, ip=ip, now=now
+        )
+    except HostIdTaken as exc:
+        # Not a guess: the code was right, so it is not counted, and not used up.
+        logger.info("event=mobile_pair_refused reason=host_taken host_id=%s ip=%s", body.host_id, ip)
+        raise ApiError(409, str(exc)) from None
+    except CodeExpired:
+        ratelimit.hit(buckets, now)
+        raise ApiError(410, "that code has expired; open /pair/mobile again for a new one") from None
+    except PairingError:
+        ratelimit.hit(buckets, now)
+        what = "code" if code is not None else "QR code"
+        raise ApiError(401, f"unknown or already used {what}") from None
+    island = paired.island
+    logger.info(
+        "event=island_linked channel=mobile via=%s user_id=%s island_id=%s host_id=%s ip=%s",
+        paired.session.redeemed_via,
+        island.owner_id,
+        island.pk,
+        island.host_id,
+        ip,
+    )
+    return JsonResponse(
+        {
+            "success": True,
+            "island_id": str(island.pk),
+            "token": paired.token,
+            "token_expires_at": island.token_expires_at,
+            "account": mask_name(island.owner.get_username()),
+        },
+        status=201,
+    )
+
+
+def mobile_scan(request: HttpRequest) -> HttpResponse:
+    """Where a QR code leads when a phone's ordinary camera app opens it.
+
+    The code and secret are in the fragment, which never reaches us; this page
+    only says to scan with the Archipelag.io app instead.
+    """
+    return render(request, "pairing/mobile_scan.html")
