@@ -1,7 +1,9 @@
 import logging
+import uuid
 from datetime import datetime
 from typing import Any
 
+import segno
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -9,7 +11,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.http import require_POST
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from archipelag.api import ApiError, client_ip, json_api, parse_body
 from archipelag.htmx import HtmxHttpRequest
@@ -265,6 +268,71 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
         },
         status=201,
     )
+
+
+# --- Mobile pairing: the person's side -------------------------------------------
+
+
+def _qr_data_uri(payload: str) -> str:
+    """The QR code as a PNG data URI: black on white with the 4-module quiet zone
+    the standard asks for, whatever the page's theme, and never a file on disk."""
+    return str(segno.make(payload, error="m").png_data_uri(scale=6, border=4, dark="#000", light="#fff"))
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+@never_cache
+def pair_mobile(request: HtmxHttpRequest) -> HttpResponse:
+    """Open a pairing session and show its QR code, code and countdown.
+
+    Every load opens a fresh session: the code and secret exist in plain text
+    only in this response. The "Get a new code" button POSTs here with htmx
+    and swaps in just the session partial.
+    """
+    now = timezone.now()
+    template = "pairing/pair_mobile.html#session" if request.htmx else "pairing/pair_mobile.html"
+    buckets = ratelimit.mobile_open_buckets(user_id=request.user.pk)  # type: ignore[arg-type]
+    try:
+        ratelimit.check_and_hit(buckets, now)
+    except ratelimit.RateLimited as exc:
+        error = f"You opened many pairing codes in a short time. Try again in {exc.wait_words}."
+        response = render(request, template, {"error": error}, status=429)
+        response["Retry-After"] = str(exc.retry_after)
+        return response
+    opened = MobilePairingSession.objects.open(request.user, now)  # type: ignore[arg-type]
+    session = opened.row
+    expires_in = session.expires_in_seconds(now)
+    context = {
+        "session": session,
+        "code": opened.code,
+        "qr": _qr_data_uri(opened.scan_url),
+        "expires_in": expires_in,
+        "countdown": f"{expires_in // 60}:{expires_in % 60:02d}",
+        "socket_path": f"/ws/pair/mobile/{session.id}/",
+    }
+    return render(request, template, context)
+
+
+@require_GET
+@never_cache
+def mobile_status(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
+    """The session's snapshot, for the page to poll when its websocket is down.
+
+    Same authorization as the websocket: only the owner. Answered in JSON, not
+    with a redirect to the login page, because a script reads it.
+    """
+    if not request.user.is_authenticated:
+        return JsonResponse({"success": False, "error": "sign in again"}, status=401)
+    session = (
+        MobilePairingSession.objects.owned_by(request.user)
+        .select_related("island")
+        .filter(pk=session_id)
+        .first()
+    )
+    if session is None:
+        # Someone else's session and no session look the same.
+        return JsonResponse({"success": False, "error": "no such pairing session"}, status=404)
+    return JsonResponse(session.snapshot())
 
 
 def mobile_scan(request: HttpRequest) -> HttpResponse:
