@@ -17,6 +17,12 @@ if TYPE_CHECKING:
 # and pair again when one runs out, as the public app does.
 MOBILE_TOKEN_TTL = timedelta(days=30)
 TOKEN_PREFIX = "isl_"  # noqa: S105 (a prefix, not a secret)
+# Which cargo runtimes an Island can run, until Islands report it themselves
+# in heartbeats (supported_runtimes; see runtime_capability): desktops and
+# servers run containers and WASM; a phone runs the one runtime its app
+# reported when pairing, CoreML on iOS and ONNX on Android.
+DESKTOP_RUNTIMES = frozenset({"container", "wasm"})
+MOBILE_RUNTIMES = frozenset({"coreml", "onnx"})
 
 
 class IslandQuerySet(models.QuerySet["Island"]):
@@ -25,6 +31,13 @@ class IslandQuerySet(models.QuerySet["Island"]):
 
     def owned_by(self, user: "User") -> "IslandQuerySet":
         return self.active().filter(owner=user)
+
+    def can_run(self, runtime: str) -> "IslandQuerySet":
+        """Active Islands able to run cargos built for `runtime`, online or not.
+
+        Routing combines this with online status, e.g. `.can_run("coreml").online()`.
+        """
+        return self.active().filter(runtime_capability(runtime))
 
 
 class IslandManager(models.Manager["Island"]):
@@ -36,6 +49,9 @@ class IslandManager(models.Manager["Island"]):
 
     def owned_by(self, user: "User") -> IslandQuerySet:
         return self.get_queryset().owned_by(user)
+
+    def can_run(self, runtime: str) -> IslandQuerySet:
+        return self.get_queryset().can_run(runtime)
 
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
@@ -159,3 +175,18 @@ class Island(models.Model):
         if self.ram_mb:
             parts.append(f"{gigabytes(self.ram_mb)} RAM")
         return " · ".join(parts) or "Not reported yet"
+
+
+def runtime_capability(runtime: str) -> Q:
+    """The condition for an Island to run `runtime`; it matches nothing for an unknown one.
+
+    A separate Q so that, once heartbeats carry supported_runtimes, what an
+    Island reports can be OR-ed in here without touching the callers.
+    """
+    runtime = runtime.lower()
+    condition = Q(pk__in=[])
+    if runtime in DESKTOP_RUNTIMES:
+        condition |= Q(kind=Island.Kind.DESKTOP)
+    if runtime in MOBILE_RUNTIMES:
+        condition |= Q(kind=Island.Kind.MOBILE, runtime=runtime)
+    return condition
