@@ -1,10 +1,20 @@
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.contrib.auth import login
 from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.models import User
-from django.http import HttpRequest, HttpResponse
+from django.db import connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods
+
+logger = logging.getLogger(__name__)
+
+HEALTHZ_TIMEOUT = 2.0
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -26,3 +36,43 @@ def signup(request: HttpRequest) -> HttpResponse:
         return redirect(next_url or "islands:settings")
     context = {"form": form, "next": next_url}
     return render(request, "registration/signup.html", context, status=400 if form.errors else 200)
+
+
+def _database_ok() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+async def _channel_layer_ok() -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("no channel layer configured")
+    channel = await layer.new_channel("healthz")
+    await layer.send(channel, {"type": "healthz.ping"})
+    message = await asyncio.wait_for(layer.receive(channel), timeout=HEALTHZ_TIMEOUT)
+    if message.get("type") != "healthz.ping":
+        raise RuntimeError("channel layer returned another message")
+
+
+async def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness for load balancers and the container HEALTHCHECK.
+
+    It checks what a request needs: a database query and a round trip
+    through the channel layer (Redis in production). The failing part is
+    named in the answer; its error detail goes to the log only.
+    """
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(sync_to_async(_database_ok)(), timeout=HEALTHZ_TIMEOUT)
+        checks["database"] = "ok"
+    except Exception:
+        logger.exception("healthz: database check failed")
+        checks["database"] = "failing"
+    try:
+        await _channel_layer_ok()
+        checks["channel_layer"] = "ok"
+    except Exception:
+        logger.exception("healthz: channel layer check failed")
+        checks["channel_layer"] = "failing"
+    healthy = all(value == "ok" for value in checks.values())
+    return JsonResponse({"status": "ok" if healthy else "failing", **checks}, status=200 if healthy else 503)

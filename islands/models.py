@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 # and pair again when one runs out, as the public app does.
 MOBILE_TOKEN_TTL = timedelta(days=30)
 TOKEN_PREFIX = "isl_"  # noqa: S105 (a prefix, not a secret)
+# Which cargo runtimes an Island can run, until Islands report it themselves
+# in heartbeats (supported_runtimes; see runtime_capability): desktops and
+# servers run containers and WASM; a phone runs the one runtime its app
+# reported when pairing, CoreML on iOS and ONNX on Android.
+DESKTOP_RUNTIMES = frozenset({"container", "wasm"})
+MOBILE_RUNTIMES = frozenset({"coreml", "onnx"})
 # How many overdue Islands (and jobs) one watcher step handles; the next
 # step continues where it stopped.
 WATCH_BATCH = 500
@@ -76,6 +82,17 @@ class IslandQuerySet(models.QuerySet["Island"]):
                     Q(offline_after__isnull=True) | Q(offline_after__lte=now)
                 )
 
+    def online(self, now: datetime | None = None) -> "IslandQuerySet":
+        """Islands shown as online at `now` (see Island.status_at), e.g. for routing."""
+        return self.shown_as(Island.LiveStatus.ONLINE, now or timezone.now())
+
+    def can_run(self, runtime: str) -> "IslandQuerySet":
+        """Active Islands able to run cargos built for `runtime`, online or not.
+
+        Routing combines this with online status, e.g. `.can_run("coreml").online()`.
+        """
+        return self.active().filter(runtime_capability(runtime))
+
 
 class IslandManager(models.Manager["Island"]):
     def get_queryset(self) -> IslandQuerySet:
@@ -86,6 +103,9 @@ class IslandManager(models.Manager["Island"]):
 
     def owned_by(self, user: "User") -> IslandQuerySet:
         return self.get_queryset().owned_by(user)
+
+    def can_run(self, runtime: str) -> IslandQuerySet:
+        return self.get_queryset().can_run(runtime)
 
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
@@ -426,6 +446,21 @@ class Island(models.Model):
         if self.ram_mb:
             parts.append(f"{gigabytes(self.ram_mb)} RAM")
         return " · ".join(parts) or "Not reported yet"
+
+
+def runtime_capability(runtime: str) -> Q:
+    """The condition for an Island to run `runtime`; it matches nothing for an unknown one.
+
+    A separate Q so that, once heartbeats carry supported_runtimes, what an
+    Island reports can be OR-ed in here without touching the callers.
+    """
+    runtime = runtime.lower()
+    condition = Q(pk__in=[])
+    if runtime in DESKTOP_RUNTIMES:
+        condition |= Q(kind=Island.Kind.DESKTOP)
+    if runtime in MOBILE_RUNTIMES:
+        condition |= Q(kind=Island.Kind.MOBILE, runtime=runtime)
+    return condition
 
 
 # The columns a heartbeat may change; record_heartbeats writes exactly these.

@@ -1,13 +1,19 @@
 import math
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
+from urllib.parse import urlencode
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
+from django.urls import reverse
 from django.utils import timezone
 
+from islands.mobile import MobileDevice
 from islands.models import Island
 from pairing.codes import generate_code, generate_secret, hash_code, hash_secret
 
@@ -54,6 +60,14 @@ class PollTooFast(PairingError):
 
 class TokenAlreadyCollected(PairingError):
     pass
+
+
+class HostIdTaken(PairingError):
+    """A phone's host_id belongs to an Island this pairing may not update."""
+
+    def __init__(self, island: Island, message: str):
+        super().__init__(message)
+        self.island = island
 
 
 class CodeQuerySet[M: "ExpiringCode"](models.QuerySet[M]):
@@ -308,4 +322,285 @@ class PairingCode(ExpiringCode):
                 raise
             raise HostAlreadyLinked(linked) from None
         self.used_at, self.used_by, self.island = now, user, island
+        return island
+
+
+# --- Mobile pairing ------------------------------------------------------------
+#
+# Pairing runs the other way round for phones: the signed-in page opens a
+# session (code + scan secret, shown as a QR code), the app redeems it, and
+# the page hears about it over a websocket.
+
+type SessionState = Literal["waiting", "paired", "expired"]
+
+LINKED_ELSEWHERE = "this phone is linked to another account; remove it there before pairing it with this one"
+# What pairing a phone sets on its Island, and all it changes on a known one.
+PHONE_FIELDS = ["platform", "device_model", "os_version", "runtime", "accelerator", "cpu_cores", "ram_mb"]
+# How the page names a phone's runtime: "Paired: iPhone 15 Pro (CoreML / ANE)".
+RUNTIME_LABELS = {"coreml": "CoreML", "onnx": "ONNX"}
+
+
+class PairedPhone(TypedDict):
+    id: str
+    name: str
+    label: str
+    platform: str
+    model: str
+    os_version: str
+    runtime: str
+    accelerator: str
+    removed: bool
+    remove_url: str
+
+
+class SessionSnapshot(TypedDict):
+    """What a page watching a session is told, over the websocket or the status URL."""
+
+    state: SessionState
+    session_id: str
+    expires_in_seconds: NotRequired[int]  # waiting
+    island: NotRequired[PairedPhone]  # paired
+    reason: NotRequired[Literal["expired", "replaced", "used"]]  # expired
+
+
+def phone_label(island: Island) -> str:
+    runtime = RUNTIME_LABELS.get(island.runtime, island.runtime)
+    accelerator = island.accelerator.upper()
+    return (
+        f"{island.device_model} ({runtime} / {accelerator})"
+        if accelerator
+        else f"{island.device_model} ({runtime})"
+    )
+
+
+def mask_name(name: str) -> str:
+    """'alice' -> 'a***e': enough for the phone's owner to recognise, little for a guesser."""
+    if len(name) <= 2:
+        return f"{name[:1]}***"
+    return f"{name[0]}***{name[-1]}"
+
+
+def send_to_group(group: str, message: dict[str, Any]) -> None:
+    async_to_sync(get_channel_layer().group_send)(group, message)
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    row: "MobilePairingSession"
+    code: str
+    secret: str
+
+    @property
+    def scan_url(self) -> str:
+        """The QR code's payload. The secret rides in the fragment, which browsers
+        never send to a server, so it cannot end up in an access log even when a
+        phone's ordinary camera app opens the link."""
+        fragment = urlencode({"code": self.code, "secret": self.secret})
+        return f"{settings.PUBLIC_URL}{reverse('pairing:mobile-scan')}#{fragment}"
+
+
+@dataclass(frozen=True)
+class MobilePairing:
+    session: "MobilePairingSession"
+    island: Island
+    token: str
+
+
+class MobilePairingSessionManager(models.Manager["MobilePairingSession"]):
+    def get_queryset(self) -> CodeQuerySet["MobilePairingSession"]:
+        return CodeQuerySet(self.model, using=self._db)
+
+    def owned_by(self, user: "User") -> CodeQuerySet["MobilePairingSession"]:
+        return self.get_queryset().filter(owner=user)
+
+    def open(self, owner: "User", now: datetime | None = None) -> OpenedSession:
+        """Open a session for `owner`, retiring their earlier unused ones.
+
+        Only the newest session of an account works, as only the newest code of
+        a desktop host does: it keeps the number of live codes (and so the odds
+        of guessing one) bounded by the number of people pairing. Pages still
+        showing a retired session are told so after the commit.
+        """
+        now = now or timezone.now()
+        secret = generate_secret()
+        row = MobilePairingSession(owner=owner, scan_secret_hash=hash_secret(secret))
+        with transaction.atomic():
+            earlier = self.get_queryset().unused().filter(owner=owner)
+            still_live = list(earlier.filter(expires_at__gt=now))
+            earlier.update(retired_at=now)
+            code = self.get_queryset().insert_with_fresh_code(row, now)
+            for session in still_live:
+                session.retired_at = now
+                session.announce(now)
+        return OpenedSession(row=row, code=code, secret=secret)
+
+    def redeem(
+        self,
+        *,
+        code: str | None = None,
+        secret: str | None = None,
+        host_id: str,
+        device: MobileDevice,
+        ip: str | None = None,
+        now: datetime | None = None,
+    ) -> MobilePairing:
+        """Redeem the session a phone names by its canonical code or its scan secret."""
+        now = now or timezone.now()
+        if code is not None:
+            session = self.get_queryset().find(code)
+            via = MobilePairingSession.Method.CODE
+        elif secret is not None:
+            session = self.get_queryset().filter(scan_secret_hash=hash_secret(secret)).first()
+            via = MobilePairingSession.Method.SECRET
+        else:
+            raise ValueError("a code or a secret is needed")
+        if session is None:
+            raise CodeNotFound("That code is unknown or was already used.")
+        return session.redeem(host_id=host_id, device=device, via=via, ip=ip, now=now)
+
+    def prune(self, now: datetime, keep: timedelta) -> int:
+        return self.get_queryset().prune(now, keep)
+
+
+class MobilePairingSession(ExpiringCode):
+    """A code and scan secret shown at /pair/mobile, for the owner's phone to redeem."""
+
+    class Method(models.TextChoices):
+        CODE = "code", "Typed code"
+        SECRET = "secret", "Scanned QR code"
+
+    # Public: it names the session in the websocket and status URLs, both of
+    # which only its owner may use. Random, so it says nothing about others.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    # Its index serves retiring an owner's earlier sessions.
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    # SHA-256 of the 256-bit secret in the QR code; unique, which is also the
+    # index a redemption by secret uses.
+    scan_secret_hash = models.CharField(max_length=64, unique=True, editable=False)
+    island = models.ForeignKey(Island, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    redeemed_via = models.CharField(max_length=8, choices=Method.choices, blank=True)
+    redeemed_ip = models.GenericIPAddressField(null=True, blank=True)
+
+    objects = MobilePairingSessionManager()
+
+    class Meta(ExpiringCode.Meta):
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Mobile pairing session {self.id}"
+
+    @property
+    def group_name(self) -> str:
+        """The Channels group of the pages watching this session; named here only."""
+        return f"pairing.mobile.{self.id.hex}"
+
+    def snapshot(self, now: datetime | None = None) -> SessionSnapshot:
+        """This session as its page shows it. Reads `island`: select_related it."""
+        now = now or timezone.now()
+        state = self.state(now)
+        session_id = str(self.id)
+        if state == "live":
+            return {
+                "state": "waiting",
+                "session_id": session_id,
+                "expires_in_seconds": self.expires_in_seconds(now),
+            }
+        if state == "used" and self.island is not None:
+            island = self.island
+            return {
+                "state": "paired",
+                "session_id": session_id,
+                "island": {
+                    "id": str(island.pk),
+                    "name": island.name,
+                    "label": phone_label(island),
+                    "platform": island.platform,
+                    "model": island.device_model,
+                    "os_version": island.os_version,
+                    "runtime": island.runtime,
+                    "accelerator": island.accelerator,
+                    "removed": island.removed_at is not None,
+                    "remove_url": reverse("islands:remove", args=[island.pk]),
+                },
+            }
+        reason: Literal["expired", "replaced", "used"] = (
+            "replaced" if state == "retired" else "used" if state == "used" else "expired"
+        )
+        return {"state": "expired", "session_id": session_id, "reason": reason}
+
+    def announce(self, now: datetime | None = None) -> None:
+        """Send this session's snapshot to the pages watching it, once the
+        transaction commits: a page told "paired" must find it in the database.
+
+        Robust: if the channel layer is down the pairing still stands, and the
+        page learns of it by polling.
+        """
+        message = {"type": "pairing.snapshot", "snapshot": self.snapshot(now)}
+        group = self.group_name
+        transaction.on_commit(lambda: send_to_group(group, message), robust=True)
+
+    def redeem(
+        self,
+        *,
+        host_id: str,
+        device: MobileDevice,
+        via: "MobilePairingSession.Method",
+        ip: str | None = None,
+        now: datetime | None = None,
+    ) -> MobilePairing:
+        """Link the phone to the session's owner and issue its 30-day token.
+
+        The conditional UPDATE decides the one winner among racing callers; the
+        Island is created or updated in the same transaction, so a refused
+        pairing leaves the session unused and writes nothing.
+        """
+        now = now or timezone.now()
+        self.check_redeemable(now)
+        try:
+            with transaction.atomic():
+                won = (
+                    MobilePairingSession.objects.get_queryset()
+                    .live(now)
+                    .filter(pk=self.pk)
+                    .update(used_at=now, redeemed_via=via, redeemed_ip=ip)
+                )
+                if not won:
+                    raise CodeNotFound("That code is unknown or was already used.")
+                island = self._link_phone(host_id, device, now)
+                token = island.issue_token(now)
+                MobilePairingSession.objects.filter(pk=self.pk).update(island=island)
+                self.used_at, self.redeemed_via, self.redeemed_ip, self.island = now, via, ip, island
+                self.announce(now)
+        except IntegrityError:
+            # Another account linked this host between our lookup and insert.
+            linked = Island.objects.linked_host(host_id)
+            if linked is None:
+                raise
+            raise HostIdTaken(linked, LINKED_ELSEWHERE) from None
+        return MobilePairing(session=self, island=island, token=token)
+
+    def _link_phone(self, host_id: str, device: MobileDevice, now: datetime) -> Island:
+        """The owner's Island for this phone, created or brought up to date.
+
+        The same phone pairing again to the same account keeps its Island (and
+        so its history); only its device fields and token are replaced.
+        """
+        island = Island.objects.active().select_for_update().filter(host_id=host_id).first()
+        if island is not None and island.owner_id != self.owner_id:
+            raise HostIdTaken(island, LINKED_ELSEWHERE)
+        if island is not None and island.kind != Island.Kind.MOBILE:
+            raise HostIdTaken(island, "this host_id belongs to a desktop or server Island, not a phone")
+        new = island is None
+        if island is None:
+            island = Island(owner_id=self.owner_id, host_id=host_id, kind=Island.Kind.MOBILE, paired_at=now)
+        island.platform = device.platform
+        island.device_model = device.model
+        island.os_version = device.os_version or ""
+        island.runtime = device.runtime
+        island.accelerator = (device.accelerator or "").lower()
+        island.cpu_cores = device.cpu_cores
+        island.ram_mb = device.ram_mb
+        # An existing Island gets only its device fields written, so whatever
+        # else is kept on it (name, history, status) is left as it is.
+        island.save(update_fields=None if new else PHONE_FIELDS)
         return island

@@ -44,6 +44,18 @@ REDEEM_GLOBAL = (Limit("redeem-global-day", 10_000, 24 * 3600),)
 # machines behind one NAT address still fits comfortably.
 ISSUE_PER_IP = (Limit("issue-ip-hour", 60, 3600),)
 
+# Mobile codes are their own namespace with their own budgets, so the odds
+# of guessing one can be stated apart from desktop codes (docs/security.md).
+# Failed mobile redemptions from one address: typed codes and scanned
+# secrets alike, so an address cannot hammer either door.
+MOBILE_REDEEM_PER_IP = (Limit("mobile-redeem-ip-hour", 30, 3600),)
+# All failed mobile *code* redemptions on the service in a day. Secrets are
+# not counted here: 256 random bits cannot be guessed, and a guesser who
+# drains the budget with codes must not stop people scanning QR codes.
+MOBILE_REDEEM_GLOBAL = (Limit("mobile-redeem-global-day", 10_000, 24 * 3600),)
+# Mobile pairing sessions one account opens (each load of /pair/mobile).
+MOBILE_OPEN_PER_ACCOUNT = (Limit("mobile-open-account-hour", 30, 3600),)
+
 
 class RateLimited(Exception):
     def __init__(self, limit: Limit, retry_after: int):
@@ -98,6 +110,17 @@ def redeem_buckets(*, ip: str, user_id: int | None = None) -> list[Bucket]:
 
 def issue_buckets(*, ip: str) -> list[Bucket]:
     return [(limit, ip) for limit in ISSUE_PER_IP]
+
+
+def mobile_redeem_buckets(*, ip: str, by_code: bool) -> list[Bucket]:
+    buckets: list[Bucket] = [(limit, ip) for limit in MOBILE_REDEEM_PER_IP]
+    if by_code:
+        buckets += [(limit, "all") for limit in MOBILE_REDEEM_GLOBAL]
+    return buckets
+
+
+def mobile_open_buckets(*, user_id: int) -> list[Bucket]:
+    return [(limit, str(user_id)) for limit in MOBILE_OPEN_PER_ACCOUNT]
 
 
 def check(buckets: list[Bucket], now: datetime) -> None:

@@ -1,4 +1,8 @@
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-# The mobile pairing page's live confirmation socket lands here.
-websocket_urlpatterns: list[URLPattern] = []
+from pairing.consumers import MobilePairingConsumer
+
+websocket_urlpatterns: list[URLPattern] = [
+    # The /pair/mobile page's live confirmation; see MobilePairingConsumer.
+    path("ws/pair/mobile/<uuid:session_id>/", MobilePairingConsumer.as_asgi()),
+]

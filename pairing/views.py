@@ -1,7 +1,9 @@
 import logging
+import uuid
 from datetime import datetime
 from typing import Any
 
+import segno
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -9,23 +11,30 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.http import require_POST
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from archipelag.api import ApiError, client_ip, json_api, parse_body
 from archipelag.htmx import HtmxHttpRequest
 from islands.agent import PairingRequest, PollRequest, capabilities_dict
+from islands.mobile import MobilePairRequest
 from islands.models import Island
 from pairing import ratelimit
+from pairing.codes import MalformedCode, normalize_code
 from pairing.forms import PairCodeForm
 from pairing.models import (
     POLL_INTERVAL,
     BadDeviceSecret,
+    CodeExpired,
     CodeNotFound,
     HostAlreadyLinked,
+    HostIdTaken,
+    MobilePairingSession,
     PairingCode,
     PairingError,
     PollTooFast,
     TokenAlreadyCollected,
+    mask_name,
 )
 
 logger = logging.getLogger("archipelag.pairing")
@@ -195,3 +204,141 @@ def confirm(request: HtmxHttpRequest) -> HttpResponse:
         # A full navigation, so the user lands on /settings with its message.
         return HttpResponse(status=204, headers={"HX-Redirect": reverse("islands:settings")})
     return redirect("islands:settings")
+
+
+# --- Mobile pairing: the phone's side ------------------------------------------
+
+
+@json_api
+def api_mobile_pair(request: HttpRequest) -> HttpResponse:
+    now = timezone.now()
+    body = parse_body(request, MobilePairRequest)
+    if (body.code is None) == (body.secret is None):
+        raise ApiError(400, "invalid body: send either `code` or `secret`, not both")
+    code = None
+    if body.code is not None:
+        try:
+            code = normalize_code(body.code)
+        except MalformedCode as exc:
+            raise ApiError(400, f"invalid code: {exc}") from None
+    ip = client_ip(request)
+    buckets = ratelimit.mobile_redeem_buckets(ip=ip, by_code=code is not None)
+    try:
+        # Refused before the code is looked at: past a limit even the right code
+        # teaches a guesser nothing.
+        ratelimit.check(buckets, now)
+    except ratelimit.RateLimited as exc:
+        logger.warning("event=rate_limited action=mobile_redeem ip=%s limit=%s", ip, exc.limit.name)
+        raise ApiError(
+            429,
+            f"too many wrong codes from this address; retry in {exc.wait_words}",
+            {"Retry-After": str(exc.retry_after)},
+        ) from None
+    try:
+        paired = MobilePairingSession.objects.redeem(
+            code=code, secret=body.secret, host_id=body.host_id, device=body.device, ip=ip, now=now
+        )
+    except HostIdTaken as exc:
+        # Not a guess: the code was right, so it is not counted, and not used up.
+        logger.info("event=mobile_pair_refused reason=host_taken host_id=%s ip=%s", body.host_id, ip)
+        raise ApiError(409, str(exc)) from None
+    except CodeExpired:
+        ratelimit.hit(buckets, now)
+        raise ApiError(410, "that code has expired; open /pair/mobile again for a new one") from None
+    except PairingError:
+        ratelimit.hit(buckets, now)
+        what = "code" if code is not None else "QR code"
+        raise ApiError(401, f"unknown or already used {what}") from None
+    island = paired.island
+    logger.info(
+        "event=island_linked channel=mobile via=%s user_id=%s island_id=%s host_id=%s ip=%s",
+        paired.session.redeemed_via,
+        island.owner_id,
+        island.pk,
+        island.host_id,
+        ip,
+    )
+    return JsonResponse(
+        {
+            "success": True,
+            "island_id": str(island.pk),
+            "token": paired.token,
+            "token_expires_at": island.token_expires_at,
+            "account": mask_name(island.owner.get_username()),
+        },
+        status=201,
+    )
+
+
+# --- Mobile pairing: the person's side -------------------------------------------
+
+
+def _qr_data_uri(payload: str) -> str:
+    """The QR code as a PNG data URI: black on white with the 4-module quiet zone
+    the standard asks for, whatever the page's theme, and never a file on disk."""
+    return str(segno.make(payload, error="m").png_data_uri(scale=6, border=4, dark="#000", light="#fff"))
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+@never_cache
+def pair_mobile(request: HtmxHttpRequest) -> HttpResponse:
+    """Open a pairing session and show its QR code, code and countdown.
+
+    Every load opens a fresh session: the code and secret exist in plain text
+    only in this response. The "Get a new code" button POSTs here with htmx
+    and swaps in just the session partial.
+    """
+    now = timezone.now()
+    template = "pairing/pair_mobile.html#session" if request.htmx else "pairing/pair_mobile.html"
+    buckets = ratelimit.mobile_open_buckets(user_id=request.user.pk)  # type: ignore[arg-type]
+    try:
+        ratelimit.check_and_hit(buckets, now)
+    except ratelimit.RateLimited as exc:
+        error = f"You opened many pairing codes in a short time. Try again in {exc.wait_words}."
+        response = render(request, template, {"error": error}, status=429)
+        response["Retry-After"] = str(exc.retry_after)
+        return response
+    opened = MobilePairingSession.objects.open(request.user, now)  # type: ignore[arg-type]
+    session = opened.row
+    expires_in = session.expires_in_seconds(now)
+    context = {
+        "session": session,
+        "code": opened.code,
+        "qr": _qr_data_uri(opened.scan_url),
+        "expires_in": expires_in,
+        "countdown": f"{expires_in // 60}:{expires_in % 60:02d}",
+        "socket_path": f"/ws/pair/mobile/{session.id}/",
+    }
+    return render(request, template, context)
+
+
+@require_GET
+@never_cache
+def mobile_status(request: HttpRequest, session_id: uuid.UUID) -> HttpResponse:
+    """The session's snapshot, for the page to poll when its websocket is down.
+
+    Same authorization as the websocket: only the owner. Answered in JSON, not
+    with a redirect to the login page, because a script reads it.
+    """
+    if not request.user.is_authenticated:
+        return JsonResponse({"success": False, "error": "sign in again"}, status=401)
+    session = (
+        MobilePairingSession.objects.owned_by(request.user)
+        .select_related("island")
+        .filter(pk=session_id)
+        .first()
+    )
+    if session is None:
+        # Someone else's session and no session look the same.
+        return JsonResponse({"success": False, "error": "no such pairing session"}, status=404)
+    return JsonResponse(session.snapshot())
+
+
+def mobile_scan(request: HttpRequest) -> HttpResponse:
+    """Where a QR code leads when a phone's ordinary camera app opens it.
+
+    The code and secret are in the fragment, which never reaches us; this page
+    only says to scan with the Archipelag.io app instead.
+    """
+    return render(request, "pairing/mobile_scan.html")

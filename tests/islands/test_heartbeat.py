@@ -484,3 +484,14 @@ def test_a_batch_writes_nothing_when_empty(db):
 
 def test_host_id_in_the_body_matching_the_token_is_fine(beat, island):
     assert beat({**MINIMAL_HEARTBEAT, "host_id": HOST_ID}).status_code == 200
+
+
+def test_routing_can_ask_for_online_islands_that_can_run_a_runtime(alice):
+    up = make_island(alice, "desktop-up-0001")
+    make_island(alice, "desktop-down-001")
+    phone = make_island(alice, "phone-up-000001", kind=Island.Kind.MOBILE, runtime="coreml")
+    Island.objects.record_heartbeats([(up.pk, decoded(), T0), (phone.pk, decoded(), T0)])
+    now = T0 + timedelta(seconds=10)
+    assert list(Island.objects.can_run("container").online(now)) == [up]
+    assert list(Island.objects.can_run("coreml").online(now)) == [phone]
+    assert not Island.objects.can_run("container").online(T0 + timedelta(seconds=46)).exists()

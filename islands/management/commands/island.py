@@ -5,6 +5,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
+from islands.phone import run_phone_command
 from islands.simulator import (
     DEFAULT_INTERVAL,
     DEFAULT_STATE_PATH,
@@ -31,8 +32,17 @@ class Command(BaseCommand):
             default=DEFAULT_INTERVAL,
             help=f"Seconds between heartbeats (default {DEFAULT_INTERVAL:g}).",
         )
+        parser.add_argument(
+            "--mobile",
+            metavar="QR_OR_CODE",
+            help="Act as a phone instead: pair with the QR code's text from /pair/mobile, or the code "
+            "beside it (state in ~/.island/phone.json unless --state is given).",
+        )
+        parser.add_argument("--platform", choices=["ios", "android"], default="ios", help="With --mobile.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["mobile"]:
+            return run_phone_command(options, sys.stdout)
         simulator = IslandSimulator(
             options["url"], state_path=options["state"], out=sys.stdout, interval=options["interval"]
         )

@@ -5,16 +5,24 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
-from pairing.models import PairingCode
+from pairing.models import MobilePairingSession, PairingCode
 
 
 class Command(BaseCommand):
-    help = "Delete pairing codes that expired more than --days ago (run it daily, e.g. from cron)."
+    help = (
+        "Delete pairing codes and mobile pairing sessions that expired more than --days ago "
+        "(run it daily, e.g. from cron)."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--days", type=int, default=7, help="How long expired codes are kept for audit.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        deleted = PairingCode.objects.prune(timezone.now(), keep=timedelta(days=options["days"]))
-        days = options["days"]
+        now, days = timezone.now(), options["days"]
+        keep = timedelta(days=days)
+        deleted = PairingCode.objects.prune(now, keep=keep)
         self.stdout.write(f"Deleted {deleted} pairing codes that expired more than {days} days ago.")
+        deleted = MobilePairingSession.objects.prune(now, keep=keep)
+        self.stdout.write(
+            f"Deleted {deleted} mobile pairing sessions that expired more than {days} days ago."
+        )

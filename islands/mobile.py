@@ -1,0 +1,39 @@
+"""The wire format of the Archipelag.io mobile app, as msgspec Structs.
+
+The app's own format is not public; this is the coordinator's side of it,
+documented in docs/api.md. As with the desktop agent, unknown fields are
+ignored and bounds keep absurd values out of the database.
+"""
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from islands.agent import Cores, HostId, Megabytes, ShortText, Text
+
+Model = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Accelerator = Annotated[str, msgspec.Meta(max_length=32)]
+# A scan secret is 43 characters; the bound only stops absurd bodies.
+Secret = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class MobileDevice(msgspec.Struct):
+    platform: Literal["ios", "android"]
+    model: Model
+    runtime: Literal["coreml", "onnx"]
+    os_version: ShortText | None = None
+    # "ane" (Apple Neural Engine), "nnapi", "gpu", ...
+    accelerator: Accelerator | None = None
+    cpu_cores: Cores | None = None
+    ram_mb: Megabytes | None = None
+
+
+class MobilePairRequest(msgspec.Struct):
+    """Body of POST /api/v1/mobile/pair: exactly one of `code` and `secret`."""
+
+    host_id: HostId
+    device: MobileDevice
+    # What a person typed; normalised like desktop codes.
+    code: Text | None = None
+    # The scan secret from the QR code's fragment.
+    secret: Secret | None = None

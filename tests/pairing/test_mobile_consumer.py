@@ -1,0 +1,217 @@
+"""The /ws/pair/mobile/<session id>/ socket, through the real ASGI stack.
+
+These go through archipelag.asgi.application (origin check, session cookie,
+routing) with Channels' WebsocketCommunicator. The consumer reads the database
+from another thread, so the tests commit (transaction=True), as Channels'
+docs advise.
+"""
+
+from datetime import timedelta
+
+import pytest
+import pytest_asyncio
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.db import connection, transaction
+from django.test import Client
+
+from archipelag.asgi import application
+from islands.models import Island
+from pairing.models import MobilePairingSession
+from tests.pairing.conftest import PHONE_HOST_ID, device, pair_phone
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+
+ORIGIN = "http://127.0.0.1:8000"
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _fresh_channel_layer():
+    yield
+    layer = get_channel_layer()
+    if hasattr(layer, "flush"):
+        await layer.flush()
+
+
+def cookie_for(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+
+
+@pytest.fixture
+def alice_cookie(alice):
+    return cookie_for(alice)
+
+
+@pytest.fixture
+def bob_cookie(bob):
+    return cookie_for(bob)
+
+
+@pytest.fixture
+def session(alice):
+    return MobilePairingSession.objects.open(alice)
+
+
+def socket(session_id, cookie=None, origin=ORIGIN):
+    headers = []
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    if cookie is not None:
+        headers.append((b"cookie", cookie.encode()))
+    return WebsocketCommunicator(application, f"/ws/pair/mobile/{session_id}/", headers=headers)
+
+
+async def redeem_over_http(opened, **kwargs):
+    """The phone pairs through the real API view, commit and all."""
+    response = await database_sync_to_async(pair_phone)(Client(), secret=opened.secret, **kwargs)
+    return response
+
+
+async def test_the_owner_gets_the_snapshot_first_then_the_paired_event(session, alice_cookie):
+    communicator = socket(session.row.id, alice_cookie)
+    connected, _ = await communicator.connect()
+    assert connected
+    snapshot = await communicator.receive_json_from()
+    assert snapshot["state"] == "waiting"
+    assert snapshot["session_id"] == str(session.row.id)
+    assert 595 <= snapshot["expires_in_seconds"] <= 600
+
+    response = await redeem_over_http(session)
+    assert response.status_code == 201
+
+    event = await communicator.receive_json_from()
+    island = await Island.objects.aget()
+    assert event == {
+        "state": "paired",
+        "session_id": str(session.row.id),
+        "island": {
+            "id": str(island.pk),
+            "name": island.name,
+            "label": "iPhone 15 Pro (CoreML / ANE)",
+            "platform": "ios",
+            "model": "iPhone 15 Pro",
+            "os_version": "18.1",
+            "runtime": "coreml",
+            "accelerator": "ane",
+            "removed": False,
+            "remove_url": f"/settings/islands/{island.pk}/remove",
+        },
+    }
+    await communicator.disconnect()
+
+
+async def test_connecting_after_pairing_gets_paired_first(session, alice_cookie):
+    assert (await redeem_over_http(session)).status_code == 201
+    communicator = socket(session.row.id, alice_cookie)
+    assert (await communicator.connect())[0]
+    snapshot = await communicator.receive_json_from()
+    assert snapshot["state"] == "paired"
+    assert snapshot["island"]["label"] == "iPhone 15 Pro (CoreML / ANE)"
+    assert await communicator.receive_nothing()
+    await communicator.disconnect()
+
+
+async def test_anonymous_is_closed_with_4401_before_anything_is_sent(session):
+    communicator = socket(session.row.id)
+    connected, _ = await communicator.connect()
+    assert connected  # accepted, so that the close code reaches the browser
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4401}
+
+
+async def test_another_user_is_closed_with_4403_and_hears_nothing(session, bob_cookie):
+    communicator = socket(session.row.id, bob_cookie)
+    assert (await communicator.connect())[0]
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4403}
+    # Bob is in no group: Alice's pairing does not reach him.
+    assert (await redeem_over_http(session)).status_code == 201
+    assert await communicator.receive_nothing()
+
+
+async def test_an_unknown_session_looks_like_someone_elses(db, alice_cookie):
+    communicator = socket("00000000-0000-4000-8000-000000000000", alice_cookie)
+    assert (await communicator.connect())[0]
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4403}
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", None])
+async def test_a_foreign_or_missing_origin_is_rejected_at_the_handshake(session, alice_cookie, origin):
+    communicator = socket(session.row.id, alice_cookie, origin=origin)
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+async def test_an_expired_session_says_so(session, alice_cookie):
+    await MobilePairingSession.objects.filter(pk=session.row.pk).aupdate(
+        expires_at=session.row.created_at - timedelta(seconds=1)
+    )
+    communicator = socket(session.row.id, alice_cookie)
+    assert (await communicator.connect())[0]
+    assert await communicator.receive_json_from() == {
+        "state": "expired",
+        "session_id": str(session.row.id),
+        "reason": "expired",
+    }
+    await communicator.disconnect()
+
+
+async def test_opening_a_new_session_tells_the_old_page_it_was_replaced(session, alice, alice_cookie):
+    communicator = socket(session.row.id, alice_cookie)
+    assert (await communicator.connect())[0]
+    assert (await communicator.receive_json_from())["state"] == "waiting"
+    await database_sync_to_async(MobilePairingSession.objects.open)(alice)
+    assert await communicator.receive_json_from() == {
+        "state": "expired",
+        "session_id": str(session.row.id),
+        "reason": "replaced",
+    }
+    await communicator.disconnect()
+
+
+async def test_a_refused_pairing_announces_nothing(session, bob, alice_cookie):
+    await Island.objects.acreate(owner=bob, host_id=PHONE_HOST_ID, kind=Island.Kind.MOBILE)
+    communicator = socket(session.row.id, alice_cookie)
+    assert (await communicator.connect())[0]
+    assert (await communicator.receive_json_from())["state"] == "waiting"
+    assert (await redeem_over_http(session)).status_code == 409
+    assert await communicator.receive_nothing()
+    await communicator.disconnect()
+
+
+async def test_the_event_is_sent_only_after_the_commit(session, alice_cookie):
+    """Inside the redeeming transaction the page hears nothing; after the commit it does."""
+    communicator = socket(session.row.id, alice_cookie)
+    assert (await communicator.connect())[0]
+    assert (await communicator.receive_json_from())["state"] == "waiting"
+    heard_inside = []
+
+    def redeem_and_listen():
+        try:
+            with transaction.atomic():
+                MobilePairingSession.objects.redeem(
+                    secret=session.secret, host_id=PHONE_HOST_ID, device=device()
+                )
+                heard_inside.append(not async_to_sync(communicator.receive_nothing)(timeout=0.5))
+        finally:
+            connection.close()  # this thread's own connection, or it outlives the test database
+
+    # Not thread-sensitive: the consumer's own dispatch needs that thread (to
+    # close stale connections), and must be free to deliver an early event.
+    await sync_to_async(redeem_and_listen, thread_sensitive=False)()
+    assert heard_inside == [False]
+    assert (await communicator.receive_json_from())["state"] == "paired"
+    await communicator.disconnect()
+
+
+async def test_messages_from_the_browser_are_ignored(session, alice_cookie):
+    communicator = socket(session.row.id, alice_cookie)
+    assert (await communicator.connect())[0]
+    await communicator.receive_json_from()
+    await communicator.send_json_to({"state": "paired"})
+    assert await communicator.receive_nothing()
+    assert await MobilePairingSession.objects.filter(used_at__isnull=True).aexists()
+    await communicator.disconnect()
