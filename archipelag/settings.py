@@ -181,6 +181,11 @@ else:
 
 NATS_URL = env_str("NATS_URL", "nats://127.0.0.1:4222")
 
+# An Island counts as online while its last heartbeat is younger than this
+# many seconds. The agent beats every 10 s, so the default allows three
+# missed beats plus a margin for network and scheduling delays.
+ISLAND_OFFLINE_AFTER = env_int("ISLAND_OFFLINE_AFTER", 45)
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -1,17 +1,143 @@
-from django.contrib import admin
+from datetime import timedelta
+from typing import Any
 
-from islands.models import Island
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import ForeignKey, QuerySet
+from django.forms import BaseInlineFormSet, ModelChoiceField
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from islands.models import DispatcherKey, Island, IslandQuerySet, Job, StatusChange
+
+# The Island page shows the newest rows of its history; the full lists are
+# one click away, filtered to the Island.
+LEDGER_ROWS = 50
+STATUS_CHANGE_ROWS = 20
+
+
+class LiveStatusFilter(admin.SimpleListFilter):
+    """Filter by the status people see, computed from the clock like the cards."""
+
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(Island.LiveStatus.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Island]) -> QuerySet[Island]:
+        value = self.value()
+        if value not in Island.LiveStatus.values:
+            return queryset
+        assert isinstance(queryset, IslandQuerySet)
+        return queryset.shown_as(Island.LiveStatus(value), timezone.now())
+
+
+class NewestFirst(BaseInlineFormSet):  # type: ignore[type-arg]
+    """An inline that lists only the newest rows: an Island's ledger grows without end."""
+
+    rows = LEDGER_ROWS
+
+    def get_queryset(self) -> QuerySet[Any]:
+        return super().get_queryset()[: self.rows]
+
+
+class NewestStatusChanges(NewestFirst):
+    rows = STATUS_CHANGE_ROWS
+
+
+class ReadOnlyInline[M: Any](admin.TabularInline[M, Island]):
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class JobInline(ReadOnlyInline[Job]):
+    model = Job
+    formset = NewestFirst
+    ordering = ["-assigned_at"]
+    fields = readonly_fields = (
+        "job_id",
+        "workload",
+        "state",
+        "credits",
+        "assigned_at",
+        "started_at",
+        "finished_at",
+        "error",
+    )
+    verbose_name_plural = f"Job ledger (newest {LEDGER_ROWS})"
+
+
+class StatusChangeInline(ReadOnlyInline[StatusChange]):
+    model = StatusChange
+    formset = NewestStatusChanges
+    ordering = ["-at"]
+    fields = readonly_fields = ("at", "from_status", "to_status", "reason")
+    verbose_name_plural = f"Status changes (newest {STATUS_CHANGE_ROWS})"
 
 
 @admin.register(Island)
 class IslandAdmin(admin.ModelAdmin[Island]):
-    list_display = ["name", "host_id", "owner", "kind", "hardware_summary", "paired_at", "removed_at"]
-    list_filter = ["kind", "platform", ("removed_at", admin.EmptyFieldListFilter)]
+    list_display = [
+        "name",
+        "host_id",
+        "owner",
+        "kind",
+        "live_status",
+        "last_heartbeat_at",
+        "jobs_completed",
+        "jobs_failed",
+        "earnings",
+        "hardware_summary",
+        "paired_at",
+    ]
+    list_filter = [
+        LiveStatusFilter,
+        "kind",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        "platform",
+        ("removed_at", admin.EmptyFieldListFilter),
+    ]
     search_fields = ["host_id", "name", "owner__username", "owner__email"]
     list_select_related = ["owner"]
     raw_id_fields = ["owner"]
-    readonly_fields = ["id", "host_id", "token_state", "paired_at", "removed_at"]
+    # Counters are derived from the ledger and status from heartbeats: an
+    # edit here would make them lie.
+    readonly_fields = [
+        "id",
+        "host_id",
+        "token_state",
+        "paired_at",
+        "removed_at",
+        "suspended_at",
+        "live_status",
+        "status",
+        "last_heartbeat_at",
+        "offline_after",
+        "jobs_completed",
+        "jobs_failed",
+        "earnings",
+        "ledger",
+        "metrics",
+        "supported_runtimes",
+        "asking_prices",
+    ]
     exclude = ["token_hash"]
+    inlines = [JobInline, StatusChangeInline]
+    actions = ["remove_islands", "suspend_islands", "unsuspend_islands"]
 
     @admin.display(description="API token")
     def token_state(self, obj: Island) -> str:
@@ -19,3 +145,161 @@ class IslandAdmin(admin.ModelAdmin[Island]):
             return "None (not collected yet, or revoked)"
         expiry = f", expires {obj.token_expires_at:%Y-%m-%d %H:%M} UTC" if obj.token_expires_at else ""
         return f"Issued (stored hashed{expiry})"
+
+    @admin.display(description="Status", ordering="offline_after")
+    def live_status(self, obj: Island) -> str:
+        status = obj.status_at(timezone.now())
+        return format_html('<span class="island-status-{}">{}</span>', status, status.label)
+
+    @admin.display(description="Job ledger")
+    def ledger(self, obj: Island) -> str:
+        url = reverse("admin:islands_job_changelist") + f"?island__id__exact={obj.pk}"
+        return format_html('<a href="{}">All jobs of this Island</a>', url)
+
+    @admin.action(description="Remove selected Islands (revoke their tokens at once)")
+    def remove_islands(self, request: HttpRequest, queryset: QuerySet[Island]) -> None:
+        now = timezone.now()
+        removed = 0
+        for island in queryset.filter(removed_at__isnull=True):
+            island.remove(now)
+            removed += 1
+        self.message_user(
+            request, f"Removed {removed} Island(s); their tokens no longer work.", messages.SUCCESS
+        )
+
+    @admin.action(description="Suspend selected Islands (no new jobs)")
+    def suspend_islands(self, request: HttpRequest, queryset: QuerySet[Island]) -> None:
+        count = queryset.filter(suspended_at__isnull=True).update(suspended_at=timezone.now())
+        self.message_user(request, f"Suspended {count} Island(s).", messages.SUCCESS)
+
+    @admin.action(description="Lift the suspension of selected Islands")
+    def unsuspend_islands(self, request: HttpRequest, queryset: QuerySet[Island]) -> None:
+        count = queryset.filter(suspended_at__isnull=False).update(suspended_at=None)
+        self.message_user(request, f"Lifted the suspension of {count} Island(s).", messages.SUCCESS)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Island | None = None) -> bool:
+        # Deleting would take the job ledger and status history with it;
+        # "Remove" unlinks the Island and revokes its token instead.
+        return False
+
+
+class JobAddForm(forms.ModelForm[Job]):
+    lease_seconds = forms.IntegerField(
+        min_value=1,
+        max_value=7 * 24 * 3600,
+        initial=300,
+        help_text="How long the Island has to report a final state before the job times out.",
+    )
+
+    class Meta:
+        model = Job
+        fields = ["job_id", "island", "workload", "credits"]
+
+    def clean_island(self) -> Island:
+        island: Island = self.cleaned_data["island"]
+        if island.suspended_at is not None:
+            raise forms.ValidationError("This Island is suspended and gets no new jobs.")
+        return island
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin[Job]):
+    """The ledger: jobs can be recorded here like the dispatcher does, never edited."""
+
+    list_display = [
+        "job_id",
+        "island",
+        "workload",
+        "state",
+        "credits",
+        "assigned_at",
+        "started_at",
+        "finished_at",
+        "lease_expires_at",
+    ]
+    list_filter = ["state", "assigned_at"]
+    search_fields = ["job_id", "workload", "island__host_id", "island__name", "island__owner__username"]
+    list_select_related = ["island"]
+    raw_id_fields = ["island"]
+    date_hierarchy = "assigned_at"
+
+    def get_form(
+        self, request: HttpRequest, obj: Job | None = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        if obj is None:
+            kwargs["form"] = JobAddForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def formfield_for_foreignkey(
+        self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
+    ) -> ModelChoiceField[Any] | None:
+        if db_field.name == "island":
+            kwargs["queryset"] = Island.objects.active()
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: Job, form: Any, change: bool) -> None:
+        # The same method the dispatcher's endpoint calls.
+        job = Job.objects.assign(
+            island=obj.island,
+            job_id=obj.job_id,
+            workload=obj.workload,
+            credits=obj.credits,
+            lease=timedelta(seconds=form.cleaned_data["lease_seconds"]),
+        )
+        obj.pk, obj.credits = job.pk, job.credits
+        obj.assigned_at, obj.lease_expires_at = job.assigned_at, job.lease_expires_at
+
+    def has_change_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        return False
+
+
+@admin.register(StatusChange)
+class StatusChangeAdmin(admin.ModelAdmin[StatusChange]):
+    """Recorded by heartbeats and the watcher; read-only here."""
+
+    list_display = ["island", "at", "from_status", "to_status", "reason"]
+    list_filter = ["reason", "to_status", "at"]
+    search_fields = ["island__host_id", "island__name", "island__owner__username"]
+    list_select_related = ["island"]
+    date_hierarchy = "at"
+    fields = readonly_fields = ("island", "at", "from_status", "to_status", "reason")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: StatusChange | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: StatusChange | None = None) -> bool:
+        return False
+
+
+@admin.register(DispatcherKey)
+class DispatcherKeyAdmin(admin.ModelAdmin[DispatcherKey]):
+    """Keys are made by `manage.py create_dispatcher_key`, which shows each once.
+
+    Neither the key nor its hash is ever shown here.
+    """
+
+    list_display = ["name", "created_at", "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["name"]
+    fields = readonly_fields = ("name", "created_at", "revoked_at")
+    actions = ["revoke_keys"]
+
+    @admin.action(description="Revoke selected keys")
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[DispatcherKey]) -> None:
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: DispatcherKey | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: DispatcherKey | None = None) -> bool:
+        return False

@@ -1,12 +1,15 @@
 """The wire formats of the real Island agent, as msgspec Structs.
 
+Also the one body that is not the agent's: the dispatcher's job assignment.
 Field names are verbatim from the agent (see docs/api.md). Unknown fields
 are ignored and optional fields may be null or absent, because agents of
 several versions talk to one coordinator. Bounds on numbers and strings keep
 absurd values out of the database; a value outside them is a 400.
 """
 
-from typing import Annotated
+import uuid
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -20,6 +23,18 @@ ShortText = Annotated[str, msgspec.Meta(max_length=64)]
 Text = Annotated[str, msgspec.Meta(max_length=128)]
 Megabytes = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Cores = Annotated[int, msgspec.Meta(ge=0, le=65_536)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+# Unix milliseconds, as every agent timestamp is. The reference's own minimal
+# example uses 100, so only the type and sign are checked, not plausibility.
+Milliseconds = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+# Live readings (percentages, gigabytes, watts, degrees) arrive as integers or
+# floats depending on the agent's Rust type; both are fine, absurd ones are not.
+Reading = (
+    Annotated[int, msgspec.Meta(ge=-(10**12), le=10**12)] | Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
+)
+# Prices are decimal strings in credits ("2.0"), never floats.
+Price = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?$")]
+JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 
 
 class Capabilities(msgspec.Struct):
@@ -55,3 +70,118 @@ def capabilities_dict(capabilities: Capabilities | None) -> dict[str, object]:
     if capabilities is None:
         return {}
     return {name: value for name, value in msgspec.structs.asdict(capabilities).items() if value is not None}
+
+
+# --- Heartbeats (`host.{host_id}.heartbeat`, POST /api/v1/islands/heartbeat) ---
+#
+# The structs declare only what the coordinator keeps. Everything else the
+# agent sends (`cache`, most of `performance_estimates`) is skipped unread.
+# `omit_defaults` keeps the stored metrics free of nulls.
+
+
+class SystemMetrics(msgspec.Struct, omit_defaults=True):
+    cpu_percent: Reading | None = None
+    memory_used_mb: Megabytes | None = None
+    memory_total_mb: Megabytes | None = None
+    disk_used_gb: Reading | None = None
+    disk_total_gb: Reading | None = None
+
+
+class GpuMetrics(msgspec.Struct, omit_defaults=True):
+    index: Annotated[int, msgspec.Meta(ge=0, le=1024)] | None = None
+    utilization_percent: Reading | None = None
+    memory_used_mb: Megabytes | None = None
+    memory_total_mb: Megabytes | None = None
+    temperature_c: Reading | None = None
+    power_draw_w: Reading | None = None
+
+
+class ActiveJobMetrics(msgspec.Struct, omit_defaults=True):
+    job_id: Text | None = None
+    job_type: Text | None = None
+    duration_ms: Count | None = None
+    tokens_generated: Count | None = None
+    memory_mb: Megabytes | None = None
+    gpu_memory_mb: Megabytes | None = None
+
+
+class PerformanceEstimates(msgspec.Struct):
+    supported_runtimes: Annotated[list[ShortText], msgspec.Meta(max_length=32)] | None = None
+
+
+class HeartbeatCapabilities(Capabilities):
+    """Hardware a heartbeat may restate. Not sent by the desktop agent.
+
+    The coordinator's own extension: the simulator sends it so cards show
+    its real CPU and GPU, and phones send it because the heartbeat is the
+    only place they report their model and runtime.
+    """
+
+    device_model: Text | None = None
+    os_version: ShortText | None = None
+    runtime: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    accelerator: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+
+
+class EnhancedHeartbeat(msgspec.Struct):
+    """The agent's heartbeat. Every field may be null or absent.
+
+    `status` is "online" from every current agent; "offline" is a graceful
+    sign-off. Any other value counts as online, so a future agent that adds
+    states does not knock its Islands offline.
+    """
+
+    host_id: HostId | None = None
+    status: ShortText | None = None
+    active_jobs: Count | None = None
+    timestamp: Milliseconds | None = None
+    agent_version: ShortText | None = None
+    system: SystemMetrics | None = None
+    gpus: Annotated[list[GpuMetrics], msgspec.Meta(max_length=64)] | None = None
+    active_job_metrics: Annotated[list[ActiveJobMetrics], msgspec.Meta(max_length=256)] | None = None
+    performance_estimates: PerformanceEstimates | None = None
+    asking_prices: Annotated[dict[ShortText, Price], msgspec.Meta(max_length=128)] | None = None
+    capabilities: HeartbeatCapabilities | None = None
+
+    @property
+    def signs_off(self) -> bool:
+        return self.status == "offline"
+
+    def metrics(self) -> dict[str, Any]:
+        """The live metrics kept on the Island: bounded by the struct's limits."""
+        return {
+            "active_jobs": self.active_jobs or 0,
+            "timestamp": self.timestamp,
+            "system": msgspec.to_builtins(self.system) if self.system else None,
+            "gpus": msgspec.to_builtins(self.gpus or []),
+            "active_job_metrics": msgspec.to_builtins(self.active_job_metrics or []),
+        }
+
+
+# --- Job status (`host.{host_id}.status`, POST /api/v1/islands/jobs/<job_id>/status) ---
+
+type ReportedJobState = Literal["started", "streaming", "succeeded", "failed", "cancelled"]
+
+
+class JobStatus(msgspec.Struct):
+    """A job's state as the agent reports it; `job_id` is in the URL over HTTP."""
+
+    state: ReportedJobState
+    job_id: JobId | None = None
+    # Unbounded here: the body limit bounds it, and the ledger keeps a prefix.
+    # A terminal status refused for a long error would be retried forever.
+    error: str | None = None
+    timestamp: Milliseconds | None = None
+
+
+# --- The dispatcher's side (POST /api/v1/jobs) -----------------------------------
+
+
+class JobAssignment(msgspec.Struct):
+    """The dispatcher records a job it gave an Island. `credits` is a decimal string or number."""
+
+    job_id: JobId
+    island_id: uuid.UUID
+    workload: Text
+    credits: Decimal
+    lease_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * 24 * 3600)]

@@ -1,12 +1,17 @@
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
 
 from django.conf import settings
-from django.db import models
-from django.db.models import Q
+from django.db import IntegrityError, models, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from islands.agent import EnhancedHeartbeat
 from islands.templatetags.island_tags import gigabytes
 from pairing.codes import generate_secret, hash_secret
 
@@ -23,6 +28,34 @@ TOKEN_PREFIX = "isl_"  # noqa: S105 (a prefix, not a secret)
 # reported when pairing, CoreML on iOS and ONNX on Android.
 DESKTOP_RUNTIMES = frozenset({"container", "wasm"})
 MOBILE_RUNTIMES = frozenset({"coreml", "onnx"})
+# How many overdue Islands (and jobs) one watcher step handles; the next
+# step continues where it stopped.
+WATCH_BATCH = 500
+DISPATCHER_KEY_PREFIX = "dsp_"
+# Agents send whole stack traces as errors; the ledger keeps the start.
+JOB_ERROR_MAX_LENGTH = 2000
+# Credits carry four decimal places; a job pays at most this much.
+CREDITS_PLACES = Decimal("0.0001")
+MAX_JOB_CREDITS = Decimal("99999999")
+
+# A heartbeat batch identifies Islands by primary key (HTTP, after token
+# auth) or by host_id (NATS, where the subject names the host).
+type IslandKey = uuid.UUID | str
+type HeartbeatIn = tuple[IslandKey, EnhancedHeartbeat, datetime]
+
+
+def offline_threshold() -> timedelta:
+    """How long after its last heartbeat an Island still counts as online."""
+    return timedelta(seconds=settings.ISLAND_OFFLINE_AFTER)
+
+
+@dataclass(frozen=True)
+class AppliedHeartbeat:
+    """One heartbeat that `record_heartbeats` applied, and what it changed."""
+
+    key: IslandKey
+    island: "Island"
+    changes: list["StatusChange"]
 
 
 class IslandQuerySet(models.QuerySet["Island"]):
@@ -31,6 +64,27 @@ class IslandQuerySet(models.QuerySet["Island"]):
 
     def owned_by(self, user: "User") -> "IslandQuerySet":
         return self.active().filter(owner=user)
+
+    def shown_as(self, status: "Island.LiveStatus", now: datetime) -> "IslandQuerySet":
+        """Islands that `Island.status_at(now)` would show as `status`, in SQL (for filters)."""
+        present = self.filter(removed_at__isnull=True, suspended_at__isnull=True)
+        match status:
+            case Island.LiveStatus.REMOVED:
+                return self.filter(removed_at__isnull=False)
+            case Island.LiveStatus.SUSPENDED:
+                return self.filter(removed_at__isnull=True, suspended_at__isnull=False)
+            case Island.LiveStatus.SIGNED_OFF:
+                return present.filter(status=Island.Status.SIGNED_OFF)
+            case Island.LiveStatus.ONLINE:
+                return present.exclude(status=Island.Status.SIGNED_OFF).filter(offline_after__gt=now)
+            case Island.LiveStatus.OFFLINE:
+                return present.exclude(status=Island.Status.SIGNED_OFF).filter(
+                    Q(offline_after__isnull=True) | Q(offline_after__lte=now)
+                )
+
+    def online(self, now: datetime | None = None) -> "IslandQuerySet":
+        """Islands shown as online at `now` (see Island.status_at), e.g. for routing."""
+        return self.shown_as(Island.LiveStatus.ONLINE, now or timezone.now())
 
     def can_run(self, runtime: str) -> "IslandQuerySet":
         """Active Islands able to run cargos built for `runtime`, online or not.
@@ -72,6 +126,94 @@ class IslandManager(models.Manager["Island"]):
             .first()
         )
 
+    def record_heartbeats(
+        self, beats: Iterable[HeartbeatIn], *, by: Literal["pk", "host_id"] = "pk"
+    ) -> list[AppliedHeartbeat]:
+        """Apply a batch of heartbeats in one transaction; return those applied.
+
+        Each beat is (key, heartbeat, received_at), the key being an Island's
+        pk or, with by="host_id", its host id. The latest beat per Island wins,
+        and a beat older than the Island's recorded one is dropped, so batches
+        may arrive out of order. Beats for unknown or removed Islands are not
+        applied. However many beats there are, this costs one locking SELECT,
+        one UPDATE and, only when some Island changed status, one INSERT.
+        """
+        latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
+        for key, heartbeat, received_at in beats:
+            if by == "pk":
+                key = key if isinstance(key, uuid.UUID) else uuid.UUID(key)
+            if key not in latest or received_at >= latest[key][1]:
+                latest[key] = (heartbeat, received_at)
+        if not latest:
+            return []
+        threshold = offline_threshold()
+        applied: list[AppliedHeartbeat] = []
+        with transaction.atomic():
+            # The row locks make the status read here and the write below one
+            # compare-and-set with respect to the watcher, so a transition is
+            # recorded by exactly one of them. Locking in pk order keeps two
+            # concurrent batches from deadlocking; NO KEY leaves inserting jobs
+            # for these Islands unblocked.
+            islands = (
+                self.active()
+                .filter(**{f"{by}__in": list(latest)})
+                .select_for_update(no_key=True)
+                .order_by("pk")
+            )
+            for island in islands:
+                key = island.pk if by == "pk" else island.host_id
+                heartbeat, received_at = latest[key]
+                if island.last_heartbeat_at is not None and received_at < island.last_heartbeat_at:
+                    continue
+                changes = island.apply_heartbeat(heartbeat, received_at, threshold)
+                applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
+            if len(applied) == 1:
+                # The HTTP case: a plain UPDATE of one row is cheaper to plan than CASE.
+                applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
+            elif applied:
+                self.bulk_update([beat.island for beat in applied], HEARTBEAT_FIELDS)
+            if applied:
+                changes = [change for beat in applied for change in beat.changes]
+                if changes:
+                    StatusChange.objects.bulk_create(changes)
+        return applied
+
+    def due_offline(self, now: datetime) -> IslandQuerySet:
+        """Islands recorded online whose heartbeat deadline has passed, oldest deadline first."""
+        return (
+            self.get_queryset()
+            .filter(status=Island.Status.ONLINE, offline_after__lte=now)
+            .order_by("offline_after")
+        )
+
+    def record_silences(self, now: datetime, limit: int = WATCH_BATCH) -> list["StatusChange"]:
+        """Record online→offline for Islands that went silent. The watcher's step.
+
+        Each transition is a compare-and-set on the status and the very
+        deadline that passed: of two watchers (or a watcher and a late
+        heartbeat) only one changes the row, and only it records the change.
+        The change is dated at the deadline, not when a watcher noticed.
+        """
+        changes: list[StatusChange] = []
+        for pk, deadline in self.due_offline(now).values_list("pk", "offline_after")[:limit]:
+            if deadline is None:  # never: due_offline compares it with now
+                continue
+            with transaction.atomic():
+                won = self.filter(pk=pk, status=Island.Status.ONLINE, offline_after=deadline).update(
+                    status=Island.Status.OFFLINE
+                )
+                if won:
+                    changes.append(
+                        StatusChange.objects.create(
+                            island_id=pk,
+                            at=deadline,
+                            from_status=Island.Status.ONLINE,
+                            to_status=Island.Status.OFFLINE,
+                            reason=StatusChange.Reason.SILENCE,
+                        )
+                    )
+        return changes
+
 
 class Island(models.Model):
     class Kind(models.TextChoices):
@@ -82,13 +224,30 @@ class Island(models.Model):
         IOS = "ios", "iOS"
         ANDROID = "android", "Android"
 
+    class Status(models.TextChoices):
+        """The status last recorded, for the watcher's compare-and-set."""
+
+        ONLINE = "online", "Online"
+        OFFLINE = "offline", "Offline"
+        SIGNED_OFF = "signed_off", "Signed off"
+
+    class LiveStatus(models.TextChoices):
+        """What people are shown: derived from the clock when read, never stale."""
+
+        ONLINE = "online", "Online"
+        OFFLINE = "offline", "Offline"
+        SIGNED_OFF = "signed_off", "Signed off"
+        SUSPENDED = "suspended", "Suspended"
+        REMOVED = "removed", "Removed"
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="islands")
     host_id = models.CharField(max_length=64)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.DESKTOP)
     name = models.CharField(max_length=100)
 
-    # Hardware, as the Island reported it when pairing or registering.
+    # Hardware, as the Island reported it when pairing, updated by heartbeats
+    # that report it (see Island._take_hardware).
     gpu_model = models.CharField(max_length=128, blank=True)
     gpu_vram_mb = models.PositiveIntegerField(null=True, blank=True)
     cpu_cores = models.PositiveIntegerField(null=True, blank=True)
@@ -112,6 +271,30 @@ class Island(models.Model):
     # Removing keeps the row, so the job ledger and karma history stay whole;
     # a removed Island has no token and its host may pair again.
     removed_at = models.DateTimeField(null=True, blank=True)
+    # An admin may suspend an Island: it keeps its token and keeps reporting,
+    # but is shown as suspended and gets no new jobs.
+    suspended_at = models.DateTimeField(null=True, blank=True)
+
+    # Online status, healthchecks-style. Every heartbeat moves `offline_after`
+    # to its receive time plus the threshold; the status people see is
+    # derived from that deadline and the clock (see status_at). `status` is
+    # the last *recorded* status, which the watcher and heartbeats change
+    # with a compare-and-set so each transition is recorded exactly once.
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OFFLINE)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    offline_after = models.DateTimeField(null=True, blank=True)
+
+    # The latest heartbeat's picture, replaced by each heartbeat. The sizes
+    # are bounded by the heartbeat struct's limits and its body limit.
+    metrics = models.JSONField(default=dict, blank=True)
+    supported_runtimes = models.JSONField(default=list, blank=True)
+    asking_prices = models.JSONField(default=dict, blank=True)
+
+    # Derived from the job ledger (Job), changed in the same transaction as
+    # the job whose terminal state they count.
+    jobs_completed = models.PositiveIntegerField(default=0)
+    jobs_failed = models.PositiveIntegerField(default=0)
+    earnings = models.DecimalField(max_digits=18, decimal_places=4, default=Decimal(0))
 
     objects = IslandManager()
 
@@ -129,6 +312,13 @@ class Island(models.Model):
         indexes = [
             # Serves "Your Islands": the active Islands of one owner.
             models.Index(fields=["owner", "removed_at"], name="island_owner_idx"),
+            # Serves the watcher (due_offline): Islands recorded online whose
+            # deadline passed. Partial, so offline Islands cost it nothing.
+            models.Index(
+                fields=["offline_after"],
+                condition=Q(status="online"),
+                name="island_due_offline_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -158,6 +348,87 @@ class Island(models.Model):
         self.token_hash = None
         self.token_expires_at = None
         self.save(update_fields=["removed_at", "token_hash", "token_expires_at"])
+
+    def status_at(self, now: datetime) -> "Island.LiveStatus":
+        """What this Island is shown as at `now`.
+
+        Online means a heartbeat beat the deadline and no sign-off followed,
+        whether or not the watcher has run since.
+        """
+        if self.removed_at is not None:
+            return self.LiveStatus.REMOVED
+        if self.suspended_at is not None:
+            return self.LiveStatus.SUSPENDED
+        if self.status == self.Status.SIGNED_OFF:
+            return self.LiveStatus.SIGNED_OFF
+        if self.offline_after is not None and now < self.offline_after:
+            return self.LiveStatus.ONLINE
+        return self.LiveStatus.OFFLINE
+
+    def apply_heartbeat(
+        self, heartbeat: EnhancedHeartbeat, received_at: datetime, threshold: timedelta
+    ) -> list["StatusChange"]:
+        """Take in one heartbeat, in memory; return the status changes it makes (unsaved).
+
+        Call it through `Island.objects.record_heartbeats`, which locks the row
+        and saves. A heartbeat arriving after the deadline passed also records
+        the silence the watcher has not recorded yet, dated at the deadline,
+        so the history is exact whenever the watcher happens to run.
+        """
+        target = self.Status.SIGNED_OFF if heartbeat.signs_off else self.Status.ONLINE
+        changes: list[StatusChange] = []
+        current = self.status
+        if (
+            current == self.Status.ONLINE
+            and self.offline_after is not None
+            and self.offline_after <= received_at
+        ):
+            changes.append(
+                self._change(current, self.Status.OFFLINE, StatusChange.Reason.SILENCE, self.offline_after)
+            )
+            current = self.Status.OFFLINE
+        if current != target:
+            if heartbeat.signs_off:
+                reason = StatusChange.Reason.GRACEFUL
+            elif self.last_heartbeat_at is None:
+                reason = StatusChange.Reason.FIRST_HEARTBEAT
+            else:
+                reason = StatusChange.Reason.BACK_ONLINE
+            changes.append(self._change(current, target, reason, received_at))
+
+        self.status = target
+        self.last_heartbeat_at = received_at
+        self.offline_after = received_at if heartbeat.signs_off else received_at + threshold
+        self.metrics = heartbeat.metrics()
+        estimates = heartbeat.performance_estimates
+        self.supported_runtimes = list(estimates.supported_runtimes or []) if estimates else []
+        # The agent sends prices only while pricing is configured; none means none.
+        self.asking_prices = dict(heartbeat.asking_prices or {})
+        if heartbeat.agent_version:
+            self.agent_version = heartbeat.agent_version
+        self._take_hardware(heartbeat)
+        return changes
+
+    def _take_hardware(self, heartbeat: EnhancedHeartbeat) -> None:
+        """Hardware a heartbeat reveals; what it leaves out stays as paired."""
+        if heartbeat.system is not None and heartbeat.system.memory_total_mb is not None:
+            self.ram_mb = heartbeat.system.memory_total_mb
+        if heartbeat.gpus:
+            first = min(heartbeat.gpus, key=lambda gpu: gpu.index or 0)
+            if first.memory_total_mb is not None:
+                self.gpu_vram_mb = first.memory_total_mb
+        caps = heartbeat.capabilities
+        if caps is None:
+            return
+        for name in ("gpu_vram_mb", "cpu_cores", "ram_mb"):
+            if (value := getattr(caps, name)) is not None:
+                setattr(self, name, value)
+        for name in ("gpu_model", "region", "device_model", "os_version", "runtime", "accelerator"):
+            if value := getattr(caps, name):
+                setattr(self, name, value)
+
+    def _change(self, from_status: str, to_status: str, reason: str, at: datetime) -> "StatusChange":
+        return StatusChange(island=self, at=at, from_status=from_status, to_status=to_status, reason=reason)
 
     @property
     def hardware_summary(self) -> str:
@@ -190,3 +461,305 @@ def runtime_capability(runtime: str) -> Q:
     if runtime in MOBILE_RUNTIMES:
         condition |= Q(kind=Island.Kind.MOBILE, runtime=runtime)
     return condition
+
+
+# The columns a heartbeat may change; record_heartbeats writes exactly these.
+HEARTBEAT_FIELDS = [
+    "status",
+    "last_heartbeat_at",
+    "offline_after",
+    "metrics",
+    "supported_runtimes",
+    "asking_prices",
+    "agent_version",
+    "gpu_model",
+    "gpu_vram_mb",
+    "cpu_cores",
+    "ram_mb",
+    "region",
+    "device_model",
+    "os_version",
+    "runtime",
+    "accelerator",
+]
+
+
+class StatusChange(models.Model):
+    """One recorded transition of an Island's status, dated when it happened.
+
+    Silences are recorded by the watcher (or by the next heartbeat, whichever
+    comes first) at the deadline that passed; sign-offs and returns at the
+    heartbeat's receive time. The karma rules read these rows: a `silence`
+    opens an incident that the Island's next change closes (`back_online`,
+    or a `graceful` sign-off sent on its way back). Every row's from_status
+    is the previous row's to_status.
+    """
+
+    class Reason(models.TextChoices):
+        SILENCE = "silence", "No heartbeat before the deadline"
+        GRACEFUL = "graceful", "Signed off"
+        BACK_ONLINE = "back_online", "Back online"
+        FIRST_HEARTBEAT = "first_heartbeat", "First heartbeat"
+
+    island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="status_changes")
+    at = models.DateTimeField()
+    from_status = models.CharField(max_length=16, choices=Island.Status.choices)
+    to_status = models.CharField(max_length=16, choices=Island.Status.choices)
+    reason = models.CharField(max_length=16, choices=Reason.choices)
+
+    class Meta:
+        indexes = [
+            # Serves "an Island's changes in time order" (the karma rules,
+            # the admin): an index range scan in `at` order per Island.
+            models.Index(fields=["island", "at"], name="statuschange_island_at_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.from_status} → {self.to_status} ({self.reason}) at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class JobError(Exception):
+    """A job operation that cannot go ahead; the message is safe to show."""
+
+
+class JobNotFound(JobError):
+    """No such job for this Island: unknown, or another Island's (one answer for both)."""
+
+
+class JobStateConflict(JobError):
+    def __init__(self, job_id: str, state: str):
+        super().__init__(f"job {job_id} already ended as {state}")
+        self.state = state
+
+
+class DuplicateJob(JobError):
+    def __init__(self, existing: "Job"):
+        super().__init__(f"job_id {existing.job_id} is already recorded")
+        self.existing = existing
+
+
+class IslandUnavailable(JobError):
+    pass
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The outcome of an Island's status report: applied, or accepted and ignored."""
+
+    applied: bool
+    state: "Job.State"
+
+
+class JobManager(models.Manager["Job"]):
+    def assign(
+        self,
+        *,
+        island: Island,
+        job_id: str,
+        workload: str,
+        credits: Decimal,
+        lease: timedelta,
+        now: datetime | None = None,
+    ) -> "Job":
+        """Record that the dispatcher gave `job_id` to `island`, holding it for `lease`."""
+        now = now or timezone.now()
+        if island.removed_at is not None:
+            raise IslandUnavailable("this Island was removed")
+        if island.suspended_at is not None:
+            raise IslandUnavailable("this Island is suspended")
+        try:
+            with transaction.atomic():
+                return self.create(
+                    job_id=job_id,
+                    island=island,
+                    workload=workload,
+                    credits=credits.quantize(CREDITS_PLACES),
+                    assigned_at=now,
+                    lease_expires_at=now + lease,
+                )
+        except IntegrityError:
+            existing = self.filter(job_id=job_id).first()
+            if existing is None:
+                raise
+            raise DuplicateJob(existing) from None
+
+    def waiting_for(self, island: Island) -> "models.QuerySet[Job]":
+        """Jobs given to `island` that it has not started yet, oldest first."""
+        return self.filter(island=island, state=Job.State.ASSIGNED).order_by("assigned_at", "pk")
+
+    def apply_status(
+        self,
+        island: Island,
+        job_id: str,
+        state: str,
+        error: str | None = None,
+        now: datetime | None = None,
+    ) -> StatusReport:
+        """Apply a state the Island reports for one of its jobs (HTTP and NATS alike).
+
+        A terminal state is applied exactly once: a conditional UPDATE from an
+        active state decides, by its row count, and the Island's counters
+        change in the same transaction. A repeat of the state the job ended in
+        is accepted and ignored (JetStream redelivers); a different terminal
+        state raises JobStateConflict. Active states only move forward, and
+        late or repeated ones are ignored. Times are the coordinator's, not
+        the agent's clock, because karma is computed from them.
+        """
+        now = now or timezone.now()
+        target = Job.State(state)
+        if target == Job.State.TIMED_OUT or target == Job.State.ASSIGNED:
+            raise ValueError(f"an Island cannot report {target}")
+        with transaction.atomic():
+            job = self.filter(job_id=job_id, island=island).only("pk", "island_id", "credits").first()
+            if job is None:
+                raise JobNotFound(f"no job {job_id} for this Island")
+            if target in Job.TERMINAL_STATES:
+                won = self.filter(pk=job.pk, state__in=Job.ACTIVE_STATES).update(
+                    state=target, finished_at=now, error=(error or "")[:JOB_ERROR_MAX_LENGTH]
+                )
+                if won:
+                    job.count_on_island(target)
+                    return StatusReport(applied=True, state=target)
+                current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
+                if current != target:
+                    raise JobStateConflict(job_id, current)
+                return StatusReport(applied=False, state=current)
+            earlier = (
+                [Job.State.ASSIGNED]
+                if target == Job.State.STARTED
+                else [Job.State.ASSIGNED, Job.State.STARTED]
+            )
+            moved = self.filter(pk=job.pk, state__in=earlier).update(
+                state=target, started_at=Coalesce(F("started_at"), models.Value(now))
+            )
+            if moved:
+                return StatusReport(applied=True, state=target)
+            current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
+            return StatusReport(applied=False, state=current)
+
+    def time_out_expired(self, now: datetime, limit: int = WATCH_BATCH) -> list[str]:
+        """Fail as timed out the jobs whose lease passed with no final state. The watcher's step.
+
+        Like the silences: a compare-and-set per job on its state and the
+        lease that passed, dated at that deadline, so two watchers (or a late
+        report racing one) settle each job once. Returns the job ids.
+        """
+        timed_out: list[str] = []
+        due = (
+            self.filter(state__in=Job.ACTIVE_STATES, lease_expires_at__lte=now)
+            .order_by("lease_expires_at")
+            .values_list("pk", "job_id", "island_id", "lease_expires_at")
+        )
+        for pk, job_id, island_id, deadline in due[:limit]:
+            with transaction.atomic():
+                won = self.filter(pk=pk, state__in=Job.ACTIVE_STATES, lease_expires_at=deadline).update(
+                    state=Job.State.TIMED_OUT,
+                    finished_at=deadline,
+                    error="the lease expired before the Island reported a final state",
+                )
+                if won:
+                    Island.objects.filter(pk=island_id).update(jobs_failed=F("jobs_failed") + 1)
+                    timed_out.append(job_id)
+        return timed_out
+
+
+class Job(models.Model):
+    """The ledger: one row per job the dispatcher gave an Island.
+
+    The Island's jobs_completed, jobs_failed and earnings are sums over these
+    rows, kept as counters so "Your Islands" reads them without aggregating.
+    """
+
+    class State(models.TextChoices):
+        ASSIGNED = "assigned", "Assigned"
+        STARTED = "started", "Started"
+        STREAMING = "streaming", "Streaming"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+        TIMED_OUT = "timed_out", "Timed out"
+
+    ACTIVE_STATES = (State.ASSIGNED, State.STARTED, State.STREAMING)
+    TERMINAL_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.TIMED_OUT)
+
+    # The dispatcher's id for the job; the agent reports status by it.
+    job_id = models.CharField(max_length=128, unique=True)
+    # Islands are never deleted, only removed, so their ledger stays whole.
+    island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="jobs")
+    workload = models.CharField(max_length=128)
+    credits = models.DecimalField(max_digits=12, decimal_places=4)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ASSIGNED)
+    assigned_at = models.DateTimeField(default=timezone.now)
+    lease_expires_at = models.DateTimeField()
+    # When the Island first said it started (or streamed): karma rewards quick starts.
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    objects = JobManager()
+
+    class Meta:
+        indexes = [
+            # Serves an Island's ledger, newest first (admin, karma).
+            models.Index(fields=["island", "-assigned_at"], name="job_island_idx"),
+            # Serves the Island's poll for work: its jobs not started yet.
+            models.Index(
+                fields=["island", "assigned_at"], condition=Q(state="assigned"), name="job_waiting_idx"
+            ),
+            # Serves the watcher's timeout sweep: active jobs by lease deadline.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(state__in=["assigned", "started", "streaming"]),
+                name="job_lease_idx",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(credits__gte=0), name="job_credits_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return self.job_id
+
+    def count_on_island(self, final_state: "Job.State") -> None:
+        """Add this job's outcome to its Island's counters, atomically in SQL."""
+        if final_state == Job.State.SUCCEEDED:
+            updates = {"jobs_completed": F("jobs_completed") + 1, "earnings": F("earnings") + self.credits}
+        elif final_state in (Job.State.FAILED, Job.State.TIMED_OUT):
+            updates = {"jobs_failed": F("jobs_failed") + 1}
+        else:
+            return  # a cancelled job neither counts nor pays
+        Island.objects.filter(pk=self.island_id).update(**updates)
+
+
+class DispatcherKeyManager(models.Manager["DispatcherKey"]):
+    def issue(self, name: str) -> tuple["DispatcherKey", str]:
+        """Create a key and return it with its plaintext, which is never stored."""
+        key = DISPATCHER_KEY_PREFIX + generate_secret()
+        return self.create(name=name, key_hash=hash_secret(key)), key
+
+    def authenticate(self, key: str) -> "DispatcherKey | None":
+        if not key.startswith(DISPATCHER_KEY_PREFIX) or len(key) > 128:
+            return None
+        return self.filter(key_hash=hash_secret(key), revoked_at__isnull=True).first()
+
+
+class DispatcherKey(models.Model):
+    """A credential for the dispatcher (or a staff script) to record jobs.
+
+    Only the SHA-256 of the key is kept: like Island tokens it has 256 random
+    bits, so a plain hash is enough and lookups stay one indexed query.
+    """
+
+    name = models.CharField(max_length=100, help_text="Who or what uses this key.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DispatcherKeyManager()
+
+    def __str__(self) -> str:
+        return self.name
+
+    def revoke(self, now: datetime | None = None) -> None:
+        self.revoked_at = now or timezone.now()
+        self.save(update_fields=["revoked_at"])

@@ -4,24 +4,54 @@ It uses only the standard library, so it runs against any coordinator, and
 keeps its identity in a state file the way the real agent keeps
 ~/.island/state.json: a restart neither asks for a new code nor forgets
 which Island it is.
+
+Once paired it sends a heartbeat every `interval` seconds with this host's
+real CPU, memory and disk (and GPU, through nvidia-smi), polls for jobs the
+dispatcher gave it and runs them as demo jobs, and on Ctrl-C or SIGTERM
+signs off with a `"status": "offline"` heartbeat before it exits.
 """
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 DEFAULT_STATE_PATH = Path.home() / ".island" / "state.json"
-SIMULATOR_VERSION = "sim-0.1.0"
+SIMULATOR_VERSION = "sim-0.2.0"
+DEFAULT_INTERVAL = 10.0
+# A demo job is started when polled, streams at the next heartbeat and ends
+# at the one after; a workload whose name contains "fail" fails instead.
+DEMO_JOB_BEATS = 2
+
+
+class TokenRevoked(SystemExit):
+    """The coordinator refused the token: the Island was removed (or the token expired)."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Make SIGTERM stop the simulator the way Ctrl-C does, so both sign off first."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class CoordinatorError(Exception):
@@ -90,6 +120,42 @@ def detect_hardware() -> dict[str, Any]:
     return capabilities
 
 
+def live_metrics() -> dict[str, Any]:
+    """The `system` block of a heartbeat: this host's load, memory and root disk right now."""
+    system: dict[str, Any] = {}
+    try:
+        cores = os.cpu_count() or 1
+        system["cpu_percent"] = round(min(100.0, os.getloadavg()[0] / cores * 100), 1)
+    except OSError:
+        pass
+    try:
+        meminfo = dict(
+            (line.split(":")[0], int(line.split()[1]) // 1024)
+            for line in Path("/proc/meminfo").read_text().splitlines()
+        )
+        system["memory_total_mb"] = meminfo["MemTotal"]
+        system["memory_used_mb"] = meminfo["MemTotal"] - meminfo.get(
+            "MemAvailable", meminfo.get("MemFree", 0)
+        )
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        disk = shutil.disk_usage("/")
+        system["disk_total_gb"] = disk.total // 1024**3
+        system["disk_used_gb"] = disk.used // 1024**3
+    except OSError:
+        pass
+    return system
+
+
+@dataclass
+class DemoJob:
+    job_id: str
+    workload: str
+    started: float = field(default_factory=time.monotonic)
+    beats: int = 0
+
+
 class Client:
     def __init__(self, base_url: str, token: str | None = None, timeout: float = 10):
         self.base_url = base_url.rstrip("/")
@@ -123,13 +189,16 @@ class IslandSimulator:
         state_path: Path = DEFAULT_STATE_PATH,
         out: TextIO = sys.stdout,
         sleep: Callable[[float], None] = time.sleep,
+        interval: float = DEFAULT_INTERVAL,
     ):
         self.url = url.rstrip("/")
         self.state_path = state_path
         self.state = State.load(state_path)
         self.out = out
         self.sleep = sleep
+        self.interval = interval
         self.capabilities = detect_hardware()
+        self.running: dict[str, DemoJob] = {}
 
     def say(self, message: str) -> None:
         print(message, file=self.out, flush=True)
@@ -197,8 +266,128 @@ class IslandSimulator:
             if body["status"] == "expired":
                 return False
 
-    def run(self) -> None:
+    def run(self, serve: bool = True) -> None:
         self.say(
             f"Island simulator {SIMULATOR_VERSION}, host {self.state.host_id}, state in {self.state_path}"
         )
         self.ensure_paired()
+        if serve:
+            self.serve()
+
+    # --- Once paired: heartbeats and demo jobs ---------------------------------
+
+    def _island_client(self) -> Client:
+        return Client(self.url, token=self.state.token)
+
+    def _call(self, path: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+        """One authenticated call; None when the coordinator cannot be reached (tried again next beat)."""
+        try:
+            status, body = self._island_client().post(path, payload)
+        except (urllib.error.URLError, OSError) as exc:
+            self.say(f"Coordinator at {self.url} is unreachable ({exc}); trying again in {self.interval:g} s")
+            return None
+        if status == 401:
+            # Keep the host id, drop the dead token: the next start pairs again.
+            self.state.paired, self.state.token, self.state.island_id = False, None, None
+            self.state.save(self.state_path)
+            raise TokenRevoked(
+                f"The coordinator no longer accepts this Island's token ({body.get('error')}). "
+                "Was it removed at /settings? Start the simulator again to pair anew."
+            )
+        return status, body
+
+    def heartbeat(self, status: str = "online") -> dict[str, Any]:
+        caps = self.capabilities
+        system = live_metrics()
+        gpus = []
+        if caps.get("gpu_vram_mb"):
+            gpus.append({"index": 0, "memory_total_mb": caps["gpu_vram_mb"]})
+        now = time.monotonic()
+        return {
+            "host_id": self.state.host_id,
+            "status": status,
+            "active_jobs": len(self.running),
+            "timestamp": int(time.time() * 1000),
+            "agent_version": SIMULATOR_VERSION,
+            "system": system,
+            "gpus": gpus,
+            "active_job_metrics": [
+                {
+                    "job_id": job.job_id,
+                    "job_type": job.workload,
+                    "duration_ms": int((now - job.started) * 1000),
+                }
+                for job in self.running.values()
+            ],
+            "performance_estimates": {"supported_runtimes": ["demo"]},
+            # Not in the real agent's heartbeat: restates the hardware so the
+            # card shows this machine (see docs/api.md).
+            "capabilities": {
+                name: caps.get(name) for name in ("gpu_model", "gpu_vram_mb", "cpu_cores", "ram_mb")
+            },
+        }
+
+    def beat(self) -> None:
+        answer = self._call("/api/v1/islands/heartbeat", self.heartbeat())
+        if answer is not None and answer[0] != 200:
+            self.say(f"Heartbeat refused: {answer[1].get('error')} (HTTP {answer[0]})")
+
+    def report(self, job: DemoJob, state: str, error: str | None = None) -> None:
+        payload = {"job_id": job.job_id, "state": state, "error": error, "timestamp": int(time.time() * 1000)}
+        answer = self._call(f"/api/v1/islands/jobs/{job.job_id}/status", payload)
+        if answer is None:
+            return
+        status, body = answer
+        if status == 200:
+            self.say(f"Job {job.job_id} ({job.workload}): {state}")
+        else:
+            self.say(
+                f"Job {job.job_id}: the coordinator refused '{state}': {body.get('error')} (HTTP {status})"
+            )
+            self.running.pop(job.job_id, None)
+
+    def advance_jobs(self) -> None:
+        for job in list(self.running.values()):
+            job.beats += 1
+            if job.beats < DEMO_JOB_BEATS:
+                self.report(job, "streaming")
+                continue
+            self.running.pop(job.job_id, None)
+            if "fail" in job.workload:
+                self.report(job, "failed", "demo failure: the workload's name asks for one")
+            else:
+                self.report(job, "succeeded")
+
+    def take_new_jobs(self) -> None:
+        answer = self._call("/api/v1/islands/jobs/poll", {})
+        if answer is None or answer[0] != 200:
+            return
+        for assigned in answer[1].get("jobs", []):
+            if assigned["job_id"] in self.running:
+                continue
+            job = DemoJob(job_id=assigned["job_id"], workload=str(assigned.get("workload_id") or "demo"))
+            self.running[job.job_id] = job
+            self.report(job, "started")
+
+    def sign_off(self) -> None:
+        """Tell the coordinator this Island is going away, so it shows as signed off at once."""
+        try:
+            status, _ = self._island_client().post("/api/v1/islands/heartbeat", self.heartbeat("offline"))
+        except (urllib.error.URLError, OSError) as exc:
+            self.say(f"Could not sign off ({exc}); the coordinator will notice the silence instead.")
+            return
+        if status == 200:
+            self.say("Signed off: the coordinator shows this Island as offline.")
+
+    def serve(self) -> None:
+        """Heartbeat, run demo jobs, repeat; sign off when stopped by Ctrl-C or SIGTERM."""
+        self.say(f"Sending a heartbeat every {self.interval:g} s. Ctrl-C stops (and signs off).")
+        try:
+            while True:
+                self.beat()
+                self.advance_jobs()
+                self.take_new_jobs()
+                self.sleep(self.interval)
+        except KeyboardInterrupt:
+            self.sign_off()
+            raise

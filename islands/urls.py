@@ -6,5 +6,10 @@ app_name = "islands"
 
 urlpatterns = [
     path("settings", views.settings_page, name="settings"),
+    path("settings/islands/<uuid:pk>/rename", views.rename, name="rename"),
     path("settings/islands/<uuid:pk>/remove", views.remove, name="remove"),
+    path("api/v1/islands/heartbeat", views.api_heartbeat, name="api-heartbeat"),
+    path("api/v1/islands/jobs/poll", views.api_jobs_poll, name="api-jobs-poll"),
+    path("api/v1/islands/jobs/<str:job_id>/status", views.api_job_status, name="api-job-status"),
+    path("api/v1/jobs", views.api_jobs, name="api-jobs"),
 ]

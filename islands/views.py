@@ -1,11 +1,39 @@
+import logging
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from archipelag.api import ApiError, bearer_token, json_api, parse_body
 from archipelag.htmx import HtmxHttpRequest
-from islands.models import Island
+from islands.agent import EnhancedHeartbeat, JobAssignment, JobStatus
+from islands.forms import RenameIslandForm
+from islands.models import (
+    CREDITS_PLACES,
+    MAX_JOB_CREDITS,
+    DispatcherKey,
+    DuplicateJob,
+    Island,
+    IslandUnavailable,
+    Job,
+    JobNotFound,
+    JobStateConflict,
+)
+
+logger = logging.getLogger("archipelag.islands")
+
+# A heartbeat from a big server (many GPUs, many running jobs) is a few KiB;
+# four times the usual API limit leaves room without inviting abuse.
+HEARTBEAT_MAX_BODY_BYTES = 64 * 1024
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# An Island polling for work gets at most this many jobs at once.
+POLL_LIMIT = 32
 
 
 def _island_for(request: HttpRequest, pk: str) -> Island:
@@ -13,12 +41,173 @@ def _island_for(request: HttpRequest, pk: str) -> Island:
     return get_object_or_404(Island.objects.owned_by(request.user), pk=pk)  # type: ignore[arg-type]
 
 
+def _calling_island(request: HttpRequest) -> Island:
+    """The Island whose API token the request carries, or a 401.
+
+    One indexed query on the token's hash: the token is the Island's only
+    credential, so an Island can only ever act on itself.
+    """
+    token = bearer_token(request)
+    island = Island.objects.authenticate(token) if token else None
+    if island is None:
+        raise ApiError(
+            401, "unknown, revoked or expired token: send Authorization: Bearer <token>", BEARER_CHALLENGE
+        )
+    return island
+
+
+# --- The Island's side: JSON API -------------------------------------------
+
+
+@json_api
+def api_heartbeat(request: HttpRequest) -> HttpResponse:
+    received_at = timezone.now()
+    island = _calling_island(request)
+    heartbeat = parse_body(request, EnhancedHeartbeat, HEARTBEAT_MAX_BODY_BYTES)
+    if heartbeat.host_id is not None and heartbeat.host_id != island.host_id:
+        raise ApiError(403, "host_id is not the host of the Island this token belongs to")
+    applied = Island.objects.record_heartbeats([(island.pk, heartbeat, received_at)])
+    # Not applied: removed since the token was checked, or a newer heartbeat
+    # of this Island overtook this one (which is fine, and still a success).
+    if not applied and not Island.objects.active().filter(pk=island.pk).exists():
+        raise ApiError(401, "this Island was removed; its token no longer works", BEARER_CHALLENGE)
+    return JsonResponse({"success": True})
+
+
+@json_api
+def api_jobs_poll(request: HttpRequest) -> HttpResponse:
+    """The jobs given to the calling Island that it has not started, oldest first.
+
+    Separate from the heartbeat so the heartbeat stays one lean write; fields
+    are named as in the agent's AssignJob.
+    """
+    island = _calling_island(request)
+    jobs = Job.objects.waiting_for(island)[:POLL_LIMIT]
+    return JsonResponse(
+        {
+            "success": True,
+            "jobs": [
+                {
+                    "job_id": job.job_id,
+                    "workload_id": job.workload,
+                    "credits": str(job.credits),
+                    "lease_expires": int(job.lease_expires_at.timestamp() * 1000),
+                }
+                for job in jobs
+            ],
+        }
+    )
+
+
+@json_api
+def api_job_status(request: HttpRequest, job_id: str) -> HttpResponse:
+    island = _calling_island(request)
+    report = parse_body(request, JobStatus)
+    if report.job_id is not None and report.job_id != job_id:
+        raise ApiError(400, "invalid job_id: the body names another job than the URL")
+    try:
+        outcome = Job.objects.apply_status(island, job_id, report.state, report.error)
+    except JobNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except JobStateConflict as exc:
+        raise ApiError(409, str(exc)) from None
+    if outcome.applied:
+        logger.info("event=job_status job_id=%s island_id=%s state=%s", job_id, island.pk, outcome.state)
+    return JsonResponse({"success": True, "applied": outcome.applied, "state": outcome.state})
+
+
+# --- The dispatcher's side ---------------------------------------------------------
+
+
+def _credits(value: Decimal) -> Decimal:
+    if not value.is_finite() or value < 0 or value > MAX_JOB_CREDITS:
+        raise ApiError(400, f"invalid credits: a number from 0 to {MAX_JOB_CREDITS}")
+    if value != value.quantize(CREDITS_PLACES):
+        raise ApiError(400, "invalid credits: at most 4 decimal places")
+    return value
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "island_id": str(job.island_id),
+        "workload": job.workload,
+        "credits": str(job.credits),
+        "state": job.state,
+        "assigned_at": job.assigned_at.isoformat(),
+        "lease_expires_at": job.lease_expires_at.isoformat(),
+    }
+
+
+@json_api
+def api_jobs(request: HttpRequest) -> HttpResponse:
+    """The dispatcher records a job it gave an Island (idempotent per job_id)."""
+    key = DispatcherKey.objects.authenticate(bearer_token(request) or "")
+    if key is None:
+        raise ApiError(401, "unknown or revoked dispatcher key", BEARER_CHALLENGE)
+    body = parse_body(request, JobAssignment)
+    credits = _credits(body.credits)
+    island = Island.objects.active().filter(pk=body.island_id).first()
+    if island is None:
+        raise ApiError(404, f"no active Island {body.island_id}")
+    try:
+        job = Job.objects.assign(
+            island=island,
+            job_id=body.job_id,
+            workload=body.workload,
+            credits=credits,
+            lease=timedelta(seconds=body.lease_seconds),
+        )
+    except IslandUnavailable as exc:
+        raise ApiError(409, str(exc)) from None
+    except DuplicateJob as exc:
+        # A dispatcher retrying after a lost answer gets the same job back;
+        # the same id for a different job is a conflict.
+        same = (exc.existing.island_id, exc.existing.workload, exc.existing.credits) == (
+            island.pk,
+            body.workload,
+            credits,
+        )
+        if not same:
+            raise ApiError(409, str(exc)) from None
+        return JsonResponse({"success": True, "created": False, "job": _job_json(exc.existing)})
+    logger.info("event=job_assigned job_id=%s island_id=%s key=%s", job.job_id, island.pk, key.name)
+    return JsonResponse({"success": True, "created": True, "job": _job_json(job)}, status=201)
+
+
+# --- The person's side: "Your Islands" ---------------------------------------
+
+
+def _render_settings(
+    request: HtmxHttpRequest, extra: dict[str, Any] | None = None, status: int = 200
+) -> HttpResponse:
+    # One query for all the cards: everything a card shows is on the Island
+    # row, and statuses are computed against one clock reading.
+    context = {
+        "islands": Island.objects.owned_by(request.user),  # type: ignore[arg-type]
+        "now": timezone.now(),
+        **(extra or {}),
+    }
+    template = "islands/settings.html#island-list" if request.htmx else "islands/settings.html"
+    return render(request, template, context, status=status)
+
+
 @login_required
 def settings_page(request: HtmxHttpRequest) -> HttpResponse:
     """ "Your Islands". With htmx (the Refresh button) only the list is rendered."""
-    islands = Island.objects.owned_by(request.user)  # type: ignore[arg-type]
-    template = "islands/settings.html#island-list" if request.htmx else "islands/settings.html"
-    return render(request, template, {"islands": islands})
+    return _render_settings(request)
+
+
+@login_required
+@require_POST
+def rename(request: HtmxHttpRequest, pk: str) -> HttpResponse:
+    island = _island_for(request, pk)
+    form = RenameIslandForm(request.POST, instance=island)
+    if not form.is_valid():
+        return _render_settings(request, {"rename_form": form, "renaming": island.pk}, status=400)
+    form.save()
+    messages.success(request, f"Island renamed to “{island.name}”.")
+    return redirect("islands:settings")
 
 
 @login_required

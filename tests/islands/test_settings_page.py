@@ -1,4 +1,16 @@
+import re
+from datetime import timedelta
+from decimal import Decimal
+
+import msgspec
+import pytest
+import time_machine
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from islands.agent import EnhancedHeartbeat
 from islands.models import Island
+from tests.islands.conftest import T0, make_island
 
 
 def test_settings_requires_login(client, db):
@@ -61,3 +73,215 @@ def test_nobody_can_remove_another_users_island(alice, bob_client):
     assert bob_client.get(f"/settings/islands/{island.pk}/remove").status_code == 405
     island.refresh_from_db()
     assert island.removed_at is None
+
+
+# --- The cards ------------------------------------------------------------------------
+
+
+def card(html, island):
+    """The HTML of one Island's card."""
+    start = html.index(f'data-island="{island.pk}"')
+    return html[start : html.index("</article>", start)]
+
+
+def field(card_html, label):
+    """The text of a card's <dd> after <dt>label</dt>, tags stripped."""
+    match = re.search(rf"<dt>{re.escape(label)}</dt>\s*<dd([^>]*)>(.*?)</dd>", card_html, re.S)
+    assert match, f"no {label!r} field"
+    return match.group(1), " ".join(re.sub(r"<[^>]+>", " ", match.group(2)).split())
+
+
+def beat(island, at, status="online"):
+    heartbeat = msgspec.convert({"status": status}, EnhancedHeartbeat)
+    Island.objects.record_heartbeats([(island.pk, heartbeat, at)])
+
+
+def page_at(client, when, **headers):
+    with time_machine.travel(when, tick=False):
+        return client.get("/settings", headers=headers).content.decode()
+
+
+def test_a_card_shows_every_field_of_the_seed_table(alice, alice_client):
+    island = make_island(alice, jobs_completed=42, jobs_failed=3, earnings=Decimal("1234.5"))
+    beat(island, T0)
+    html = card(page_at(alice_client, T0 + timedelta(seconds=12)), island)
+    assert field(html, "Status") == (' class="status-text status-online"', "Online")
+    assert 'data-status="online"' in html
+    assert field(html, "Hardware")[1] == "RTX 4090 24 GB · 16 CPU cores · 64 GB RAM"
+    assert field(html, "Jobs completed") == (' class="count good"', "42")
+    assert field(html, "Jobs failed") == (' class="count bad"', "3")
+    assert field(html, "Earnings")[1] == "1,234.5 credits"
+    assert field(html, "Last heartbeat")[1] == "12 s ago"
+    assert 'title="2026-03-01 12:00:00 UTC"' in html
+    assert 'datetime="2026-03-01T12:00:00+00:00"' in html
+
+
+def test_a_card_turns_offline_at_the_threshold(alice, alice_client):
+    island = make_island(alice)
+    beat(island, T0)
+    online = card(page_at(alice_client, T0 + timedelta(seconds=44.9)), island)
+    offline = card(page_at(alice_client, T0 + timedelta(seconds=45.1)), island)
+    assert field(online, "Status")[1] == "Online"
+    assert field(offline, "Status")[1] == "Offline"
+    assert field(offline, "Last heartbeat")[1] == "45 s ago"
+
+
+def test_a_signed_off_island_says_so(alice, alice_client):
+    island = make_island(alice)
+    beat(island, T0)
+    beat(island, T0 + timedelta(seconds=1), status="offline")
+    html = card(page_at(alice_client, T0 + timedelta(seconds=2)), island)
+    assert field(html, "Status")[1] == "Offline (signed off)"
+    assert 'data-status="signed_off"' in html
+
+
+def test_a_new_island_has_never_checked_in(alice, alice_client):
+    island = make_island(alice)
+    html = card(page_at(alice_client, T0), island)
+    assert field(html, "Status")[1] == "Offline"
+    assert field(html, "Last heartbeat")[1] == "never"
+    assert field(html, "Earnings")[1] == "0 credits"
+    assert field(html, "Jobs completed")[1] == "0"
+
+
+def test_a_suspended_island_is_shown_as_suspended(alice, alice_client):
+    island = make_island(alice, suspended_at=T0)
+    beat(island, T0)
+    assert field(card(page_at(alice_client, T0), island), "Status")[1] == "Suspended by an administrator"
+
+
+def test_a_phone_card_shows_its_model_and_runtime(alice, alice_client):
+    phone = make_island(
+        alice,
+        "phone-host-0001",
+        kind=Island.Kind.MOBILE,
+        gpu_model="",
+        cpu_cores=None,
+        device_model="Pixel 9",
+        runtime="onnx",
+        accelerator="nnapi",
+        ram_mb=12288,
+    )
+    assert (
+        field(card(page_at(alice_client, T0), phone), "Hardware")[1] == "Pixel 9 · onnx / nnapi · 12 GB RAM"
+    )
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (0, "0 s ago"),
+        (59, "59 s ago"),
+        (60, "1 min ago"),
+        (3599, "59 min ago"),
+        (7200, "2 h ago"),
+        (86400, "1 day ago"),
+        (3 * 86400, "3 days ago"),
+    ],
+)
+def test_last_heartbeat_reads_naturally(alice, alice_client, seconds, shown):
+    island = make_island(alice)
+    beat(island, T0)
+    assert (
+        field(card(page_at(alice_client, T0 + timedelta(seconds=seconds)), island), "Last heartbeat")[1]
+        == shown
+    )
+
+
+def test_refresh_is_a_plain_link_without_javascript(alice_client):
+    html = alice_client.get("/settings").content.decode()
+    assert '<a class="button" href="/settings"' in html
+    assert 'hx-get="/settings" hx-target="#island-list"' in html
+
+
+def test_refresh_with_htmx_shows_the_status_now(alice, alice_client):
+    island = make_island(alice)
+    beat(island, T0)
+    fragment = page_at(alice_client, T0 + timedelta(seconds=50), **{"HX-Request": "true"})
+    assert fragment.strip().startswith('<div id="island-list">')
+    assert field(card(fragment, island), "Status")[1] == "Offline"
+
+
+def test_the_page_costs_the_same_queries_for_one_island_or_two_hundred(alice, alice_client):
+    def queries_for_page():
+        with CaptureQueriesContext(connection) as queries:
+            response = alice_client.get("/settings")
+        assert response.status_code == 200
+        return len(queries.captured_queries), response.content.decode()
+
+    make_island(alice, "host-00000000")
+    one, html = queries_for_page()
+    assert html.count('class="card island"') == 1
+    Island.objects.bulk_create(
+        Island(owner=alice, host_id=f"host-{n:08d}", name=f"Island {n}") for n in range(1, 200)
+    )
+    two_hundred, html = queries_for_page()
+    assert html.count('class="card island"') == 200
+    print(f"/settings queries: 1 Island -> {one}, 200 Islands -> {two_hundred}")
+    assert one == two_hundred
+    assert two_hundred <= 3  # session, user, Islands
+
+
+# --- Rename -------------------------------------------------------------------------------
+
+
+def test_renaming_an_island(alice, alice_client):
+    island = make_island(alice)
+    response = alice_client.post(
+        f"/settings/islands/{island.pk}/rename", {"name": "  Garage rig  "}, follow=True
+    )
+    assert "Island renamed to “Garage rig”." in response.content.decode()
+    island.refresh_from_db()
+    assert island.name == "Garage rig"
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("", "Give the Island a name."),
+        ("   ", "Give the Island a name."),
+        ("x" * 101, "Keep the name to 100 characters (it has 101)."),
+    ],
+)
+def test_a_bad_name_is_refused_with_the_reason_shown(alice, alice_client, name, error):
+    island = make_island(alice, name="Garage rig")
+    response = alice_client.post(f"/settings/islands/{island.pk}/rename", {"name": name})
+    assert response.status_code == 400
+    html = card(response.content.decode(), island)
+    assert error in html
+    assert '<details class="rename" open>' in html
+    island.refresh_from_db()
+    assert island.name == "Garage rig"
+
+
+def test_nobody_can_rename_another_users_island(alice, bob_client):
+    island = make_island(alice, name="Garage rig")
+    assert bob_client.post(f"/settings/islands/{island.pk}/rename", {"name": "Mine now"}).status_code == 404
+    assert bob_client.get(f"/settings/islands/{island.pk}/rename").status_code == 405
+    island.refresh_from_db()
+    assert island.name == "Garage rig"
+
+
+def test_after_removal_the_islands_next_call_gets_401(alice, alice_client, client):
+    island = make_island(alice)
+    token = island.issue_token()
+    auth = {"Authorization": f"Bearer {token}"}
+    assert (
+        client.post(
+            "/api/v1/islands/heartbeat", {}, content_type="application/json", headers=auth
+        ).status_code
+        == 200
+    )
+    alice_client.post(f"/settings/islands/{island.pk}/remove")
+    assert (
+        client.post(
+            "/api/v1/islands/heartbeat", {}, content_type="application/json", headers=auth
+        ).status_code
+        == 401
+    )
+    assert (
+        client.post(
+            "/api/v1/islands/jobs/poll", {}, content_type="application/json", headers=auth
+        ).status_code
+        == 401
+    )

@@ -1,18 +1,24 @@
-"""The bundled Island simulator pairs through the real HTTP API and remembers who it is."""
+"""The bundled Island simulator pairs through the real HTTP API, reports in, runs jobs and signs off."""
 
 import io
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from django.test import Client
 
-from islands.models import Island
-from islands.simulator import IslandSimulator
+from islands.models import Island, Job, StatusChange
+from islands.simulator import SIMULATOR_VERSION, IslandSimulator, State, TokenRevoked
 from pairing.models import PairingCode
+from tests.islands.conftest import make_island
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 CODE_LINE = re.compile(r"^Pairing code: ([0-9A-Z]{6})$", re.MULTILINE)
@@ -30,7 +36,7 @@ def test_simulator_pairs_and_a_restart_keeps_its_identity(daphne_server, alice, 
         if match and not Island.objects.exists():
             assert browser.post("/pair/confirm", {"code": match.group(1)}).status_code == 302
 
-    IslandSimulator(daphne_server.url, state_path=state_path, out=out, sleep=sleep).run()
+    IslandSimulator(daphne_server.url, state_path=state_path, out=out, sleep=sleep).run(serve=False)
 
     lines = out.getvalue().splitlines()
     assert any(CODE_LINE.match(line) for line in lines)
@@ -47,7 +53,7 @@ def test_simulator_pairs_and_a_restart_keeps_its_identity(daphne_server, alice, 
 
     # A restart neither asks for a code again nor loses its identity.
     again = io.StringIO()
-    IslandSimulator(daphne_server.url, state_path=state_path, out=again, sleep=sleep).run()
+    IslandSimulator(daphne_server.url, state_path=state_path, out=again, sleep=sleep).run(serve=False)
     assert f"Already paired as Island {island.pk} (host {island.host_id})." in again.getvalue()
     assert PairingCode.objects.count() == 1
 
@@ -105,3 +111,123 @@ def test_the_island_command_prints_the_code_and_pairs(daphne_server, alice, tmp_
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- After pairing: heartbeats, demo jobs, sign-off ---------------------------------------
+
+
+def paired_state(path, island, url):
+    State(
+        host_id=island.host_id,
+        paired=True,
+        island_id=str(island.pk),
+        token=island.issue_token(),
+        coordinator=url,
+    ).save(path)
+
+
+def give(island, job_id, workload="llm-chat"):
+    Job.objects.assign(
+        island=island, job_id=job_id, workload=workload, credits=Decimal("1.5"), lease=timedelta(minutes=5)
+    )
+
+
+def test_simulator_beats_runs_demo_jobs_and_signs_off(daphne_server, alice, tmp_path):
+    island = make_island(alice, gpu_model="", gpu_vram_mb=None, cpu_cores=None, ram_mb=None)
+    state_path = tmp_path / "state.json"
+    paired_state(state_path, island, daphne_server.url)
+    out = io.StringIO()
+    naps = []
+    seen_running = []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        if len(naps) == 1:
+            give(island, "demo-ok")
+            give(island, "demo-bad", workload="please-fail")
+        if len(naps) == 3:
+            seen_running.append(Island.objects.get(pk=island.pk).metrics["active_jobs"])
+        if len(naps) == 5:
+            raise KeyboardInterrupt
+
+    simulator = IslandSimulator(daphne_server.url, state_path=state_path, out=out, sleep=sleep, interval=7)
+    with pytest.raises(KeyboardInterrupt):
+        simulator.run()
+
+    assert naps == [7] * 5
+    assert seen_running == [2]
+    island.refresh_from_db()
+    assert island.cpu_cores == os.cpu_count()
+    assert island.ram_mb and island.ram_mb > 0
+    assert island.agent_version == SIMULATOR_VERSION
+    assert island.supported_runtimes == ["demo"]
+    assert island.status == Island.Status.SIGNED_OFF
+    assert list(island.status_changes.order_by("at").values_list("reason", flat=True)) == [
+        StatusChange.Reason.FIRST_HEARTBEAT,
+        StatusChange.Reason.GRACEFUL,
+    ]
+    ok, bad = Job.objects.get(job_id="demo-ok"), Job.objects.get(job_id="demo-bad")
+    assert ok.state == Job.State.SUCCEEDED and ok.started_at is not None
+    assert bad.state == Job.State.FAILED and "demo failure" in bad.error
+    assert (island.jobs_completed, island.jobs_failed, island.earnings) == (1, 1, Decimal("1.5"))
+    lines = out.getvalue().splitlines()
+    assert "Job demo-ok (llm-chat): started" in lines
+    assert "Job demo-ok (llm-chat): streaming" in lines
+    assert "Job demo-ok (llm-chat): succeeded" in lines
+    assert "Job demo-bad (please-fail): failed" in lines
+    assert lines[-1] == "Signed off: the coordinator shows this Island as offline."
+
+
+def test_simulator_stops_and_forgets_its_token_when_removed(daphne_server, alice, tmp_path):
+    island = make_island(alice)
+    state_path = tmp_path / "state.json"
+    paired_state(state_path, island, daphne_server.url)
+
+    def sleep(seconds):
+        Island.objects.get(pk=island.pk).remove()
+
+    with pytest.raises(TokenRevoked, match="Was it removed at /settings"):
+        IslandSimulator(daphne_server.url, state_path=state_path, out=io.StringIO(), sleep=sleep).run()
+    state = json.loads(state_path.read_text())
+    assert state["token"] is None and state["paired"] is False
+    assert state["host_id"] == island.host_id
+
+
+def wait_for(condition, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_the_island_command_signs_off_on_sigterm(daphne_server, alice, tmp_path):
+    island = make_island(alice)
+    state_path = tmp_path / "state.json"
+    paired_state(state_path, island, daphne_server.url)
+    log = tmp_path / "island.log"
+    argv = [sys.executable, "manage.py", "island", "--url", daphne_server.url, "--state", str(state_path)]
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [*argv, "--interval", "0.2"],
+            cwd=BASE_DIR,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        wait_for(lambda: Island.objects.get(pk=island.pk).status == Island.Status.ONLINE, "a heartbeat")
+        give(island, "demo-1")
+        wait_for(lambda: Job.objects.get(job_id="demo-1").state == Job.State.SUCCEEDED, "the demo job")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert "Sending a heartbeat every 0.2 s." in output
+    assert "Signed off: the coordinator shows this Island as offline." in output
+    assert output.rstrip().endswith("Stopped.")
+    island.refresh_from_db()
+    assert island.status == Island.Status.SIGNED_OFF
+    assert island.status_changes.filter(reason=StatusChange.Reason.GRACEFUL).count() == 1

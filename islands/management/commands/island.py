@@ -6,7 +6,13 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from islands.phone import run_phone_command
-from islands.simulator import DEFAULT_STATE_PATH, CoordinatorError, IslandSimulator
+from islands.simulator import (
+    DEFAULT_INTERVAL,
+    DEFAULT_STATE_PATH,
+    CoordinatorError,
+    IslandSimulator,
+    stop_on_sigterm,
+)
 
 
 class Command(BaseCommand):
@@ -21,6 +27,12 @@ class Command(BaseCommand):
             help=f"Where the host id and token are kept (default {DEFAULT_STATE_PATH}).",
         )
         parser.add_argument(
+            "--interval",
+            type=float,
+            default=DEFAULT_INTERVAL,
+            help=f"Seconds between heartbeats (default {DEFAULT_INTERVAL:g}).",
+        )
+        parser.add_argument(
             "--mobile",
             metavar="QR_OR_CODE",
             help="Act as a phone instead: pair with the QR code's text from /pair/mobile, or the code "
@@ -31,9 +43,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["mobile"]:
             return run_phone_command(options, sys.stdout)
-        simulator = IslandSimulator(options["url"], state_path=options["state"], out=sys.stdout)
+        simulator = IslandSimulator(
+            options["url"], state_path=options["state"], out=sys.stdout, interval=options["interval"]
+        )
         try:
-            simulator.run()
+            with stop_on_sigterm():
+                simulator.run()
         except CoordinatorError as exc:
             raise CommandError(f"The coordinator refused: {exc} (HTTP {exc.status})") from exc
         except KeyboardInterrupt:

@@ -1,0 +1,106 @@
+"""Builders for Islands that are paired and hold an API token."""
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from islands.models import Island
+from tests.conftest import HOST_ID
+
+# A fixed instant to travel to; tests move the clock from here.
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+# The real agent's full heartbeat, verbatim from the agent reference.
+AGENT_HEARTBEAT: dict[str, Any] = {
+    "host_id": HOST_ID,
+    "status": "online",
+    "active_jobs": 1,
+    "timestamp": 1710000000000,
+    "agent_version": "0.4.0",
+    "system": {
+        "cpu_percent": 45.5,
+        "memory_used_mb": 8192,
+        "memory_total_mb": 32768,
+        "disk_used_gb": 100,
+        "disk_total_gb": 500,
+    },
+    "gpus": [
+        {
+            "index": 0,
+            "utilization_percent": 80,
+            "memory_used_mb": 12000,
+            "memory_total_mb": 24576,
+            "temperature_c": 72,
+            "power_draw_w": 280.5,
+        }
+    ],
+    "active_job_metrics": [
+        {
+            "job_id": "j1",
+            "job_type": "llm-chat",
+            "duration_ms": 5000,
+            "tokens_generated": 150,
+            "memory_mb": 4096,
+            "gpu_memory_mb": 8000,
+        }
+    ],
+    "cache": {
+        "cached_image_count": 3,
+        "cached_size_mb": 15000,
+        "warm_workload_count": 2,
+        "warm_workload_ids": ["w1", "w2"],
+    },
+    "performance_estimates": {
+        "gpu_bandwidth_gb_s": 1008.0,
+        "estimated_llm_tok_s": 45.0,
+        "max_concurrent_containers": 4,
+        "wasm_memory_limit_mb": 256,
+        "supported_runtimes": ["container", "wasm"],
+        "nats_rtt_ms": 12.5,
+        "public_addr": "1.2.3.4:5678",
+    },
+    "asking_prices": {"llm-chat": "2.0", "_default": "1.0"},
+}
+MINIMAL_HEARTBEAT = {"host_id": HOST_ID, "status": "online", "active_jobs": 0, "timestamp": 100}
+
+
+def make_island(owner: User, host_id: str = HOST_ID, **fields: Any) -> Island:
+    fields.setdefault("gpu_model", "RTX 4090")
+    fields.setdefault("gpu_vram_mb", 24576)
+    fields.setdefault("cpu_cores", 16)
+    fields.setdefault("ram_mb", 65536)
+    return Island.objects.create(owner=owner, host_id=host_id, **fields)
+
+
+@pytest.fixture
+def island(alice: User) -> Island:
+    """Alice's desktop Island, paired, with no heartbeat yet."""
+    return make_island(alice)
+
+
+@pytest.fixture
+def token(island: Island) -> str:
+    return island.issue_token()
+
+
+def post_json(client: Client, url: str, payload: Any, token: str | None = None, **extra: Any) -> Any:
+    body = payload if isinstance(payload, bytes | str) else json.dumps(payload)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return client.post(url, body, content_type="application/json", headers=headers, **extra)
+
+
+@pytest.fixture
+def beat(client: Client, token: str) -> Callable[..., Any]:
+    """Send a heartbeat as Alice's Island (the agent's full one unless told otherwise)."""
+
+    def send(payload: Any = None, token: str | None = token) -> Any:
+        return post_json(
+            client, "/api/v1/islands/heartbeat", AGENT_HEARTBEAT if payload is None else payload, token
+        )
+
+    return send

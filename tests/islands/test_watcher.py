@@ -1,0 +1,154 @@
+"""`manage.py watch_islands`: silent Islands are recorded offline, exactly once."""
+
+import itertools
+import threading
+from datetime import timedelta
+
+import msgspec
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from islands.agent import EnhancedHeartbeat
+from islands.management.commands.watch_islands import Command
+from islands.models import Island, StatusChange
+from tests.islands.conftest import T0, make_island
+
+Status = Island.Status
+Reason = StatusChange.Reason
+ONLINE = msgspec.convert({"status": "online"}, EnhancedHeartbeat)
+OFFLINE = msgspec.convert({"status": "offline"}, EnhancedHeartbeat)
+
+
+def beat_at(island, at, heartbeat=ONLINE):
+    Island.objects.record_heartbeats([(island.pk, heartbeat, at)])
+
+
+def step(now):
+    return Command().handle_one(now)
+
+
+def test_a_silent_island_is_recorded_offline_at_its_deadline(island):
+    beat_at(island, T0)
+    assert step(T0 + timedelta(seconds=44.9)).silences == 0
+    island.refresh_from_db()
+    assert island.status == Status.ONLINE
+
+    assert step(T0 + timedelta(seconds=45.1)).silences == 1
+    island.refresh_from_db()
+    assert island.status == Status.OFFLINE
+    change = island.status_changes.latest("at")
+    assert (change.from_status, change.to_status, change.reason) == (
+        Status.ONLINE,
+        Status.OFFLINE,
+        Reason.SILENCE,
+    )
+    # Dated when the deadline passed, not when the watcher noticed.
+    assert change.at == T0 + timedelta(seconds=45)
+
+
+def test_a_second_step_records_nothing_more(island):
+    beat_at(island, T0)
+    step(T0 + timedelta(minutes=1))
+    assert step(T0 + timedelta(minutes=2)).silences == 0
+    assert island.status_changes.filter(reason=Reason.SILENCE).count() == 1
+
+
+def test_signed_off_and_never_seen_islands_are_left_alone(island, alice):
+    beat_at(island, T0)
+    beat_at(island, T0 + timedelta(seconds=1), OFFLINE)
+    make_island(alice, "quiet-host-0001")
+    assert step(T0 + timedelta(hours=1)).silences == 0
+    assert StatusChange.objects.filter(reason=Reason.SILENCE).count() == 0
+
+
+def test_a_heartbeat_in_time_keeps_the_island_online(island):
+    beat_at(island, T0)
+    beat_at(island, T0 + timedelta(seconds=40))
+    assert step(T0 + timedelta(seconds=60)).silences == 0
+    assert step(T0 + timedelta(seconds=85.1)).silences == 1
+
+
+def test_the_watcher_uses_the_threshold_setting(island, settings):
+    settings.ISLAND_OFFLINE_AFTER = 120
+    beat_at(island, T0)
+    assert step(T0 + timedelta(seconds=119.9)).silences == 0
+    assert step(T0 + timedelta(seconds=120.1)).silences == 1
+
+
+def test_removed_islands_that_were_online_are_recorded_too(island):
+    beat_at(island, T0)
+    island.remove()
+    assert step(T0 + timedelta(minutes=1)).silences == 1
+
+
+def test_the_command_can_run_one_step(island):
+    beat_at(island, T0 - timedelta(minutes=5))
+    call_command("watch_islands", "--once")
+    island.refresh_from_db()
+    assert island.status == Status.OFFLINE
+
+
+# --- Real concurrency, on PostgreSQL ----------------------------------------------------
+
+
+def race(callables):
+    barrier = threading.Barrier(len(callables))
+    errors = []
+
+    def run(target):
+        try:
+            barrier.wait()
+            target()
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(target,)) for target in callables]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_watchers_running_at_once_record_each_silence_once(postgres, alice):
+    islands = [make_island(alice, f"host-{n:08d}") for n in range(60)]
+    Island.objects.record_heartbeats([(island.pk, ONLINE, T0) for island in islands])
+    now = T0 + timedelta(minutes=1)
+
+    race([lambda: step(now) for _ in range(6)])
+
+    assert StatusChange.objects.filter(reason=Reason.SILENCE).count() == 60
+    assert Island.objects.filter(status=Status.OFFLINE).count() == 60
+
+
+@pytest.mark.django_db(transaction=True)
+def test_heartbeats_racing_watchers_leave_a_consistent_history(postgres, alice):
+    """Whoever wins each race, every recorded transition starts where the last one ended."""
+    islands = [make_island(alice, f"host-{n:08d}") for n in range(40)]
+    Island.objects.record_heartbeats([(island.pk, ONLINE, T0) for island in islands])
+    late = T0 + timedelta(seconds=50)
+
+    def heartbeats():
+        for island in islands:
+            Island.objects.record_heartbeats([(island.pk, ONLINE, late)])
+
+    def batch():
+        Island.objects.record_heartbeats([(island.host_id, ONLINE, late) for island in islands], by="host_id")
+
+    race([lambda: step(late), heartbeats, lambda: step(late), batch, lambda: step(late)])
+
+    for island in Island.objects.all():
+        history = list(island.status_changes.order_by("at", "pk"))
+        assert [change.reason for change in history] == [
+            Reason.FIRST_HEARTBEAT,
+            Reason.SILENCE,
+            Reason.BACK_ONLINE,
+        ]
+        for before, after in itertools.pairwise(history):
+            assert before.to_status == after.from_status
+        assert history[1].at == T0 + timedelta(seconds=45)
+        assert history[-1].to_status == island.status == Status.ONLINE
