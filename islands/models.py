@@ -1,3 +1,4 @@
+import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pairing.codes import generate_secret, hash_secret
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
+
+logger = logging.getLogger("archipelag.islands")
 
 # Desktop tokens live until the Island is removed; phones get 30-day tokens
 # and pair again when one runs out, as the public app does.
@@ -348,6 +351,9 @@ class Island(models.Model):
         self.token_hash = None
         self.token_expires_at = None
         self.save(update_fields=["removed_at", "token_hash", "token_expires_at"])
+        logger.info(
+            "event=island_removed island_id=%s host_id=%s owner_id=%s", self.pk, self.host_id, self.owner_id
+        )
 
     def status_at(self, now: datetime) -> "Island.LiveStatus":
         """What this Island is shown as at `now`.
