@@ -1,13 +1,14 @@
+import enum
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from django.conf import settings
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -45,6 +46,26 @@ MAX_JOB_CREDITS = Decimal("99999999")
 # auth) or by host_id (NATS, where the subject names the host).
 type IslandKey = uuid.UUID | str
 type HeartbeatIn = tuple[IslandKey, EnhancedHeartbeat, datetime]
+# The HTTP path names the Island by the hash of the token it presented.
+type TokenHeartbeat = tuple[str, EnhancedHeartbeat, datetime]
+
+
+def hash_token(token: str) -> str | None:
+    """The stored hash of an Island API token, or None when it cannot be one."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+        return None
+    return hash_secret(token)
+
+
+class TokenHeartbeatOutcome(enum.Enum):
+    """What became of one beat of Island.objects.record_heartbeats_with_tokens."""
+
+    # Written, or older than what is already recorded: either way the Island's row is current.
+    ACCEPTED = "accepted"
+    # No active Island holds this token (unknown, revoked, expired, or removed).
+    UNAUTHORIZED = "unauthorized"
+    # The body names a host other than the token's Island; nothing was written for it.
+    WRONG_HOST = "wrong_host"
 
 
 def offline_threshold() -> timedelta:
@@ -59,6 +80,17 @@ class AppliedHeartbeat:
     key: IslandKey
     island: "Island"
     changes: list["StatusChange"]
+
+
+def _locked(islands: "IslandQuerySet") -> list["Island"]:
+    """Lock these Islands' rows for a heartbeat write and read them.
+
+    The row locks make the status read here and the write that follows one
+    compare-and-set with respect to the watcher, so a transition is recorded
+    by exactly one of them. Locking in pk order keeps two concurrent batches
+    from deadlocking; NO KEY leaves inserting jobs for these Islands unblocked.
+    """
+    return list(islands.select_for_update(no_key=True).order_by("pk"))
 
 
 class IslandQuerySet(models.QuerySet["Island"]):
@@ -119,14 +151,16 @@ class IslandManager(models.Manager["Island"]):
         Only the token's hash is stored, so a lookup hashes what was presented.
         Removed Islands have no token hash; expired tokens are refused here.
         """
-        if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+        token_hash = hash_token(token)
+        if token_hash is None:
             return None
-        now = now or timezone.now()
-        return (
-            self.active()
-            .filter(token_hash=hash_secret(token))
-            .filter(Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
-            .first()
+        return self.holding_token(token_hash, now or timezone.now()).first()
+
+    def holding_token(self, token_hashes: str | Iterable[str], now: datetime) -> IslandQuerySet:
+        """Active Islands whose unexpired API token hashes to one of `token_hashes`."""
+        hashes = [token_hashes] if isinstance(token_hashes, str) else list(token_hashes)
+        return self.active().filter(
+            Q(token_hash__in=hashes) & (Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
         )
 
     def record_heartbeats(
@@ -149,36 +183,90 @@ class IslandManager(models.Manager["Island"]):
                 latest[key] = (heartbeat, received_at)
         if not latest:
             return []
+        with transaction.atomic():
+            islands = _locked(self.active().filter(**{f"{by}__in": list(latest)}))
+            return self._apply_locked(
+                islands, latest, lambda island: island.pk if by == "pk" else island.host_id
+            )
+
+    def record_heartbeats_with_tokens(
+        self, beats: Sequence[TokenHeartbeat], now: datetime | None = None
+    ) -> list["TokenHeartbeatOutcome"]:
+        """The HTTP heartbeat's batch: the token check folded into the write.
+
+        Each beat is (token hash, heartbeat, received_at); the answer has one
+        outcome per beat, in order. The locking read that finds the Islands
+        is also the token check, so a whole batch costs one SELECT, one
+        UPDATE and, when a status changed, one INSERT, in one transaction, and
+        a token revoked before that read is refused in it, even when other
+        beats of the batch are written. Otherwise as record_heartbeats: the
+        latest beat per Island wins, and an older one is accepted unapplied.
+        """
+        now = now or timezone.now()
+        with transaction.atomic():
+            islands = _locked(self.holding_token({token_hash for token_hash, _, _ in beats}, now))
+            by_token = {island.token_hash: island for island in islands}
+            outcomes: list[TokenHeartbeatOutcome] = []
+            latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
+            for token_hash, heartbeat, received_at in beats:
+                island = by_token.get(token_hash)
+                if island is None:
+                    outcomes.append(TokenHeartbeatOutcome.UNAUTHORIZED)
+                elif heartbeat.host_id is not None and heartbeat.host_id != island.host_id:
+                    outcomes.append(TokenHeartbeatOutcome.WRONG_HOST)
+                else:
+                    outcomes.append(TokenHeartbeatOutcome.ACCEPTED)
+                    if island.pk not in latest or received_at >= latest[island.pk][1]:
+                        latest[island.pk] = (heartbeat, received_at)
+            wanted = [island for island in islands if island.pk in latest]
+            self._apply_locked(wanted, latest, lambda island: island.pk)
+        return outcomes
+
+    def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
+        """UPDATE the heartbeat columns of these rows: one statement per row, all sent at once.
+
+        bulk_update() builds a CASE expression per column and row, and building
+        those in Python cost more CPU than the rest of a heartbeat request put
+        together (docs/performance.md). The same parameterised UPDATE through
+        executemany() costs almost nothing to prepare, and psycopg pipelines
+        it: one round trip for the whole batch.
+        """
+        connection = connections[router.db_for_write(self.model)]
+        meta = self.model._meta
+        fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in HEARTBEAT_FIELDS]
+        quote = connection.ops.quote_name
+        assignments = ", ".join(f"{quote(str(field.column))} = %s" for field in fields)
+        # Table and column names come from the model, never from input.
+        sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(str(meta.pk.column))} = %s"  # noqa: S608
+        rows = [
+            [field.get_db_prep_save(getattr(island, field.attname), connection) for field in fields]
+            + [meta.pk.get_db_prep_value(island.pk, connection)]
+            for island in islands
+        ]
+        with connection.cursor() as cursor:
+            cursor.executemany(sql, rows)
+
+    def _apply_locked(
+        self,
+        islands: Iterable["Island"],
+        latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]],
+        key_of: Callable[["Island"], IslandKey],
+    ) -> list[AppliedHeartbeat]:
+        """Apply each Island's latest beat to its locked row, and save them all at once."""
         threshold = offline_threshold()
         applied: list[AppliedHeartbeat] = []
-        with transaction.atomic():
-            # The row locks make the status read here and the write below one
-            # compare-and-set with respect to the watcher, so a transition is
-            # recorded by exactly one of them. Locking in pk order keeps two
-            # concurrent batches from deadlocking; NO KEY leaves inserting jobs
-            # for these Islands unblocked.
-            islands = (
-                self.active()
-                .filter(**{f"{by}__in": list(latest)})
-                .select_for_update(no_key=True)
-                .order_by("pk")
-            )
-            for island in islands:
-                key = island.pk if by == "pk" else island.host_id
-                heartbeat, received_at = latest[key]
-                if island.last_heartbeat_at is not None and received_at < island.last_heartbeat_at:
-                    continue
-                changes = island.apply_heartbeat(heartbeat, received_at, threshold)
-                applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
-            if len(applied) == 1:
-                # The HTTP case: a plain UPDATE of one row is cheaper to plan than CASE.
-                applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
-            elif applied:
-                self.bulk_update([beat.island for beat in applied], HEARTBEAT_FIELDS)
-            if applied:
-                changes = [change for beat in applied for change in beat.changes]
-                if changes:
-                    StatusChange.objects.bulk_create(changes)
+        for island in islands:
+            key = key_of(island)
+            heartbeat, received_at = latest[key]
+            if island.last_heartbeat_at is not None and received_at < island.last_heartbeat_at:
+                continue
+            changes = island.apply_heartbeat(heartbeat, received_at, threshold)
+            applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
+        if applied:
+            self._write_heartbeat_fields([beat.island for beat in applied])
+        changes = [change for beat in applied for change in beat.changes]
+        if changes:
+            StatusChange.objects.bulk_create(changes)
         return applied
 
     def due_offline(self, now: datetime) -> IslandQuerySet:
