@@ -272,6 +272,8 @@ class CpuShare:
     client: float
     others: float
     busy: float
+    # CPU seconds the server process used.
+    server_seconds: float = 0.0
 
     def columns(self) -> list[str]:
         return [f"{self.server:.0f}%", f"{self.client:.0f}%", f"{self.others:.0f}%"]
@@ -284,6 +286,7 @@ def mean_share(shares: Sequence[CpuShare]) -> CpuShare:
         client=sum(s.client for s in shares) / count,
         others=sum(s.others for s in shares) / count,
         busy=sum(s.busy for s in shares) / count,
+        server_seconds=sum(s.server_seconds for s in shares),
     )
 
 
@@ -319,6 +322,7 @@ class CpuMeter:
             client=pct(client),
             others=max(0.0, pct(busy - server - client)),
             busy=pct(busy),
+            server_seconds=server,
         )
 
 

@@ -172,7 +172,10 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
             for path in endpoints.values():
                 asyncio.run(drive(server.url + path, requests, connections, 2, Round("warm-up")))
         for number in range(rounds):
-            for name, path in endpoints.items():
+            # Alternate which goes first, so a neighbour's load rising or
+            # falling over the run weighs on both alike.
+            order = list(endpoints.items()) if number % 2 == 0 else list(endpoints.items())[::-1]
+            for name, path in order:
                 result = results[name]
                 done, spent = result.ok(), result.seconds
                 with common.stage(f"round {number + 1}/{rounds}: {name}"), common.CpuMeter(server.pid) as cpu:
@@ -190,9 +193,21 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
     unwritten = _unwritten(pairs, results["heartbeat"].acknowledged)
     trivial, heartbeat = results["trivial"], results["heartbeat"]
     ratio = heartbeat.rate() / trivial.rate() if trivial.rate() else 0.0
+    cpu_ratio = cpu_per_request(trivial) / max(cpu_per_request(heartbeat), 1e-9)
     table = common.Table(
         f"HTTP heartbeats: {islands} Islands, {connections} connections, {rounds}×{seconds:g} s per endpoint",
-        ["endpoint", "requests", "errors", "req/s", "p50 ms", "p99 ms", "server CPU", "client CPU", "others"],
+        [
+            "endpoint",
+            "requests",
+            "errors",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "server CPU ms/req",
+            "server CPU",
+            "client CPU",
+            "others",
+        ],
     )
     for result in (trivial, heartbeat):
         shares = result.cpu
@@ -203,6 +218,7 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
             f"{result.rate():.0f}",
             common.ms(common.percentile(result.latencies, 50)),
             common.ms(common.percentile(result.latencies, 99)),
+            f"{cpu_per_request(result) * 1000:.2f}",
             *common.mean_share(shares).columns(),
         )
     passed = ratio >= TARGET_RATIO and not heartbeat.errors and not trivial.errors and not unwritten
@@ -211,7 +227,8 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
     )
     table.note(
         f"heartbeat / trivial throughput: {ratio:.2f} (target ≥ {TARGET_RATIO}) "
-        f"{'PASS' if passed else 'FAIL'}; req/s per round: {rounds_text}"
+        f"{'PASS' if passed else 'FAIL'}; the same by server CPU per request: {cpu_ratio:.2f}; "
+        f"req/s per round: {rounds_text}"
     )
     table.note(
         f"heartbeats answered 200 but not in the database: {unwritten} "
@@ -229,6 +246,11 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
     elif profile:
         print("(no profile: py-spy could not attach to daphne; it needs ptrace permission)", flush=True)
     return passed
+
+
+def cpu_per_request(result: Round) -> float:
+    """Server CPU seconds per answered request: steadier than req/s when neighbours take CPU."""
+    return common.mean_share(result.cpu).server_seconds / max(result.ok(), 1)
 
 
 def _unwritten(pairs: list[tuple[str, str]], acknowledged: dict[int, float]) -> int:
