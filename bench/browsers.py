@@ -94,6 +94,8 @@ class Sockets:
     # Close codes of sockets the server closed while they were meant to stay open.
     closed: dict[int, int] = field(default_factory=dict)
     first_messages: dict[str, int] = field(default_factory=dict)
+    # Handshakes dropped and then tried again (see open_sockets' retries).
+    dropped: dict[str, int] = field(default_factory=dict)
     connect_seconds: float = 0.0
     readers: list["asyncio.Task[None]"] = field(default_factory=list)
     # Messages after the first, per socket index: (arrival time, message).
@@ -108,8 +110,13 @@ async def open_sockets(
     urls: Iterable[tuple[int, str, dict[str, str]]],
     into: Sockets,
     concurrency: int,
+    retries: int = 0,
 ) -> None:
     """Open a websocket per (index, url, headers), `concurrency` handshakes at a time.
+
+    A handshake the server drops is tried again `retries` times, a second
+    apart, as the page's script reconnects; those count in `dropped`, and
+    only a socket that never opened counts as failed.
 
     Each socket counts as open once its first message (the snapshot) has
     arrived: only then has its consumer joined the group. A reader then
@@ -120,29 +127,41 @@ async def open_sockets(
     gate = asyncio.Semaphore(concurrency)
 
     async def one(index: int, url: str, headers: dict[str, str]) -> None:
-        async with gate:
-            try:
-                ws = await session.ws_connect(url, headers=headers, autoping=True, heartbeat=None)
-            except aiohttp.WSServerHandshakeError as exc:
-                into.fail(f"handshake {exc.status}")
+        for attempt in range(retries + 1):
+            if attempt:
+                # As the page does: reconnect after a pause.
+                await asyncio.sleep(1)
+            async with gate:
+                try:
+                    ws = await session.ws_connect(url, headers=headers, autoping=True, heartbeat=None)
+                except aiohttp.WSServerHandshakeError as exc:
+                    # 403 from daphne: the application did not accept in time.
+                    reason = f"handshake {exc.status}"
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    # A reset: autobahn drops a handshake not served within
+                    # daphne's --websocket_connect_timeout (5 s).
+                    reason = type(exc).__name__
+                else:
+                    break
+            if attempt < retries:
+                into.dropped[reason] = into.dropped.get(reason, 0) + 1
+            else:
+                into.fail(reason)
                 return
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                into.fail(type(exc).__name__)
-                return
-            try:
-                message = await asyncio.wait_for(ws.receive(), timeout=30)
-            except TimeoutError:
-                into.fail("no snapshot within 30 s")
-                await ws.close()
-                return
-            if message.type != aiohttp.WSMsgType.TEXT:
-                into.fail(f"closed {ws.close_code} before its snapshot")
-                return
-            state = message.json().get("state", "?")
-            into.first_messages[state] = into.first_messages.get(state, 0) + 1
-            into.open.append(ws)
-            into.inbox[index] = asyncio.Queue()
-            into.readers.append(asyncio.ensure_future(_read(ws, index, into)))
+        try:
+            message = await asyncio.wait_for(ws.receive(), timeout=30)
+        except TimeoutError:
+            into.fail("no snapshot within 30 s")
+            await ws.close()
+            return
+        if message.type != aiohttp.WSMsgType.TEXT:
+            into.fail(f"closed {ws.close_code} before its snapshot")
+            return
+        state = message.json().get("state", "?")
+        into.first_messages[state] = into.first_messages.get(state, 0) + 1
+        into.open.append(ws)
+        into.inbox[index] = asyncio.Queue()
+        into.readers.append(asyncio.ensure_future(_read(ws, index, into)))
 
     started = time.perf_counter()
     await asyncio.gather(*(one(index, url, headers) for index, url, headers in urls))

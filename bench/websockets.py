@@ -2,8 +2,9 @@
 
 Signed-in browsers, each watching its own mobile pairing session at
 /ws/pair/mobile/<id>/ with its session cookie and the site's Origin, are
-opened in bursts (`--concurrency` handshakes at a time) up to 1,000, 5,000
-and 10,000 sockets on ONE daphne process; after each step the server's RSS
+opened (`--concurrency` handshakes at a time, a dropped handshake tried again
+as the page's script would) up to 1,000, 5,000 and 10,000 sockets on ONE
+daphne process; after each step the server's RSS
 growth divided by the open sockets is the memory per socket. Then they are
 held idle (`--hold` seconds, longer than channels-redis's 5 s blocking pop)
 while every close the client did not ask for is counted.
@@ -17,7 +18,7 @@ defaults (bench/settings_redis_defaults.py), to show the two failures the
 settings prevent: MaxConnectionsError on a burst of handshakes, and
 "Timeout reading" closing idle sockets with 1011.
 
-    python -m bench.websockets [--steps 1000,5000,10000] [--concurrency 100] [--hold 12] [--burst 300]
+    python -m bench.websockets [--steps 1000,5000,10000] [--concurrency 50] [--hold 12] [--burst 300]
                                [--redis-defaults]
 """
 
@@ -77,7 +78,7 @@ async def measure(
         for step in steps:
             spent = sockets.connect_seconds
             with common.stage(f"{kind}: opening sockets {opened + 1} to {step}"):
-                await open_sockets(session, urls[opened:step], sockets, concurrency)
+                await open_sockets(session, urls[opened:step], sockets, concurrency, retries=2)
             rate = (step - opened) / max(sockets.connect_seconds - spent, 1e-9)
             opened = step
             gc.collect()
@@ -117,7 +118,10 @@ async def measure(
             ]
         )
         await close_all(burst_sockets)
-    ok = held == steps[-1] and not sockets.failed and not burst_sockets.failed
+    # The burst is not judged by how many handshakes daphne served within
+    # its 5 s handshake timeout (that is CPU), only by the Redis failures
+    # it may cause, which `run` reads from the log and the close codes.
+    ok = held == steps[-1] and not sockets.failed
     return rows, sockets, burst_sockets, ok
 
 
@@ -152,21 +156,29 @@ def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defau
             table.add(*row)
         last_kib[kind] = float(rows[-2][6])
         table.note(
-            f"{kind}: failed handshakes {sockets.failed or 'none'}, in the burst "
+            f"{kind}: failed handshakes {sockets.failed or 'none'} (dropped and reconnected: "
+            f"{sockets.dropped or 'none'}), in the burst "
             f"{burst_sockets.failed or 'none'}; closed by the server while idle "
             f"{sockets.closed or 'none'} (close code: count); first messages {sockets.first_messages}; "
             f"server log: {log[POOL_EXHAUSTED]} × '{POOL_EXHAUSTED}' (MaxConnectionsError), "
             f"{log[READ_TIMEOUT]} × '{READ_TIMEOUT}', {log['Traceback']} tracebacks"
         )
+        pitfalls = (
+            log[POOL_EXHAUSTED]
+            or log[READ_TIMEOUT]
+            or 1011 in sockets.closed
+            or any("1011" in reason for reason in burst_sockets.failed)
+        )
+        passed = passed and ok and not pitfalls
         if kind == "pairing":
-            passed = ok and last_kib[kind] <= TARGET_KIB
-        if redis_defaults:
-            passed = True  # this mode shows failures; it does not judge them
+            passed = passed and last_kib[kind] <= TARGET_KIB
+    if redis_defaults:
+        passed = True  # this mode shows the failures; it does not judge them
     if not redis_defaults:
         table.note(
             f"pairing sockets at {steps[-1]:,}: {last_kib['pairing']:.1f} KiB each (target ≤ {TARGET_KIB}), "
-            f"{last_kib['pairing'] / max(last_kib['bare'], 1e-9):.2f}× the bare consumer; "
-            f"{'PASS' if passed else 'FAIL'}"
+            f"{last_kib['pairing'] / max(last_kib['bare'], 1e-9):.2f}× the bare consumer; all held, no "
+            f"MaxConnectionsError, no 'Timeout reading', no 1011: {'PASS' if passed else 'FAIL'}"
         )
     table.note("KiB/socket: growth of the server's RSS since warm-up, divided by the sockets open.")
     table.note(common.machine_line())
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> bool:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", default="1000,5000,10000", help="socket counts, comma-separated")
-    parser.add_argument("--concurrency", type=int, default=100, help="handshakes in flight at once")
+    parser.add_argument("--concurrency", type=int, default=50, help="handshakes in flight at once")
     parser.add_argument("--burst", type=int, default=300, help="handshakes at once in the final burst")
     parser.add_argument("--hold", type=float, default=12, help="seconds to hold the sockets idle")
     parser.add_argument("--redis-defaults", action="store_true", help="run with redis-py's pool defaults")
