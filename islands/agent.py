@@ -174,6 +174,13 @@ class JobStatus(msgspec.Struct):
     timestamp: Milliseconds | None = None
 
 
+class LeaseRenewal(msgspec.Struct):
+    """Body of `host.{host_id}.lease`: the agent asks for 60 more seconds every 30 s."""
+
+    job_id: JobId
+    extend_seconds: Annotated[float, msgspec.Meta(ge=0, le=7 * 24 * 3600)]
+
+
 # --- The dispatcher's side (POST /api/v1/jobs) -----------------------------------
 
 

@@ -37,6 +37,11 @@ WATCH_BATCH = 500
 DISPATCHER_KEY_PREFIX = "dsp_"
 # Agents send whole stack traces as errors; the ledger keeps the start.
 JOB_ERROR_MAX_LENGTH = 2000
+# An Island renews the lease of a job it is running (NATS `host.{id}.lease`,
+# the agent asks for 60 s every 30 s). One renewal reaches at most this far
+# ahead, and none carries a job past the longest lease a dispatcher may give.
+LEASE_RENEWAL_MAX = timedelta(minutes=5)
+JOB_LEASE_MAX = timedelta(days=7)
 # Credits carry four decimal places; a job pays at most this much.
 CREDITS_PLACES = Decimal("0.0001")
 MAX_JOB_CREDITS = Decimal("99999999")
@@ -112,6 +117,27 @@ class IslandManager(models.Manager["Island"]):
 
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
+
+    def register_host(self, host_id: str, capabilities: dict[str, Any], version: str | None) -> bool:
+        """Take the hardware and version a linked host registers with; False if none is linked.
+
+        The agent's RegisterHost (NATS `coordinator.hosts.register`) comes at
+        every start. Like a heartbeat's capabilities, what it leaves out or
+        sends as null keeps its value. One UPDATE, so it needs no row lock of
+        its own against a heartbeat batch writing the same row.
+        """
+        fields: dict[str, Any] = {}
+        for name in ("gpu_vram_mb", "cpu_cores", "ram_mb"):
+            if capabilities.get(name) is not None:
+                fields[name] = capabilities[name]
+        for name, max_length in (("gpu_model", 128), ("region", 64)):
+            if capabilities.get(name):
+                fields[name] = str(capabilities[name])[:max_length]
+        if version:
+            fields["agent_version"] = version[:64]
+        if not fields:
+            return self.active().filter(host_id=host_id).exists()
+        return bool(self.active().filter(host_id=host_id).update(**fields))
 
     def authenticate(self, token: str, now: datetime | None = None) -> "Island | None":
         """The active Island holding this API token, or None.
@@ -588,6 +614,38 @@ class JobManager(models.Manager["Job"]):
             if existing is None:
                 raise
             raise DuplicateJob(existing) from None
+
+    def extend_lease(
+        self, island: Island, job_id: str, seconds: float, now: datetime | None = None
+    ) -> datetime | None:
+        """Renew the lease of one of `island`'s running jobs; return the new deadline, or None.
+
+        The lease becomes `now` plus the seconds asked for, capped at
+        LEASE_RENEWAL_MAX and at JOB_LEASE_MAX after assignment. A renewal
+        never shortens a lease, and a lease that already passed stays passed
+        (the job is the watcher's, whether or not it has run yet), so a
+        forged renewal can neither make a job time out early nor revive one.
+        The write is a compare-and-set on the very lease it read, like the
+        watcher's, so of a renewal and a timeout only one takes effect.
+        """
+        now = now or timezone.now()
+        job = (
+            self.filter(job_id=job_id, island=island)
+            .only("pk", "state", "assigned_at", "lease_expires_at")
+            .first()
+        )
+        if job is None:
+            raise JobNotFound(f"no job {job_id} for this Island")
+        if job.state not in Job.ACTIVE_STATES or job.lease_expires_at <= now:
+            return None
+        asked = min(timedelta(seconds=max(seconds, 0)), LEASE_RENEWAL_MAX)
+        wanted = min(now + asked, job.assigned_at + JOB_LEASE_MAX)
+        if wanted <= job.lease_expires_at:
+            return job.lease_expires_at
+        won = self.filter(
+            pk=job.pk, state__in=Job.ACTIVE_STATES, lease_expires_at=job.lease_expires_at
+        ).update(lease_expires_at=wanted)
+        return wanted if won else None
 
     def waiting_for(self, island: Island) -> "models.QuerySet[Job]":
         """Jobs given to `island` that it has not started yet, oldest first."""
