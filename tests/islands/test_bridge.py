@@ -19,7 +19,7 @@ import time_machine
 from islands import bridge
 from islands.agent import EnhancedHeartbeat, JobStatus, LeaseRenewal, PairingRequest
 from islands.bridge import Bridge, Subjects
-from islands.models import JOB_LEASE_MAX, Island, Job, JobNotFound
+from islands.models import HEARTBEAT_FIELDS, JOB_LEASE_MAX, Island, Job, JobNotFound
 from pairing.models import Capabilities, PairingCode
 from tests.conftest import CAPABILITIES, HOST_ID
 from tests.islands.conftest import AGENT_HEARTBEAT, T0, make_island
@@ -285,3 +285,48 @@ def test_malformed_requests_get_an_error_naming_the_field_and_write_nothing(db):
     ]
     assert replies[4]["error"].startswith("body too large")
     assert not PairingCode.objects.exists()
+
+
+def test_a_batch_writes_every_heartbeat_column_as_a_single_save_does(alice):
+    """Batches take the fast write path on PostgreSQL; one beat takes save(). Same result."""
+    hosts = ["batch-host-0001", "batch-host-0002", "alone-host-0001"]
+    for host in hosts:
+        make_island(alice, host, gpu_model="", gpu_vram_mb=None, region="eu-west")
+    beat = msgspec.convert(
+        {
+            **AGENT_HEARTBEAT,
+            "capabilities": {
+                "gpu_model": "RTX 4090",
+                "cpu_cores": 32,
+                "device_model": "Tower",
+                "runtime": "cuda",
+            },
+            "asking_prices": {"llm-chat": "2.5", "_default": "0.00000001"},
+        },
+        EnhancedHeartbeat,
+    )
+    assert bridge.record_heartbeats([(host, beat, T0) for host in hosts[:2]]) == 2
+    assert bridge.record_heartbeats([(hosts[2], beat, T0)]) == 1
+
+    def columns(host: str) -> dict[str, object]:
+        return Island.objects.filter(host_id=host).values(*HEARTBEAT_FIELDS).get()
+
+    batched, alone = columns(hosts[0]), columns(hosts[2])
+    assert batched == alone == columns(hosts[1])
+    assert batched["status"] == Island.Status.ONLINE
+    assert batched["last_heartbeat_at"] == T0
+    assert batched["offline_after"] == T0 + timedelta(seconds=45)
+    assert batched["metrics"]["gpus"][0]["power_draw_w"] == 280.5
+    assert batched["supported_runtimes"] == ["container", "wasm"]
+    assert batched["asking_prices"] == {"llm-chat": "2.5", "_default": "0.00000001"}
+    assert (batched["gpu_model"], batched["gpu_vram_mb"], batched["cpu_cores"]) == ("RTX 4090", 24576, 32)
+    assert (batched["region"], batched["device_model"], batched["runtime"]) == ("eu-west", "Tower", "cuda")
+    assert (batched["os_version"], batched["accelerator"]) == ("", "")
+
+
+def test_a_full_batch_is_written_in_one_go(alice):
+    hosts = [f"full-batch-{n:05d}" for n in range(bridge.BATCH_SIZE)]
+    Island.objects.bulk_create([Island(owner=alice, host_id=host, name=host) for host in hosts])
+    beat = msgspec.convert(AGENT_HEARTBEAT, EnhancedHeartbeat)
+    assert bridge.record_heartbeats([(host, beat, T0) for host in hosts]) == len(hosts)
+    assert Island.objects.filter(last_heartbeat_at=T0, agent_version="0.4.0").count() == len(hosts)
