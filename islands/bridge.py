@@ -21,6 +21,7 @@ and cannot do through it.
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import re
@@ -74,6 +75,8 @@ MAX_BATCH = 5000
 # this many hosts new ones are dropped (and counted) rather than letting a
 # flood of made-up host ids exhaust memory.
 MAX_PENDING_HOSTS = 200_000
+# Heartbeat batches written at once (each in a transaction of its own).
+WRITERS = 2
 STATS_INTERVAL = 60.0  # seconds
 # The agent's pairing request and registration come once per start, seconds
 # apart; the registration waits this long for the pairing request.
@@ -311,7 +314,7 @@ class Bridge:
         batch_size: int = BATCH_SIZE,
         flush_interval: float = FLUSH_INTERVAL,
         stats_interval: float = STATS_INTERVAL,
-        workers: int = 4,
+        writers: int = WRITERS,
     ):
         self.servers = servers
         self.subjects = Subjects(prefix)
@@ -322,7 +325,10 @@ class Bridge:
         self.counters: Counter[str] = Counter()
         # Set once subscribed, for whoever waits on the bridge from another thread.
         self.ready = threading.Event()
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="bridge-db")
+        self.writers = writers
+        # Threads for the writers, and two more so pairing and job states
+        # never wait behind heartbeat batches.
+        self._executor = ThreadPoolExecutor(writers + 2, thread_name_prefix="bridge-db")
         self._pending: dict[str, tuple[EnhancedHeartbeat, datetime]] = {}
         self._subscriptions: list[Subscription] = []
         self._last_warned: dict[str, float] = {}
@@ -665,35 +671,61 @@ class Bridge:
     async def _flush_loop(self) -> None:
         """Write a batch whenever `batch_size` hosts are waiting or the oldest waited `flush_interval`.
 
-        One writer per bridge: while a batch is written the next one gathers,
-        so batches grow by themselves when the database is the bottleneck.
+        Up to `writers` batches are written at once, so one batch's Python
+        work overlaps another's wait for PostgreSQL; while they are written
+        the next batch gathers, so batches grow by themselves when the
+        database is the bottleneck. Two batches never hold the same host's
+        beat, and record_heartbeats drops a beat older than the one recorded,
+        so the order batches commit in does not matter.
         """
         assert self._stop is not None and self._has_beats is not None and self._batch_full is not None
+        slots = asyncio.Semaphore(self.writers)
+        in_flight: set[asyncio.Task[bool]] = set()
+
+        async def write(batch: list[Heartbeat]) -> bool:
+            try:
+                return await self.write(batch)
+            finally:
+                slots.release()
+
         while True:
             await self._has_beats.wait()
             if not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._batch_full.wait(), timeout=self.flush_interval)
-            written = await self.flush()
-            if self._stop.is_set() and (not self._pending or not written):
-                # Stopping: done once nothing is left, or when the database
-                # refuses the last batch (then the loss is logged, not hidden).
+            await slots.acquire()
+            batch = self.take_batch()
+            if batch:
+                task = asyncio.create_task(write(batch))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            else:
+                slots.release()
+            if self._stop.is_set() and not self._pending:
+                # Stopping, and every beat received is in a batch: wait for them.
+                # A batch the database refused now is lost, and logged as such.
+                written = await asyncio.gather(*in_flight)
+                if self._pending and all(written):
+                    continue
                 if self._pending:
                     self.counters["heartbeats_lost_at_stop"] += len(self._pending)
                     logger.error("event=heartbeats_lost_at_stop count=%d", len(self._pending))
                 return
 
-    async def flush(self) -> bool:
-        """Write up to MAX_BATCH waiting heartbeats in one transaction; False if the database failed."""
+    def take_batch(self) -> list[Heartbeat]:
+        """Take up to MAX_BATCH waiting heartbeats, oldest host first."""
         assert self._has_beats is not None and self._batch_full is not None
-        hosts = list(self._pending)[:MAX_BATCH]
+        hosts = list(itertools.islice(self._pending, MAX_BATCH))
         batch = [(host_id, *self._pending.pop(host_id)) for host_id in hosts]
         if not self._pending:
             self._has_beats.clear()
         if len(self._pending) < self.batch_size:
             self._batch_full.clear()
-        if not batch:
-            return True
+        return batch
+
+    async def write(self, batch: list[Heartbeat]) -> bool:
+        """Write one batch in one transaction; False (and the beats back in line) if the database failed."""
+        assert self._has_beats is not None
         try:
             applied = await self._db(record_heartbeats, batch)
         except Exception:
@@ -707,7 +739,7 @@ class Bridge:
             return False
         self.counters["heartbeat_batches"] += 1
         self.counters["heartbeats_applied"] += applied
-        # Unknown, unlinked or removed hosts (and the rare beat older than
-        # one already recorded): counted, never written.
-        self.counters["heartbeats_dropped_unknown"] += len(batch) - applied
+        # Unknown, unlinked or removed hosts, and the rare beat older than
+        # one already recorded: counted, never written.
+        self.counters["heartbeats_not_applied"] += len(batch) - applied
         return True

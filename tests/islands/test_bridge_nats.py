@@ -167,9 +167,7 @@ def test_heartbeats_make_a_paired_island_online_and_drop_unknown_hosts(agent, is
     assert island.agent_version == "0.4.0"
     assert island.supported_runtimes == ["container", "wasm"]
     assert island.metrics["gpus"][0]["temperature_c"] == 72
-    wait_for(
-        lambda: bridge.counters["heartbeats_dropped_unknown"] == 1, what="the unknown host to be counted"
-    )
+    wait_for(lambda: bridge.counters["heartbeats_not_applied"] == 1, what="the unknown host to be counted")
     assert island.status_changes.get().reason == "first_heartbeat"
 
 

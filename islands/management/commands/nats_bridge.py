@@ -6,7 +6,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from islands.bridge import BATCH_SIZE, FLUSH_INTERVAL, QUEUE_GROUP, STATS_INTERVAL, Bridge, redact
+from islands.bridge import BATCH_SIZE, FLUSH_INTERVAL, QUEUE_GROUP, STATS_INTERVAL, WRITERS, Bridge, redact
 
 
 class Command(BaseCommand):
@@ -36,6 +36,12 @@ class Command(BaseCommand):
             help=f"... or once the oldest waited this long (default {int(FLUSH_INTERVAL * 1000)}).",
         )
         parser.add_argument(
+            "--writers",
+            type=int,
+            default=WRITERS,
+            help=f"Heartbeat batches written at once (default {WRITERS}).",
+        )
+        parser.add_argument(
             "--stats-interval",
             type=float,
             default=STATS_INTERVAL,
@@ -54,14 +60,15 @@ class Command(BaseCommand):
         servers = [url.strip() for url in (options["url"] or settings.NATS_URL).split(",") if url.strip()]
         if not servers:
             raise CommandError("no NATS server: set NATS_URL or pass --url")
-        if options["batch_size"] < 1 or options["flush_ms"] < 1:
-            raise CommandError("--batch-size and --flush-ms must be positive")
+        if min(options["batch_size"], options["flush_ms"], options["writers"]) < 1:
+            raise CommandError("--batch-size, --flush-ms and --writers must be positive")
         bridge = Bridge(
             servers,
             prefix=options["subject_prefix"],
             queue=options["queue_group"],
             batch_size=options["batch_size"],
             flush_interval=options["flush_ms"] / 1000,
+            writers=options["writers"],
             stats_interval=options["stats_interval"],
         )
         where = ", ".join(redact(url) for url in servers)
