@@ -234,7 +234,14 @@ def baseline(database_url: str, hosts: list[str], batch_size: int, timestamp: in
 
 class BridgeProcess:
     def __init__(
-        self, database_url: str, nats_url: str, prefix: str, batch_size: int, flush_ms: int, log: Path
+        self,
+        database_url: str,
+        nats_url: str,
+        prefix: str,
+        batch_size: int,
+        flush_ms: int,
+        writers: int,
+        log: Path,
     ):
         self.log = log
         # As in production: DEBUG=0, so Django does not keep every query in memory.
@@ -259,6 +266,8 @@ class BridgeProcess:
                     str(flush_ms),
                     "--stats-interval",
                     "3600",
+                    "--writers",
+                    str(writers),
                 ],
                 cwd=BASE_DIR,
                 env=env,
@@ -274,6 +283,11 @@ class BridgeProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the bridge used so far (user + system), from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> dict[str, int]:
         self.process.send_signal(signal.SIGTERM)
@@ -309,27 +323,33 @@ def through_bridge(
     flush_ms: int,
     timestamp: int,
     bridges: int,
+    writers: int,
 ) -> tuple[float, float, dict[str, int]]:
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     logs = [Path(tempfile.gettempdir()) / f"nats-bridge-{prefix.rstrip('.')}-{n}.log" for n in range(bridges)]
     # Several bridges share the subjects as one queue group, as in production.
-    running = [BridgeProcess(database_url, nats_url, prefix, batch_size, flush_ms, log) for log in logs]
+    running = [
+        BridgeProcess(database_url, nats_url, prefix, batch_size, flush_ms, writers, log) for log in logs
+    ]
     try:
         # Untimed: every Island comes online once, so the timed round is the
         # steady state (no status changes to insert).
         asyncio.run(publish_round(nats_url, prefix, hosts, timestamp - 1))
         wait_until_written(database_url, timestamp - 1, len(hosts))
 
+        cpu_before = sum(bridge.cpu_seconds() for bridge in running)
         started = time.perf_counter()
         publish_seconds = asyncio.run(publish_round(nats_url, prefix, hosts, timestamp))
         wait_until_written(database_url, timestamp, len(hosts))
         elapsed = time.perf_counter() - started
+        cpu = sum(bridge.cpu_seconds() for bridge in running) - cpu_before
     finally:
         counters: dict[str, int] = {}
         for bridge in running:
             for name, count in bridge.stop().items():
                 counters[name] = counters.get(name, 0) + count
     print(f"  bridge logs: {' '.join(str(log) for log in logs)}")
+    counters["cpu_microseconds_per_heartbeat"] = int(cpu / len(hosts) * 1e6)
     return len(hosts) / elapsed, len(hosts) / publish_seconds, counters
 
 
@@ -355,6 +375,7 @@ def main() -> None:
     parser.add_argument(
         "--bridges", type=int, default=1, help="Bridge processes sharing the load (queue group)."
     )
+    parser.add_argument("--writers", type=int, default=2, help="Batches each bridge writes at once.")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
     parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
     args = parser.parse_args()
@@ -369,7 +390,14 @@ def main() -> None:
 
     raw = baseline(args.database_url, hosts, args.batch_size, stamp)
     bridged, published, counters = through_bridge(
-        args.database_url, args.nats_url, hosts, args.batch_size, args.flush_ms, stamp + 10, args.bridges
+        args.database_url,
+        args.nats_url,
+        hosts,
+        args.batch_size,
+        args.flush_ms,
+        stamp + 10,
+        args.bridges,
+        args.writers,
     )
     batches = counters.get("heartbeat_batches", 0)
     applied = counters.get("heartbeats_applied", 0)
@@ -383,6 +411,11 @@ def main() -> None:
     print(f"  raw psycopg baseline, same rows:  {raw:>8,.0f} heartbeats/s")
     print(
         f"  bridge / baseline: {bridged / raw:.0%}; target 5,000/s: {'met' if bridged >= 5000 else 'NOT met'}"
+    )
+    cpu_per_beat = counters["cpu_microseconds_per_heartbeat"]
+    print(
+        f"  bridge CPU per heartbeat (timed round): {cpu_per_beat} µs, so a bridge process "
+        f"tops out near {1e6 / max(cpu_per_beat, 1):,.0f}/s on a core of its own"
     )
     if batches:
         print(

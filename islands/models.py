@@ -168,6 +168,8 @@ class IslandManager(models.Manager["Island"]):
         may arrive out of order. Beats for unknown or removed Islands are not
         applied. However many beats there are, this costs one locking SELECT,
         one UPDATE and, only when some Island changed status, one INSERT.
+        The Islands returned hold only the heartbeat's fields, host_id and
+        name; reading another field costs a query per Island.
         """
         latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
         for key, heartbeat, received_at in beats:
@@ -188,8 +190,12 @@ class IslandManager(models.Manager["Island"]):
             islands = (
                 self.active()
                 .filter(**{f"{by}__in": list(latest)})
-                # Every heartbeat replaces these, so there is no need to read them.
-                .defer("metrics", "supported_runtimes", "asking_prices")
+                # Only what a heartbeat reads or may keep (and the name, which
+                # save() checks): loading whole rows was most of a large
+                # batch's cost. Every heartbeat replaces the JSON columns.
+                .only(
+                    "host_id", "name", *(name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
+                )
                 .select_for_update(no_key=True)
                 .order_by("pk")
             )
@@ -563,6 +569,10 @@ HEARTBEAT_FIELDS = [
     "runtime",
     "accelerator",
 ]
+
+
+# Of those, the ones every heartbeat replaces whatever they held.
+HEARTBEAT_REPLACES = frozenset({"metrics", "supported_runtimes", "asking_prices"})
 
 
 class StatusChange(models.Model):

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -308,8 +308,9 @@ def test_a_batch_writes_every_heartbeat_column_as_a_single_save_does(alice):
     assert bridge.record_heartbeats([(host, beat, T0) for host in hosts[:2]]) == 2
     assert bridge.record_heartbeats([(hosts[2], beat, T0)]) == 1
 
-    def columns(host: str) -> dict[str, object]:
-        return Island.objects.filter(host_id=host).values(*HEARTBEAT_FIELDS).get()
+    def columns(host: str) -> dict[str, Any]:
+        row: dict[str, Any] = Island.objects.filter(host_id=host).values(*HEARTBEAT_FIELDS).get()
+        return row
 
     batched, alone = columns(hosts[0]), columns(hosts[2])
     assert batched == alone == columns(hosts[1])
