@@ -306,10 +306,17 @@ async def publish_round(nats_url: str, prefix: str, hosts: list[str], timestamp:
         (f"{prefix}host.{host}.heartbeat", json.dumps(heartbeat(host, timestamp)).encode()) for host in hosts
     ]
     nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
+    # nats-py's flush() writes its PING ahead of publishes still queued in the
+    # client, and close() may drop what sits in the socket's buffer. A message
+    # to ourselves, queued behind the heartbeats, returns only once the server
+    # has taken every one of them.
+    done = f"{prefix}bench.done.{uuid.uuid4().hex}"
+    sentinel = await nc.subscribe(done, max_msgs=1)
     started = time.perf_counter()
     for subject, payload in payloads:
         await nc.publish(subject, payload)
-    await nc.flush(timeout=60)
+    await nc.publish(done, b"")
+    await sentinel.next_msg(timeout=300)
     elapsed = time.perf_counter() - started
     await nc.close()
     return elapsed

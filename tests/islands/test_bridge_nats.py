@@ -65,9 +65,21 @@ class Agent:
     def publish(self, subject: str, payload: Any) -> None:
         async def send() -> None:
             await self.nc.publish(subject, self._body(payload))
-            await self.nc.flush()
+            await self.synced()
 
         self._run(send())
+
+    async def synced(self) -> None:
+        """Return once the server has taken everything published so far.
+
+        nats-py's flush() writes its PING ahead of publishes still queued in
+        the client, so it can return early; a message to ourselves cannot
+        overtake the ones queued before it.
+        """
+        echo = f"{self.subjects.prefix}test.synced.{uuid.uuid4().hex}"
+        sub = await self.nc.subscribe(echo, max_msgs=1)
+        await self.nc.publish(echo, b"")
+        await sub.next_msg(timeout=20)
 
     def request(self, subject: str, payload: Any, timeout: float = 10) -> bytes:
         return bytes(self._run(self.nc.request(subject, self._body(payload), timeout=timeout)).data)
@@ -370,7 +382,7 @@ def test_sigterm_drains_and_writes_every_heartbeat_received(nats_url, bridge_pro
                     agent.subjects.of_host(host, "heartbeat"),
                     json.dumps(AGENT_HEARTBEAT | {"host_id": host}).encode(),
                 )
-            await agent.nc.flush()
+            await agent.synced()
 
         agent._run(publish_all())
     finally:
