@@ -127,14 +127,14 @@ def clamp(score: Decimal) -> Decimal:
 
 
 def describe_duration(span: timedelta) -> str:
-    """3 s, 2 min 5 s, 1 h 15 min: how long something took, for reasons people read."""
+    """3 s, 2 min 5 s, 1 h 15 min, 2 h 30 min 1 s: a duration for reasons people read."""
     seconds = max(0, int(span.total_seconds()))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     parts = [f"{hours} h"] if hours else []
     if minutes:
         parts.append(f"{minutes} min")
-    if seconds and not hours:
+    if seconds:
         parts.append(f"{seconds} s")
     return " ".join(parts) or "0 s"
 
