@@ -639,7 +639,7 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     job.count_on_island(target)
-                    _karma_for_job(job.pk)
+                    _karma_for_job(job.pk, now)
                     return StatusReport(applied=True, state=target)
                 current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
                 if current != target:
@@ -680,12 +680,12 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     Island.objects.filter(pk=island_id).update(jobs_failed=F("jobs_failed") + 1)
-                    _karma_for_job(pk)
+                    _karma_for_job(pk, now)
                     timed_out.append(job_id)
         return timed_out
 
 
-def _karma_for_job(job_pk: int) -> None:
+def _karma_for_job(job_pk: int, now: datetime) -> None:
     """Apply the karma rule for a job that just reached its terminal state.
 
     Called inside the transaction that moved the job, so its karma event and
@@ -694,7 +694,7 @@ def _karma_for_job(job_pk: int) -> None:
     """
     from karma.models import KarmaEvent
 
-    KarmaEvent.objects.record_job(job_pk)
+    KarmaEvent.objects.record_job(job_pk, now)
 
 
 class Job(models.Model):
