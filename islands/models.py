@@ -336,6 +336,15 @@ class Island(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         if not self.name:
             self.name = self.default_name()
+        if not self._state.adding and kwargs.get("update_fields") is None and not kwargs.get("force_insert"):
+            # A full save (a rename, the admin's form) of an Island loaded
+            # earlier must not write back stale counters or karma over the
+            # ledger's concurrent changes: only their own UPDATEs write them.
+            kwargs["update_fields"] = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name not in LEDGER_FIELDS
+            ]
         super().save(*args, **kwargs)
 
     def default_name(self) -> str:
@@ -471,6 +480,10 @@ def runtime_capability(runtime: str) -> Q:
         condition |= Q(kind=Island.Kind.MOBILE, runtime=runtime)
     return condition
 
+
+# Columns kept by the job ledger and the karma ledger, each changed only by
+# its own UPDATE in the transaction that records the change (see Island.save).
+LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma"})
 
 # The columns a heartbeat may change; record_heartbeats writes exactly these.
 HEARTBEAT_FIELDS = [

@@ -153,3 +153,15 @@ def test_a_broken_event_is_never_taken_for_a_repeat(island):
     # event exists must not make it pass as "already recorded".
     with pytest.raises(IntegrityError), transaction.atomic():
         KarmaEvent.objects.apply(island.pk, Decimal(-1), cause=Cause.JOB, reason="no job", effective_at=T0)
+
+
+def test_saving_an_island_loaded_earlier_keeps_the_karma_recorded_since(island, alice_client):
+    stale = Island.objects.get(pk=island.pk)
+    run_job(island, "job-1", T0, "succeeded", timedelta(seconds=1))
+    stale.name = "Renamed"
+    stale.save()
+    island.refresh_from_db()
+    assert (island.name, island.karma, island.jobs_completed) == ("Renamed", Decimal(51), 1)
+    # The same through the rename form, which saves the Island it loaded.
+    alice_client.post(f"/settings/islands/{island.pk}/rename", {"name": "Garage rig"})
+    assert_ledger_adds_up(island)
