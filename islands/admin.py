@@ -11,6 +11,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from islands.models import DispatcherKey, Island, IslandQuerySet, Job, StatusChange
+from karma.admin import KarmaEventInline, adjust_karma
 
 # The Island page shows the newest rows of its history; the full lists are
 # one click away, filtered to the Island.
@@ -98,6 +99,7 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "kind",
         "live_status",
         "last_heartbeat_at",
+        "karma",
         "jobs_completed",
         "jobs_failed",
         "earnings",
@@ -127,6 +129,7 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "status",
         "last_heartbeat_at",
         "offline_after",
+        "karma",
         "jobs_completed",
         "jobs_failed",
         "earnings",
@@ -136,8 +139,9 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "asking_prices",
     ]
     exclude = ["token_hash"]
-    inlines = [JobInline, StatusChangeInline]
-    actions = ["remove_islands", "suspend_islands", "unsuspend_islands"]
+    inlines = [JobInline, StatusChangeInline, KarmaEventInline]
+    # Karma changes only through events: adjust_karma records one per Island.
+    actions = ["remove_islands", "suspend_islands", "unsuspend_islands", adjust_karma]
 
     @admin.display(description="API token")
     def token_state(self, obj: Island) -> str:
