@@ -92,6 +92,14 @@ class StatusChangeInline(ReadOnlyInline[StatusChange]):
 
 @admin.register(Island)
 class IslandAdmin(admin.ModelAdmin[Island]):
+    def save_model(self, request: HttpRequest, obj: Island, form: Any, change: bool) -> None:
+        # Write only what the admin changed: heartbeats and the ledgers keep
+        # updating the row while the form is open.
+        if change:
+            obj.save(update_fields=[name for name in form.changed_data if name in form.base_fields])
+        else:
+            obj.save()
+
     list_display = [
         "name",
         "host_id",

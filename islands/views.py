@@ -207,7 +207,10 @@ def rename(request: HtmxHttpRequest, pk: str) -> HttpResponse:
     form = RenameIslandForm(request.POST, instance=island)
     if not form.is_valid():
         return _render_settings(request, {"rename_form": form, "renaming": island.pk}, status=400)
-    form.save()
+    # Only the name is written: the row may have moved on (a heartbeat, a
+    # finished job) since this request loaded it.
+    form.save(commit=False)
+    island.save(update_fields=["name"])
     messages.success(request, f"Island renamed to “{island.name}”.")
     return redirect("islands:settings")
 
