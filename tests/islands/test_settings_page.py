@@ -299,7 +299,9 @@ def test_renaming_does_not_write_back_a_stale_heartbeat(alice, alice_client, mon
 
     def load_then_heartbeat(request, pk):
         stale = loaded(request, pk)
-        Island.objects.filter(pk=pk).update(last_heartbeat_at=beat_at, agent_version="9.9.9", jobs_completed=3)
+        Island.objects.filter(pk=pk).update(
+            last_heartbeat_at=beat_at, agent_version="9.9.9", jobs_completed=3
+        )
         return stale
 
     monkeypatch.setattr(views, "_island_for", load_then_heartbeat)
