@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from islands.agent import EnhancedHeartbeat
 from islands.templatetags.island_tags import gigabytes
+from karma import rules as karma_rules
 from pairing.codes import generate_secret, hash_secret
 
 if TYPE_CHECKING:
@@ -379,6 +380,10 @@ class Island(models.Model):
     jobs_completed = models.PositiveIntegerField(default=0)
     jobs_failed = models.PositiveIntegerField(default=0)
     earnings = models.DecimalField(max_digits=18, decimal_places=4, default=Decimal(0))
+    # The running sum of the Island's karma events (karma.KarmaEvent), kept on
+    # the row so the cards read it without a join. Only KarmaEvent.objects
+    # changes it, in the same transaction as the event it adds.
+    karma = models.DecimalField(max_digits=5, decimal_places=2, default=karma_rules.START, editable=False)
 
     objects = IslandManager()
 
@@ -391,6 +396,10 @@ class Island(models.Model):
                 fields=["host_id"],
                 condition=Q(removed_at__isnull=True),
                 name="island_unique_active_host",
+            ),
+            models.CheckConstraint(
+                condition=Q(karma__gte=karma_rules.MINIMUM, karma__lte=karma_rules.MAXIMUM),
+                name="island_karma_in_range",
             ),
         ]
         indexes = [
@@ -411,6 +420,15 @@ class Island(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         if not self.name:
             self.name = self.default_name()
+        if not self._state.adding and kwargs.get("update_fields") is None and not kwargs.get("force_insert"):
+            # A full save (a rename, the admin's form) of an Island loaded
+            # earlier must not write back stale counters or karma over the
+            # ledger's concurrent changes: only their own UPDATEs write them.
+            kwargs["update_fields"] = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name not in LEDGER_FIELDS
+            ]
         super().save(*args, **kwargs)
 
     def default_name(self) -> str:
@@ -550,6 +568,10 @@ def runtime_capability(runtime: str) -> Q:
     return condition
 
 
+# Columns kept by the job ledger and the karma ledger, each changed only by
+# its own UPDATE in the transaction that records the change (see Island.save).
+LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma"})
+
 # The columns a heartbeat may change; record_heartbeats writes exactly these.
 HEARTBEAT_FIELDS = [
     "status",
@@ -597,12 +619,23 @@ class StatusChange(models.Model):
     from_status = models.CharField(max_length=16, choices=Island.Status.choices)
     to_status = models.CharField(max_length=16, choices=Island.Status.choices)
     reason = models.CharField(max_length=16, choices=Reason.choices)
+    # Karma's bookkeeping, on silences only: set once the incident this row
+    # opens owes no more disconnection charges (it ended, or reached the cap),
+    # so the watcher stops looking at it. See KarmaEvent.objects.charge_disconnections.
+    karma_settled_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         indexes = [
             # Serves "an Island's changes in time order" (the karma rules,
             # the admin): an index range scan in `at` order per Island.
             models.Index(fields=["island", "at"], name="statuschange_island_at_idx"),
+            # Serves the watcher's karma step: the disconnections that may still
+            # owe a charge. Partial, so the settled history costs it nothing.
+            models.Index(
+                fields=["at"],
+                condition=Q(reason="silence", karma_settled_at__isnull=True),
+                name="statuschange_unsettled_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -742,6 +775,7 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     job.count_on_island(target)
+                    _karma_for_job(job.pk, now)
                     return StatusReport(applied=True, state=target)
                 current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
                 if current != target:
@@ -782,8 +816,21 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     Island.objects.filter(pk=island_id).update(jobs_failed=F("jobs_failed") + 1)
+                    _karma_for_job(pk, now)
                     timed_out.append(job_id)
         return timed_out
+
+
+def _karma_for_job(job_pk: int, now: datetime) -> None:
+    """Apply the karma rule for a job that just reached its terminal state.
+
+    Called inside the transaction that moved the job, so its karma event and
+    its state commit together. The karma app builds on this one, hence the
+    import here rather than at the top.
+    """
+    from karma.models import KarmaEvent
+
+    KarmaEvent.objects.record_job(job_pk, now)
 
 
 class Job(models.Model):
