@@ -6,8 +6,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
+import psycopg
 from django.conf import settings
-from django.db import IntegrityError, models, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -38,6 +40,11 @@ WATCH_BATCH = 500
 DISPATCHER_KEY_PREFIX = "dsp_"
 # Agents send whole stack traces as errors; the ledger keeps the start.
 JOB_ERROR_MAX_LENGTH = 2000
+# An Island renews the lease of a job it is running (NATS `host.{id}.lease`,
+# the agent asks for 60 s every 30 s). One renewal reaches at most this far
+# ahead, and none carries a job past the longest lease a dispatcher may give.
+LEASE_RENEWAL_MAX = timedelta(minutes=5)
+JOB_LEASE_MAX = timedelta(days=7)
 # Credits carry four decimal places; a job pays at most this much.
 CREDITS_PLACES = Decimal("0.0001")
 MAX_JOB_CREDITS = Decimal("99999999")
@@ -114,6 +121,27 @@ class IslandManager(models.Manager["Island"]):
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
 
+    def register_host(self, host_id: str, capabilities: dict[str, Any], version: str | None) -> bool:
+        """Take the hardware and version a linked host registers with; False if none is linked.
+
+        The agent's RegisterHost (NATS `coordinator.hosts.register`) comes at
+        every start. Like a heartbeat's capabilities, what it leaves out or
+        sends as null keeps its value. One UPDATE, so it needs no row lock of
+        its own against a heartbeat batch writing the same row.
+        """
+        fields: dict[str, Any] = {}
+        for name in ("gpu_vram_mb", "cpu_cores", "ram_mb"):
+            if capabilities.get(name) is not None:
+                fields[name] = capabilities[name]
+        for name, max_length in (("gpu_model", 128), ("region", 64)):
+            if capabilities.get(name):
+                fields[name] = str(capabilities[name])[:max_length]
+        if version:
+            fields["agent_version"] = version[:64]
+        if not fields:
+            return self.active().filter(host_id=host_id).exists()
+        return bool(self.active().filter(host_id=host_id).update(**fields))
+
     def authenticate(self, token: str, now: datetime | None = None) -> "Island | None":
         """The active Island holding this API token, or None.
 
@@ -141,6 +169,8 @@ class IslandManager(models.Manager["Island"]):
         may arrive out of order. Beats for unknown or removed Islands are not
         applied. However many beats there are, this costs one locking SELECT,
         one UPDATE and, only when some Island changed status, one INSERT.
+        The Islands returned hold only the heartbeat's fields, host_id and
+        name; reading another field costs a query per Island.
         """
         latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
         for key, heartbeat, received_at in beats:
@@ -161,6 +191,12 @@ class IslandManager(models.Manager["Island"]):
             islands = (
                 self.active()
                 .filter(**{f"{by}__in": list(latest)})
+                # Only what a heartbeat reads or may keep (and the name, which
+                # save() checks): loading whole rows was most of a large
+                # batch's cost. Every heartbeat replaces the JSON columns.
+                .only(
+                    "host_id", "name", *(name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
+                )
                 .select_for_update(no_key=True)
                 .order_by("pk")
             )
@@ -175,12 +211,57 @@ class IslandManager(models.Manager["Island"]):
                 # The HTTP case: a plain UPDATE of one row is cheaper to plan than CASE.
                 applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
             elif applied:
-                self.bulk_update([beat.island for beat in applied], HEARTBEAT_FIELDS)
+                self._write_heartbeat_fields([beat.island for beat in applied])
             if applied:
                 changes = [change for beat in applied for change in beat.changes]
                 if changes:
                     StatusChange.objects.bulk_create(changes)
         return applied
+
+    def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
+        """Save HEARTBEAT_FIELDS of many Islands; on PostgreSQL one UPDATE ... FROM unnest(...).
+
+        bulk_update writes every column as a CASE with one branch per row,
+        which PostgreSQL evaluates row by row (quadratic in the batch), and a
+        batch of a few hundred heartbeats crosses jit_above_cost: LLVM then
+        compiles those CASEs for many minutes, deaf to cancellation and to the
+        barrier DROP DATABASE waits for. Here each column travels as one array
+        parameter, bound server-side, so the statement is the same 17
+        parameters whatever the batch size and costs an index lookup per row.
+        The heartbeat columns are plain text, integers, aware datetimes and
+        JSON (encoded here with msgspec, the slow part otherwise), which
+        psycopg sends as they are. SQLite keeps bulk_update.
+        """
+        connection = connections[self.db]
+        if connection.vendor != "postgresql":
+            self.bulk_update(islands, HEARTBEAT_FIELDS)
+            return
+        meta = self.model._meta
+        fields: list[models.Field[Any, Any]] = []
+        for name in ["id", *HEARTBEAT_FIELDS]:
+            field = meta.get_field(name)
+            assert isinstance(field, models.Field)
+            fields.append(field)
+        quote = connection.ops.quote_name
+        # Identifiers and types come from the model, never from input; the
+        # values travel as parameters, each an array of its column's type.
+        names = [quote(field.column or field.attname) for field in fields]
+        arrays = ", ".join(f"%b::{field.db_type(connection)}[]" for field in fields)
+        assignments = ", ".join(f"{name} = v.{name}" for name in names[1:])
+        columns: list[list[Any]] = []
+        for field in fields:
+            values = [getattr(island, field.attname) for island in islands]
+            if isinstance(field, models.JSONField):
+                values = [msgspec.json.encode(value).decode() for value in values]
+            columns.append(values)
+        # A cursor of psycopg's own: Django's binds client-side, quoting every
+        # array element in Python. Same connection, same transaction.
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(
+                f"UPDATE {quote(meta.db_table)} AS t SET {assignments} "  # noqa: S608
+                f"FROM unnest({arrays}) AS v({', '.join(names)}) WHERE t.{names[0]} = v.{names[0]}",
+                columns,
+            )
 
     def due_offline(self, now: datetime) -> IslandQuerySet:
         """Islands recorded online whose heartbeat deadline has passed, oldest deadline first."""
@@ -512,6 +593,10 @@ HEARTBEAT_FIELDS = [
 ]
 
 
+# Of those, the ones every heartbeat replaces whatever they held.
+HEARTBEAT_REPLACES = frozenset({"metrics", "supported_runtimes", "asking_prices"})
+
+
 class StatusChange(models.Model):
     """One recorded transition of an Island's status, dated when it happened.
 
@@ -621,6 +706,38 @@ class JobManager(models.Manager["Job"]):
             if existing is None:
                 raise
             raise DuplicateJob(existing) from None
+
+    def extend_lease(
+        self, island: Island, job_id: str, seconds: float, now: datetime | None = None
+    ) -> datetime | None:
+        """Renew the lease of one of `island`'s running jobs; return the new deadline, or None.
+
+        The lease becomes `now` plus the seconds asked for, capped at
+        LEASE_RENEWAL_MAX and at JOB_LEASE_MAX after assignment. A renewal
+        never shortens a lease, and a lease that already passed stays passed
+        (the job is the watcher's, whether or not it has run yet), so a
+        forged renewal can neither make a job time out early nor revive one.
+        The write is a compare-and-set on the very lease it read, like the
+        watcher's, so of a renewal and a timeout only one takes effect.
+        """
+        now = now or timezone.now()
+        job = (
+            self.filter(job_id=job_id, island=island)
+            .only("pk", "state", "assigned_at", "lease_expires_at")
+            .first()
+        )
+        if job is None:
+            raise JobNotFound(f"no job {job_id} for this Island")
+        if job.state not in Job.ACTIVE_STATES or job.lease_expires_at <= now:
+            return None
+        asked = min(timedelta(seconds=max(seconds, 0)), LEASE_RENEWAL_MAX)
+        wanted = min(now + asked, job.assigned_at + JOB_LEASE_MAX)
+        if wanted <= job.lease_expires_at:
+            return job.lease_expires_at
+        won = self.filter(
+            pk=job.pk, state__in=Job.ACTIVE_STATES, lease_expires_at=job.lease_expires_at
+        ).update(lease_expires_at=wanted)
+        return wanted if won else None
 
     def waiting_for(self, island: Island) -> "models.QuerySet[Job]":
         """Jobs given to `island` that it has not started yet, oldest first."""
