@@ -126,6 +126,11 @@ def _database(url: str) -> dict[str, Any]:
             "TEST": {"NAME": str(BASE_DIR / ".pytest-db.sqlite3")},
         }
     config: dict[str, Any] = dict(dj_database_url.parse(url, conn_health_checks=True))
+    if config["ENGINE"] == "django.db.backends.postgresql":
+        # No JIT: this service runs short OLTP statements, and PostgreSQL's
+        # JIT once spent over ten minutes compiling one wide bulk UPDATE here,
+        # deaf to pg_terminate_backend. Plans stay interpreted and predictable.
+        config.setdefault("OPTIONS", {})["options"] = "-c jit=off"
     if config["ENGINE"] == "django.db.backends.postgresql" and env_bool("DATABASE_POOL", True):
         # A pool instead of persistent connections: under ASGI every request
         # runs in a fresh thread, so CONN_MAX_AGE would leak a connection per

@@ -12,4 +12,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("pairing.urls")),
     path("", include("islands.urls")),
+    path("", include("karma.urls")),
 ]

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 BENCH_DATABASE_URL = os.environ.get(
-    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/archipelag_bench"
+    "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/archipelag_bench_web"
 )
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 # One secret key per run: sessions the bench signs in the bench process must

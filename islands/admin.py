@@ -11,6 +11,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from islands.models import DispatcherKey, Island, IslandQuerySet, Job, StatusChange
+from karma.admin import KarmaEventInline, adjust_karma
 
 # The Island page shows the newest rows of its history; the full lists are
 # one click away, filtered to the Island.
@@ -91,6 +92,14 @@ class StatusChangeInline(ReadOnlyInline[StatusChange]):
 
 @admin.register(Island)
 class IslandAdmin(admin.ModelAdmin[Island]):
+    def save_model(self, request: HttpRequest, obj: Island, form: Any, change: bool) -> None:
+        # Write only what the admin changed: heartbeats and the ledgers keep
+        # updating the row while the form is open.
+        if change:
+            obj.save(update_fields=[name for name in form.changed_data if name in form.base_fields])
+        else:
+            obj.save()
+
     list_display = [
         "name",
         "host_id",
@@ -98,6 +107,7 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "kind",
         "live_status",
         "last_heartbeat_at",
+        "karma",
         "jobs_completed",
         "jobs_failed",
         "earnings",
@@ -127,6 +137,7 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "status",
         "last_heartbeat_at",
         "offline_after",
+        "karma",
         "jobs_completed",
         "jobs_failed",
         "earnings",
@@ -136,8 +147,9 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "asking_prices",
     ]
     exclude = ["token_hash"]
-    inlines = [JobInline, StatusChangeInline]
-    actions = ["remove_islands", "suspend_islands", "unsuspend_islands"]
+    inlines = [JobInline, StatusChangeInline, KarmaEventInline]
+    # Karma changes only through events: adjust_karma records one per Island.
+    actions = ["remove_islands", "suspend_islands", "unsuspend_islands", adjust_karma]
 
     @admin.display(description="API token")
     def token_state(self, obj: Island) -> str:

@@ -37,7 +37,7 @@ Price = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?$")]
 JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 
 
-class Capabilities(msgspec.Struct):
+class Capabilities(msgspec.Struct, gc=False):
     gpu_model: Text | None = None
     gpu_vram_mb: Megabytes | None = None
     cpu_cores: Cores | None = None
@@ -76,10 +76,12 @@ def capabilities_dict(capabilities: Capabilities | None) -> dict[str, object]:
 #
 # The structs declare only what the coordinator keeps. Everything else the
 # agent sends (`cache`, most of `performance_estimates`) is skipped unread.
-# `omit_defaults` keeps the stored metrics free of nulls.
+# `omit_defaults` keeps the stored metrics free of nulls. `gc=False`: these
+# hold only scalars, lists and dicts, never a cycle, so the garbage collector
+# need not walk the tens of thousands a NATS bridge holds between writes.
 
 
-class SystemMetrics(msgspec.Struct, omit_defaults=True):
+class SystemMetrics(msgspec.Struct, omit_defaults=True, gc=False):
     cpu_percent: Reading | None = None
     memory_used_mb: Megabytes | None = None
     memory_total_mb: Megabytes | None = None
@@ -87,7 +89,7 @@ class SystemMetrics(msgspec.Struct, omit_defaults=True):
     disk_total_gb: Reading | None = None
 
 
-class GpuMetrics(msgspec.Struct, omit_defaults=True):
+class GpuMetrics(msgspec.Struct, omit_defaults=True, gc=False):
     index: Annotated[int, msgspec.Meta(ge=0, le=1024)] | None = None
     utilization_percent: Reading | None = None
     memory_used_mb: Megabytes | None = None
@@ -96,7 +98,7 @@ class GpuMetrics(msgspec.Struct, omit_defaults=True):
     power_draw_w: Reading | None = None
 
 
-class ActiveJobMetrics(msgspec.Struct, omit_defaults=True):
+class ActiveJobMetrics(msgspec.Struct, omit_defaults=True, gc=False):
     job_id: Text | None = None
     job_type: Text | None = None
     duration_ms: Count | None = None
@@ -105,7 +107,7 @@ class ActiveJobMetrics(msgspec.Struct, omit_defaults=True):
     gpu_memory_mb: Megabytes | None = None
 
 
-class PerformanceEstimates(msgspec.Struct):
+class PerformanceEstimates(msgspec.Struct, gc=False):
     supported_runtimes: Annotated[list[ShortText], msgspec.Meta(max_length=32)] | None = None
 
 
@@ -123,7 +125,7 @@ class HeartbeatCapabilities(Capabilities):
     accelerator: Annotated[str, msgspec.Meta(max_length=32)] | None = None
 
 
-class EnhancedHeartbeat(msgspec.Struct):
+class EnhancedHeartbeat(msgspec.Struct, gc=False):
     """The agent's heartbeat. Every field may be null or absent.
 
     `status` is "online" from every current agent; "offline" is a graceful
@@ -172,6 +174,13 @@ class JobStatus(msgspec.Struct):
     # A terminal status refused for a long error would be retried forever.
     error: str | None = None
     timestamp: Milliseconds | None = None
+
+
+class LeaseRenewal(msgspec.Struct):
+    """Body of `host.{host_id}.lease`: the agent asks for 60 more seconds every 30 s."""
+
+    job_id: JobId
+    extend_seconds: Annotated[float, msgspec.Meta(ge=0, le=7 * 24 * 3600)]
 
 
 # --- The dispatcher's side (POST /api/v1/jobs) -----------------------------------

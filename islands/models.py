@@ -5,16 +5,19 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
+import psycopg
 from django.conf import settings
-from django.db import IntegrityError, connections, models, router, transaction
+from django.db import IntegrityError, connections, models, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from islands.agent import EnhancedHeartbeat
 from islands.templatetags.island_tags import gigabytes
+from karma import rules as karma_rules
 from pairing.codes import generate_secret, hash_secret
 
 if TYPE_CHECKING:
@@ -38,6 +41,11 @@ WATCH_BATCH = 500
 DISPATCHER_KEY_PREFIX = "dsp_"
 # Agents send whole stack traces as errors; the ledger keeps the start.
 JOB_ERROR_MAX_LENGTH = 2000
+# An Island renews the lease of a job it is running (NATS `host.{id}.lease`,
+# the agent asks for 60 s every 30 s). One renewal reaches at most this far
+# ahead, and none carries a job past the longest lease a dispatcher may give.
+LEASE_RENEWAL_MAX = timedelta(minutes=5)
+JOB_LEASE_MAX = timedelta(days=7)
 # Credits carry four decimal places; a job pays at most this much.
 CREDITS_PLACES = Decimal("0.0001")
 MAX_JOB_CREDITS = Decimal("99999999")
@@ -82,15 +90,19 @@ class AppliedHeartbeat:
     changes: list["StatusChange"]
 
 
-def _locked(islands: "IslandQuerySet") -> list["Island"]:
+def _locked(islands: "IslandQuerySet", *also: str) -> list["Island"]:
     """Lock these Islands' rows for a heartbeat write and read them.
 
     The row locks make the status read here and the write that follows one
     compare-and-set with respect to the watcher, so a transition is recorded
     by exactly one of them. Locking in pk order keeps two concurrent batches
     from deadlocking; NO KEY leaves inserting jobs for these Islands unblocked.
+    Only what a heartbeat reads or may keep is loaded (and the name, which
+    save() checks, and the fields in `also`): loading whole rows was most of
+    a large batch's cost. Every heartbeat replaces the JSON columns.
     """
-    return list(islands.select_for_update(no_key=True).order_by("pk"))
+    kept = (name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
+    return list(islands.only("host_id", "name", *also, *kept).select_for_update(no_key=True).order_by("pk"))
 
 
 class IslandQuerySet(models.QuerySet["Island"]):
@@ -145,6 +157,27 @@ class IslandManager(models.Manager["Island"]):
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
 
+    def register_host(self, host_id: str, capabilities: dict[str, Any], version: str | None) -> bool:
+        """Take the hardware and version a linked host registers with; False if none is linked.
+
+        The agent's RegisterHost (NATS `coordinator.hosts.register`) comes at
+        every start. Like a heartbeat's capabilities, what it leaves out or
+        sends as null keeps its value. One UPDATE, so it needs no row lock of
+        its own against a heartbeat batch writing the same row.
+        """
+        fields: dict[str, Any] = {}
+        for name in ("gpu_vram_mb", "cpu_cores", "ram_mb"):
+            if capabilities.get(name) is not None:
+                fields[name] = capabilities[name]
+        for name, max_length in (("gpu_model", 128), ("region", 64)):
+            if capabilities.get(name):
+                fields[name] = str(capabilities[name])[:max_length]
+        if version:
+            fields["agent_version"] = version[:64]
+        if not fields:
+            return self.active().filter(host_id=host_id).exists()
+        return bool(self.active().filter(host_id=host_id).update(**fields))
+
     def authenticate(self, token: str, now: datetime | None = None) -> "Island | None":
         """The active Island holding this API token, or None.
 
@@ -174,6 +207,8 @@ class IslandManager(models.Manager["Island"]):
         may arrive out of order. Beats for unknown or removed Islands are not
         applied. However many beats there are, this costs one locking SELECT,
         one UPDATE and, only when some Island changed status, one INSERT.
+        The Islands returned hold only the heartbeat's fields, host_id and
+        name; reading another field costs a query per Island.
         """
         latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
         for key, heartbeat, received_at in beats:
@@ -204,7 +239,9 @@ class IslandManager(models.Manager["Island"]):
         """
         now = now or timezone.now()
         with transaction.atomic():
-            islands = _locked(self.holding_token({token_hash for token_hash, _, _ in beats}, now))
+            islands = _locked(
+                self.holding_token({token_hash for token_hash, _, _ in beats}, now), "token_hash"
+            )
             by_token = {island.token_hash: island for island in islands}
             outcomes: list[TokenHeartbeatOutcome] = []
             latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
@@ -222,30 +259,6 @@ class IslandManager(models.Manager["Island"]):
             self._apply_locked(wanted, latest, lambda island: island.pk)
         return outcomes
 
-    def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
-        """UPDATE the heartbeat columns of these rows: one statement per row, all sent at once.
-
-        bulk_update() builds a CASE expression per column and row, and building
-        those in Python cost more CPU than the rest of a heartbeat request put
-        together (docs/performance.md). The same parameterised UPDATE through
-        executemany() costs almost nothing to prepare, and psycopg pipelines
-        it: one round trip for the whole batch.
-        """
-        connection = connections[router.db_for_write(self.model)]
-        meta = self.model._meta
-        fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in HEARTBEAT_FIELDS]
-        quote = connection.ops.quote_name
-        assignments = ", ".join(f"{quote(str(field.column))} = %s" for field in fields)
-        # Table and column names come from the model, never from input.
-        sql = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(str(meta.pk.column))} = %s"  # noqa: S608
-        rows = [
-            [field.get_db_prep_save(getattr(island, field.attname), connection) for field in fields]
-            + [meta.pk.get_db_prep_value(island.pk, connection)]
-            for island in islands
-        ]
-        with connection.cursor() as cursor:
-            cursor.executemany(sql, rows)
-
     def _apply_locked(
         self,
         islands: Iterable["Island"],
@@ -262,12 +275,60 @@ class IslandManager(models.Manager["Island"]):
                 continue
             changes = island.apply_heartbeat(heartbeat, received_at, threshold)
             applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
-        if applied:
+        if len(applied) == 1:
+            # A plain UPDATE of one row is cheaper to plan than CASE.
+            applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
+        elif applied:
             self._write_heartbeat_fields([beat.island for beat in applied])
         changes = [change for beat in applied for change in beat.changes]
         if changes:
             StatusChange.objects.bulk_create(changes)
         return applied
+
+    def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
+        """Save HEARTBEAT_FIELDS of many Islands; on PostgreSQL one UPDATE ... FROM unnest(...).
+
+        bulk_update writes every column as a CASE with one branch per row,
+        which PostgreSQL evaluates row by row (quadratic in the batch), and a
+        batch of a few hundred heartbeats crosses jit_above_cost: LLVM then
+        compiles those CASEs for many minutes, deaf to cancellation and to the
+        barrier DROP DATABASE waits for. Here each column travels as one array
+        parameter, bound server-side, so the statement is the same 17
+        parameters whatever the batch size and costs an index lookup per row.
+        The heartbeat columns are plain text, integers, aware datetimes and
+        JSON (encoded here with msgspec, the slow part otherwise), which
+        psycopg sends as they are. SQLite keeps bulk_update.
+        """
+        connection = connections[self.db]
+        if connection.vendor != "postgresql":
+            self.bulk_update(islands, HEARTBEAT_FIELDS)
+            return
+        meta = self.model._meta
+        fields: list[models.Field[Any, Any]] = []
+        for name in ["id", *HEARTBEAT_FIELDS]:
+            field = meta.get_field(name)
+            assert isinstance(field, models.Field)
+            fields.append(field)
+        quote = connection.ops.quote_name
+        # Identifiers and types come from the model, never from input; the
+        # values travel as parameters, each an array of its column's type.
+        names = [quote(field.column or field.attname) for field in fields]
+        arrays = ", ".join(f"%b::{field.db_type(connection)}[]" for field in fields)
+        assignments = ", ".join(f"{name} = v.{name}" for name in names[1:])
+        columns: list[list[Any]] = []
+        for field in fields:
+            values = [getattr(island, field.attname) for island in islands]
+            if isinstance(field, models.JSONField):
+                values = [msgspec.json.encode(value).decode() for value in values]
+            columns.append(values)
+        # A cursor of psycopg's own: Django's binds client-side, quoting every
+        # array element in Python. Same connection, same transaction.
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(
+                f"UPDATE {quote(meta.db_table)} AS t SET {assignments} "  # noqa: S608
+                f"FROM unnest({arrays}) AS v({', '.join(names)}) WHERE t.{names[0]} = v.{names[0]}",
+                columns,
+            )
 
     def due_offline(self, now: datetime) -> IslandQuerySet:
         """Islands recorded online whose heartbeat deadline has passed, oldest deadline first."""
@@ -386,6 +447,10 @@ class Island(models.Model):
     jobs_completed = models.PositiveIntegerField(default=0)
     jobs_failed = models.PositiveIntegerField(default=0)
     earnings = models.DecimalField(max_digits=18, decimal_places=4, default=Decimal(0))
+    # The running sum of the Island's karma events (karma.KarmaEvent), kept on
+    # the row so the cards read it without a join. Only KarmaEvent.objects
+    # changes it, in the same transaction as the event it adds.
+    karma = models.DecimalField(max_digits=5, decimal_places=2, default=karma_rules.START, editable=False)
 
     objects = IslandManager()
 
@@ -398,6 +463,10 @@ class Island(models.Model):
                 fields=["host_id"],
                 condition=Q(removed_at__isnull=True),
                 name="island_unique_active_host",
+            ),
+            models.CheckConstraint(
+                condition=Q(karma__gte=karma_rules.MINIMUM, karma__lte=karma_rules.MAXIMUM),
+                name="island_karma_in_range",
             ),
         ]
         indexes = [
@@ -418,6 +487,15 @@ class Island(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         if not self.name:
             self.name = self.default_name()
+        if not self._state.adding and kwargs.get("update_fields") is None and not kwargs.get("force_insert"):
+            # A full save (a rename, the admin's form) of an Island loaded
+            # earlier must not write back stale counters or karma over the
+            # ledger's concurrent changes: only their own UPDATEs write them.
+            kwargs["update_fields"] = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name not in LEDGER_FIELDS
+            ]
         super().save(*args, **kwargs)
 
     def default_name(self) -> str:
@@ -557,6 +635,10 @@ def runtime_capability(runtime: str) -> Q:
     return condition
 
 
+# Columns kept by the job ledger and the karma ledger, each changed only by
+# its own UPDATE in the transaction that records the change (see Island.save).
+LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma"})
+
 # The columns a heartbeat may change; record_heartbeats writes exactly these.
 HEARTBEAT_FIELDS = [
     "status",
@@ -576,6 +658,10 @@ HEARTBEAT_FIELDS = [
     "runtime",
     "accelerator",
 ]
+
+
+# Of those, the ones every heartbeat replaces whatever they held.
+HEARTBEAT_REPLACES = frozenset({"metrics", "supported_runtimes", "asking_prices"})
 
 
 class StatusChange(models.Model):
@@ -600,12 +686,23 @@ class StatusChange(models.Model):
     from_status = models.CharField(max_length=16, choices=Island.Status.choices)
     to_status = models.CharField(max_length=16, choices=Island.Status.choices)
     reason = models.CharField(max_length=16, choices=Reason.choices)
+    # Karma's bookkeeping, on silences only: set once the incident this row
+    # opens owes no more disconnection charges (it ended, or reached the cap),
+    # so the watcher stops looking at it. See KarmaEvent.objects.charge_disconnections.
+    karma_settled_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         indexes = [
             # Serves "an Island's changes in time order" (the karma rules,
             # the admin): an index range scan in `at` order per Island.
             models.Index(fields=["island", "at"], name="statuschange_island_at_idx"),
+            # Serves the watcher's karma step: the disconnections that may still
+            # owe a charge. Partial, so the settled history costs it nothing.
+            models.Index(
+                fields=["at"],
+                condition=Q(reason="silence", karma_settled_at__isnull=True),
+                name="statuschange_unsettled_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -677,6 +774,38 @@ class JobManager(models.Manager["Job"]):
                 raise
             raise DuplicateJob(existing) from None
 
+    def extend_lease(
+        self, island: Island, job_id: str, seconds: float, now: datetime | None = None
+    ) -> datetime | None:
+        """Renew the lease of one of `island`'s running jobs; return the new deadline, or None.
+
+        The lease becomes `now` plus the seconds asked for, capped at
+        LEASE_RENEWAL_MAX and at JOB_LEASE_MAX after assignment. A renewal
+        never shortens a lease, and a lease that already passed stays passed
+        (the job is the watcher's, whether or not it has run yet), so a
+        forged renewal can neither make a job time out early nor revive one.
+        The write is a compare-and-set on the very lease it read, like the
+        watcher's, so of a renewal and a timeout only one takes effect.
+        """
+        now = now or timezone.now()
+        job = (
+            self.filter(job_id=job_id, island=island)
+            .only("pk", "state", "assigned_at", "lease_expires_at")
+            .first()
+        )
+        if job is None:
+            raise JobNotFound(f"no job {job_id} for this Island")
+        if job.state not in Job.ACTIVE_STATES or job.lease_expires_at <= now:
+            return None
+        asked = min(timedelta(seconds=max(seconds, 0)), LEASE_RENEWAL_MAX)
+        wanted = min(now + asked, job.assigned_at + JOB_LEASE_MAX)
+        if wanted <= job.lease_expires_at:
+            return job.lease_expires_at
+        won = self.filter(
+            pk=job.pk, state__in=Job.ACTIVE_STATES, lease_expires_at=job.lease_expires_at
+        ).update(lease_expires_at=wanted)
+        return wanted if won else None
+
     def waiting_for(self, island: Island) -> "models.QuerySet[Job]":
         """Jobs given to `island` that it has not started yet, oldest first."""
         return self.filter(island=island, state=Job.State.ASSIGNED).order_by("assigned_at", "pk")
@@ -713,6 +842,7 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     job.count_on_island(target)
+                    _karma_for_job(job.pk, now)
                     return StatusReport(applied=True, state=target)
                 current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
                 if current != target:
@@ -753,8 +883,21 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     Island.objects.filter(pk=island_id).update(jobs_failed=F("jobs_failed") + 1)
+                    _karma_for_job(pk, now)
                     timed_out.append(job_id)
         return timed_out
+
+
+def _karma_for_job(job_pk: int, now: datetime) -> None:
+    """Apply the karma rule for a job that just reached its terminal state.
+
+    Called inside the transaction that moved the job, so its karma event and
+    its state commit together. The karma app builds on this one, hence the
+    import here rather than at the top.
+    """
+    from karma.models import KarmaEvent
+
+    KarmaEvent.objects.record_job(job_pk, now)
 
 
 class Job(models.Model):

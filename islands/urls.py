@@ -6,6 +6,7 @@ app_name = "islands"
 
 urlpatterns = [
     path("settings", views.settings_page, name="settings"),
+    path("settings/islands/<uuid:pk>", views.detail, name="detail"),
     path("settings/islands/<uuid:pk>/rename", views.rename, name="rename"),
     path("settings/islands/<uuid:pk>/remove", views.remove, name="remove"),
     path("api/v1/islands/heartbeat", views.api_heartbeat, name="api-heartbeat"),

@@ -39,6 +39,8 @@ BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 UNAUTHORIZED = "unknown, revoked or expired token: send Authorization: Bearer <token>"
 # An Island polling for work gets at most this many jobs at once.
 POLL_LIMIT = 32
+# The Island page lists this many of its newest karma events.
+KARMA_EVENTS_SHOWN = 50
 
 
 def _island_for(request: HttpRequest, pk: str) -> Island:
@@ -227,7 +229,10 @@ def rename(request: HtmxHttpRequest, pk: str) -> HttpResponse:
     form = RenameIslandForm(request.POST, instance=island)
     if not form.is_valid():
         return _render_settings(request, {"rename_form": form, "renaming": island.pk}, status=400)
-    form.save()
+    # Only the name is written: the row may have moved on (a heartbeat, a
+    # finished job) since this request loaded it.
+    form.save(commit=False)
+    island.save(update_fields=["name"])
     messages.success(request, f"Island renamed to “{island.name}”.")
     return redirect("islands:settings")
 
@@ -240,3 +245,12 @@ def remove(request: HttpRequest, pk: str) -> HttpResponse:
     island.remove()
     messages.success(request, f"Island “{island.name}” was removed. Its token no longer works.")
     return redirect("islands:settings")
+
+
+@login_required
+def detail(request: HttpRequest, pk: str) -> HttpResponse:
+    """One Island: its card's details and its newest karma events, each with its reason."""
+    island = _island_for(request, pk)
+    events = island.karma_events.order_by("-id")[:KARMA_EVENTS_SHOWN]
+    context = {"island": island, "events": events, "shown": KARMA_EVENTS_SHOWN, "now": timezone.now()}
+    return render(request, "islands/detail.html", context)

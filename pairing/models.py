@@ -217,6 +217,23 @@ class PairingCodeManager(models.Manager["PairingCode"]):
             code = self.get_queryset().insert_with_fresh_code(row, now)
         return IssuedCode(row=row, code=code, device_secret=device_secret)
 
+    def take_registration(
+        self, host_id: str, capabilities: Capabilities, version: str | None, now: datetime | None = None
+    ) -> int:
+        """Give the host's live codes the hardware it registered with; return how many.
+
+        Over NATS the agent's register and pairing request travel on two
+        subjects, and with several bridges they may be handled in either
+        order; a register handled second still reaches the code /pair shows.
+        """
+        now = now or timezone.now()
+        return (
+            self.get_queryset()
+            .live(now)
+            .filter(host_id=host_id)
+            .update(capabilities=dict(capabilities), agent_version=(version or "")[:64])
+        )
+
     def poll(self, host_id: str, device_secret: str, now: datetime | None = None) -> PollAnswer:
         """What a device polling with its secret learns; the token is handed out once."""
         now = now or timezone.now()

@@ -43,6 +43,14 @@ REDEEM_GLOBAL = (Limit("redeem-global-day", 10_000, 24 * 3600),)
 # Codes issued to one address. An Island asks once per start; a rack of
 # machines behind one NAT address still fits comfortably.
 ISSUE_PER_IP = (Limit("issue-ip-hour", 60, 3600),)
+# Codes asked for over NATS, where no address is known and all Islands
+# share one credential. Per host: the agent asks once per start, so ten an
+# hour covers a person restarting it while troubleshooting. On the whole
+# service: a code lives 10 minutes, so at most twice this budget (a burst on
+# each side of a window boundary) can be live at once, whoever asks; that is
+# what bounds the odds of guessing a code in docs/security.md.
+ISSUE_PER_HOST = (Limit("issue-host-hour", 10, 3600),)
+ISSUE_NATS_GLOBAL = (Limit("issue-nats-global-10m", 300, 600),)
 
 # Mobile codes are their own namespace with their own budgets, so the odds
 # of guessing one can be stated apart from desktop codes (docs/security.md).
@@ -110,6 +118,12 @@ def redeem_buckets(*, ip: str, user_id: int | None = None) -> list[Bucket]:
 
 def issue_buckets(*, ip: str) -> list[Bucket]:
     return [(limit, ip) for limit in ISSUE_PER_IP]
+
+
+def nats_issue_buckets(*, host_id: str) -> list[Bucket]:
+    buckets: list[Bucket] = [(limit, host_id) for limit in ISSUE_PER_HOST]
+    buckets += [(limit, "all") for limit in ISSUE_NATS_GLOBAL]
+    return buckets
 
 
 def mobile_redeem_buckets(*, ip: str, by_code: bool) -> list[Bucket]:

@@ -55,3 +55,11 @@ def test_check_deploy_wants_an_https_public_url():
     result = check_deploy(PUBLIC_URL="http://islands.example.org")
     assert result.returncode != 0
     assert "archipelag.E002" in result.stderr
+
+
+def test_postgresql_connections_run_without_jit(postgres, db):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW jit")
+        assert cursor.fetchone()[0] == "off"

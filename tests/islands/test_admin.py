@@ -149,6 +149,8 @@ def test_the_island_page_shows_its_newest_jobs_read_only(staff, alice):
             "jobs-INITIAL_FORMS": "50",
             "status_changes-TOTAL_FORMS": "1",
             "status_changes-INITIAL_FORMS": "1",
+            "karma_events-TOTAL_FORMS": "0",
+            "karma_events-INITIAL_FORMS": "0",
         },
     )
     assert response.status_code == 302, response.content.decode()[:2000]

@@ -285,3 +285,30 @@ def test_after_removal_the_islands_next_call_gets_401(alice, alice_client, clien
         ).status_code
         == 401
     )
+
+
+def test_renaming_does_not_write_back_a_stale_heartbeat(alice, alice_client, monkeypatch):
+    """The rename request loads the Island, a heartbeat lands, then the rename saves."""
+    from django.utils import timezone
+
+    from islands import views
+
+    island = Island.objects.create(owner=alice, host_id="alice-host-0001")
+    loaded = views._island_for
+    beat_at = timezone.now()
+
+    def load_then_heartbeat(request, pk):
+        stale = loaded(request, pk)
+        Island.objects.filter(pk=pk).update(
+            last_heartbeat_at=beat_at, agent_version="9.9.9", jobs_completed=3
+        )
+        return stale
+
+    monkeypatch.setattr(views, "_island_for", load_then_heartbeat)
+    response = alice_client.post(f"/settings/islands/{island.pk}/rename", {"name": "Garage box"})
+    assert response.status_code == 302
+    island.refresh_from_db()
+    assert island.name == "Garage box"
+    assert island.last_heartbeat_at == beat_at
+    assert island.agent_version == "9.9.9"
+    assert island.jobs_completed == 3

@@ -12,6 +12,7 @@ from django.db import DatabaseError, close_old_connections
 from django.utils import timezone
 
 from islands.models import WATCH_BATCH, Island, Job
+from karma.models import KarmaEvent
 
 logger = logging.getLogger("archipelag.islands")
 
@@ -20,17 +21,19 @@ logger = logging.getLogger("archipelag.islands")
 class Step:
     silences: int
     timeouts: int
+    karma: int = 0
 
     @property
     def full(self) -> bool:
         """A full batch means more may be waiting: go again without sleeping."""
-        return self.silences >= WATCH_BATCH or self.timeouts >= WATCH_BATCH
+        return self.silences >= WATCH_BATCH or self.timeouts >= WATCH_BATCH or self.karma >= WATCH_BATCH
 
 
 class Command(BaseCommand):
     help = (
         "Watch Islands: record each one that stops sending heartbeats as offline, "
-        "and fail as timed out the jobs whose lease expired. "
+        "fail as timed out the jobs whose lease expired, and apply the karma rules "
+        "for disconnections and days of uptime. "
         "Runs until stopped (Ctrl-C or SIGTERM); any number may run at once."
     )
 
@@ -49,7 +52,18 @@ class Command(BaseCommand):
         timeouts = Job.objects.time_out_expired(now)
         for job_id in timeouts:
             logger.info("event=job_timed_out job_id=%s", job_id)
-        return Step(silences=len(silences), timeouts=len(timeouts))
+        # After the silences, so that an incident recorded just now is seen;
+        # every charge is dated by recorded times, not by this step's clock.
+        karma = KarmaEvent.objects.run_rules(now)
+        for event in karma:
+            logger.info(
+                "event=karma island_id=%s cause=%s delta=%s score=%s",
+                event.island_id,
+                event.cause,
+                event.delta,
+                event.score_after,
+            )
+        return Step(silences=len(silences), timeouts=len(timeouts), karma=len(karma))
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["once"]:

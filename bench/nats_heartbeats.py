@@ -1,0 +1,436 @@
+"""Heartbeats per second through the NATS bridge into PostgreSQL, next to a raw baseline.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/archipelag_bench \\
+    NATS_URL=nats://127.0.0.1:4222 .venv/bin/python bench/nats_heartbeats.py
+
+What it does, all in one run:
+
+1. Creates the database if needed, migrates it, and makes `--hosts` paired
+   Islands (kept between runs).
+2. Baseline: psycopg alone writes one heartbeat per Island, in batches of
+   `--batch-size`, the way a batch is written at best: lock the rows, one
+   UPDATE ... FROM (VALUES ...) of every heartbeat column, commit. The rows
+   are prepared before the clock starts, so this is the database's cost.
+3. Starts `manage.py nats_bridge` as a subprocess on that database (subjects
+   under a prefix of its own), sends one untimed round so every Island is
+   online, then publishes the timed round: one realistic EnhancedHeartbeat
+   per Island, at full speed, and stops the clock when PostgreSQL holds all
+   of them. One beat per host, so the bridge's latest-per-host merging
+   cannot make the figure look better than the rows really written.
+
+The target is 5,000 heartbeats/s: 50,000 Islands at the agent's 10 s interval.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/archipelag_bench"
+HOST_PREFIX = "bench-host-"
+
+
+def heartbeat(host_id: str, timestamp: int) -> dict[str, Any]:
+    """The agent's full heartbeat (docs/api.md, the agent reference), with live-looking numbers."""
+    rng = random.Random(f"{host_id}:{timestamp}")
+    return {
+        "host_id": host_id,
+        "status": "online",
+        "active_jobs": rng.randint(0, 2),
+        "timestamp": timestamp,
+        "agent_version": "0.5.0",
+        "system": {
+            "cpu_percent": round(rng.uniform(1, 99), 1),
+            "memory_used_mb": rng.randint(2048, 30000),
+            "memory_total_mb": 32768,
+            "disk_used_gb": rng.randint(50, 400),
+            "disk_total_gb": 500,
+        },
+        "gpus": [
+            {
+                "index": 0,
+                "utilization_percent": rng.randint(0, 100),
+                "memory_used_mb": rng.randint(0, 24000),
+                "memory_total_mb": 24576,
+                "temperature_c": rng.randint(35, 85),
+                "power_draw_w": round(rng.uniform(20, 450), 1),
+            }
+        ],
+        "active_job_metrics": [
+            {
+                "job_id": f"job-{rng.randint(1, 10**9)}",
+                "job_type": "llm-chat",
+                "duration_ms": rng.randint(100, 60000),
+                "tokens_generated": rng.randint(1, 4000),
+                "memory_mb": 4096,
+                "gpu_memory_mb": 8000,
+            }
+        ],
+        "cache": {
+            "cached_image_count": 3,
+            "cached_size_mb": 15000,
+            "warm_workload_count": 2,
+            "warm_workload_ids": ["w1", "w2"],
+        },
+        "performance_estimates": {
+            "gpu_bandwidth_gb_s": 1008.0,
+            "estimated_llm_tok_s": 45.0,
+            "max_concurrent_containers": 4,
+            "wasm_memory_limit_mb": 256,
+            "supported_runtimes": ["container", "wasm"],
+            "nats_rtt_ms": round(rng.uniform(1, 80), 1),
+            "public_addr": "203.0.113.7:5678",
+        },
+        "asking_prices": {"llm-chat": "2.0", "_default": "1.0"},
+    }
+
+
+def setup_django(database_url: str) -> None:
+    os.environ["DATABASE_URL"] = database_url
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "archipelag.settings")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    import django
+
+    django.setup()
+
+
+def ensure_database(database_url: str) -> None:
+    import psycopg
+
+    name = database_url.rsplit("/", 1)[1].split("?")[0]
+    admin_url = database_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def ensure_islands(count: int) -> list[str]:
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+
+    from islands.models import Island
+
+    call_command("migrate", verbosity=0)
+    owner, _ = User.objects.get_or_create(username="bench")
+    hosts = [f"{HOST_PREFIX}{n:06d}" for n in range(count)]
+    Island.objects.bulk_create(
+        [Island(owner=owner, host_id=host, name=host) for host in hosts],
+        batch_size=5000,
+        ignore_conflicts=True,
+    )
+    return hosts
+
+
+def count_at(database_url: str, timestamp: int) -> int:
+    import psycopg
+
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM islands_island WHERE host_id LIKE %s AND metrics->>'timestamp' = %s",
+            [f"{HOST_PREFIX}%", str(timestamp)],
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- The baseline: psycopg alone ------------------------------------------------------
+
+
+BASELINE_COLUMNS = (
+    "status, last_heartbeat_at, offline_after, metrics, supported_runtimes, asking_prices, agent_version, "
+    "gpu_model, gpu_vram_mb, cpu_cores, ram_mb, region, device_model, os_version, runtime, accelerator"
+)
+
+
+# What a batch costs the database at best: the heartbeat's own columns taken
+# as they come, the hardware ones kept where the heartbeat says nothing.
+BASELINE_UPDATE = (
+    f"UPDATE islands_island AS i SET ({BASELINE_COLUMNS}) = ("  # noqa: S608 (constants only)
+    "v.status, v.last_heartbeat_at, v.offline_after, v.metrics, v.supported_runtimes, v.asking_prices, "
+    "v.agent_version, COALESCE(NULLIF(v.gpu_model, ''), i.gpu_model), "
+    "COALESCE(v.gpu_vram_mb, i.gpu_vram_mb), COALESCE(v.cpu_cores, i.cpu_cores), "
+    "COALESCE(v.ram_mb, i.ram_mb), COALESCE(NULLIF(v.region, ''), i.region), "
+    "COALESCE(NULLIF(v.device_model, ''), i.device_model), COALESCE(NULLIF(v.os_version, ''), i.os_version), "
+    "COALESCE(NULLIF(v.runtime, ''), i.runtime), COALESCE(NULLIF(v.accelerator, ''), i.accelerator)) "
+    "FROM unnest({arrays}) AS v({columns}) WHERE i.host_id = v.host_id AND i.removed_at IS NULL"
+)
+
+
+def baseline(database_url: str, hosts: list[str], batch_size: int, timestamp: int) -> float:
+    """Heartbeats/s that psycopg alone writes: the same rows, the same batches, no Python per row."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    now = datetime.now(UTC)
+    rows = []
+    for host in hosts:
+        beat = heartbeat(host, timestamp)
+        metrics = {
+            key: beat[key] for key in ("active_jobs", "timestamp", "system", "gpus", "active_job_metrics")
+        }
+        rows.append(
+            (
+                host,
+                "online",
+                now,
+                now + timedelta(seconds=45),
+                Jsonb(metrics),
+                Jsonb(beat["performance_estimates"]["supported_runtimes"]),
+                Jsonb(beat["asking_prices"]),
+                beat["agent_version"],
+                "",
+                beat["gpus"][0]["memory_total_mb"],
+                None,
+                beat["system"]["memory_total_mb"],
+                "",
+                "",
+                "",
+                "",
+                "",
+            )
+        )
+    # One array parameter per column, as the bridge's write path sends them.
+    columns = ["host_id", *(name.strip() for name in BASELINE_COLUMNS.split(","))]
+    types = [
+        "varchar", "varchar", "timestamptz", "timestamptz", "jsonb", "jsonb", "jsonb", "varchar",
+        "varchar", "int", "int", "int", "varchar", "varchar", "varchar", "varchar", "varchar",
+    ]  # fmt: skip
+    arrays = ", ".join(f"%s::{type_}[]" for type_ in types)
+    started = time.perf_counter()
+    with psycopg.connect(database_url) as conn:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            with conn.transaction():
+                conn.execute(
+                    "SELECT id FROM islands_island WHERE host_id = ANY(%s) AND removed_at IS NULL "
+                    "ORDER BY id FOR NO KEY UPDATE",
+                    [[row[0] for row in batch]],
+                )
+                conn.execute(
+                    BASELINE_UPDATE.format(arrays=arrays, columns=", ".join(columns)),
+                    [[row[index] for row in batch] for index in range(len(columns))],
+                )
+    elapsed = time.perf_counter() - started
+    written = count_at(database_url, timestamp)
+    if written != len(hosts):
+        sys.exit(f"baseline wrote {written} of {len(hosts)} rows")
+    return len(hosts) / elapsed
+
+
+# --- Through the bridge -------------------------------------------------------------------
+
+
+class BridgeProcess:
+    def __init__(
+        self,
+        database_url: str,
+        nats_url: str,
+        prefix: str,
+        batch_size: int,
+        flush_ms: int,
+        writers: int,
+        log: Path,
+    ):
+        self.log = log
+        # As in production: DEBUG=0, so Django does not keep every query in memory.
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "NATS_URL": nats_url,
+            "LOG_LEVEL": "INFO",
+            "DEBUG": "0",
+        }
+        with log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "manage.py",
+                    "nats_bridge",
+                    "--subject-prefix",
+                    prefix,
+                    "--batch-size",
+                    str(batch_size),
+                    "--flush-ms",
+                    str(flush_ms),
+                    "--stats-interval",
+                    "3600",
+                    "--writers",
+                    str(writers),
+                ],
+                cwd=BASE_DIR,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while "event=bridge_ready" not in self.output():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                sys.exit(f"the bridge did not start:\n{self.output()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the bridge used so far (user + system), from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> dict[str, int]:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+        match = re.search(r"event=bridge_stopped (.*)", self.output())
+        if not match:
+            return {}
+        return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+async def publish_round(nats_url: str, prefix: str, hosts: list[str], timestamp: int) -> float:
+    """Publish one heartbeat per host as fast as NATS takes them; return the seconds it took."""
+    import nats
+
+    payloads = [
+        (f"{prefix}host.{host}.heartbeat", json.dumps(heartbeat(host, timestamp)).encode()) for host in hosts
+    ]
+    nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
+    # nats-py's flush() writes its PING ahead of publishes still queued in the
+    # client, and close() may drop what sits in the socket's buffer. A message
+    # to ourselves, queued behind the heartbeats, returns only once the server
+    # has taken every one of them.
+    done = f"{prefix}bench.done.{uuid.uuid4().hex}"
+    sentinel = await nc.subscribe(done, max_msgs=1)
+    started = time.perf_counter()
+    for subject, payload in payloads:
+        await nc.publish(subject, payload)
+    await nc.publish(done, b"")
+    await sentinel.next_msg(timeout=300)
+    elapsed = time.perf_counter() - started
+    await nc.close()
+    return elapsed
+
+
+def through_bridge(
+    database_url: str,
+    nats_url: str,
+    hosts: list[str],
+    batch_size: int,
+    flush_ms: int,
+    timestamp: int,
+    bridges: int,
+    writers: int,
+) -> tuple[float, float, dict[str, int]]:
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    logs = [Path(tempfile.gettempdir()) / f"nats-bridge-{prefix.rstrip('.')}-{n}.log" for n in range(bridges)]
+    # Several bridges share the subjects as one queue group, as in production.
+    running = [
+        BridgeProcess(database_url, nats_url, prefix, batch_size, flush_ms, writers, log) for log in logs
+    ]
+    try:
+        # Untimed: every Island comes online once, so the timed round is the
+        # steady state (no status changes to insert).
+        asyncio.run(publish_round(nats_url, prefix, hosts, timestamp - 1))
+        wait_until_written(database_url, timestamp - 1, len(hosts))
+
+        cpu_before = sum(bridge.cpu_seconds() for bridge in running)
+        started = time.perf_counter()
+        publish_seconds = asyncio.run(publish_round(nats_url, prefix, hosts, timestamp))
+        wait_until_written(database_url, timestamp, len(hosts))
+        elapsed = time.perf_counter() - started
+        cpu = sum(bridge.cpu_seconds() for bridge in running) - cpu_before
+    finally:
+        counters: dict[str, int] = {}
+        for bridge in running:
+            for name, count in bridge.stop().items():
+                counters[name] = counters.get(name, 0) + count
+    print(f"  bridge logs: {' '.join(str(log) for log in logs)}")
+    counters["cpu_microseconds_per_heartbeat"] = int(cpu / len(hosts) * 1e6)
+    return len(hosts) / elapsed, len(hosts) / publish_seconds, counters
+
+
+def wait_until_written(database_url: str, timestamp: int, expected: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while count_at(database_url, timestamp) < expected:
+        if time.monotonic() > deadline:
+            sys.exit(
+                f"only {count_at(database_url, timestamp)} of {expected} heartbeats arrived in {timeout:g} s"
+            )
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hosts", type=int, default=50_000, help="Paired Islands, one timed heartbeat each.")
+    parser.add_argument(
+        "--batch-size", type=int, default=500, help="The bridge's batch size, and the baseline's."
+    )
+    parser.add_argument("--flush-ms", type=int, default=250, help="The bridge's flush interval.")
+    parser.add_argument(
+        "--bridges", type=int, default=1, help="Bridge processes sharing the load (queue group)."
+    )
+    parser.add_argument("--writers", type=int, default=2, help="Batches each bridge writes at once.")
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
+    parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    args = parser.parse_args()
+    if not args.database_url.startswith(("postgres://", "postgresql://")):
+        sys.exit("the benchmark needs PostgreSQL: set DATABASE_URL=postgres://...")
+
+    ensure_database(args.database_url)
+    setup_django(args.database_url)
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
+    hosts = ensure_islands(args.hosts)
+    stamp = int(time.time() * 1000)
+
+    raw = baseline(args.database_url, hosts, args.batch_size, stamp)
+    bridged, published, counters = through_bridge(
+        args.database_url,
+        args.nats_url,
+        hosts,
+        args.batch_size,
+        args.flush_ms,
+        stamp + 10,
+        args.bridges,
+        args.writers,
+    )
+    batches = counters.get("heartbeat_batches", 0)
+    applied = counters.get("heartbeats_applied", 0)
+    print(f"load average after:  {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"hosts: {len(hosts)}, one heartbeat each per round, batch size {args.batch_size}, "
+        f"{args.bridges} bridge process{'es' if args.bridges > 1 else ''}"
+    )
+    print(f"  published into NATS:             {published:>9,.0f} heartbeats/s")
+    print(f"  bridge, end to end to PostgreSQL: {bridged:>8,.0f} heartbeats/s")
+    print(f"  raw psycopg baseline, same rows:  {raw:>8,.0f} heartbeats/s")
+    print(
+        f"  bridge / baseline: {bridged / raw:.0%}; target 5,000/s: {'met' if bridged >= 5000 else 'NOT met'}"
+    )
+    cpu_per_beat = counters["cpu_microseconds_per_heartbeat"]
+    print(
+        f"  bridge CPU per heartbeat (timed round): {cpu_per_beat} µs, so a bridge process "
+        f"tops out near {1e6 / max(cpu_per_beat, 1):,.0f}/s on a core of its own"
+    )
+    if batches:
+        print(
+            f"  bridge counters (both rounds): {applied:,} applied in {batches:,} batches "
+            f"(average {applied / batches:,.0f}), {counters.get('heartbeats_superseded', 0)} superseded, "
+            f"{counters.get('heartbeats_not_applied', 0)} not applied"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,745 @@
+"""The NATS bridge: the coordinator's side of the real Island agent's subjects.
+
+The desktop and server agent talks to the coordinator only over NATS
+(pairing, registration, heartbeats, job states, lease renewals, pings). The
+bridge subscribes to those subjects and calls the same model methods as the
+HTTP API, so the two paths cannot drift apart. `manage.py nats_bridge` runs
+it; docs/security.md says what a holder of the shared NATS credential can
+and cannot do through it.
+
+- Every subscription joins one queue group, so any number of bridges share
+  the load: NATS hands each message to one of them.
+- The ORM is synchronous, so database work runs in a small thread pool and
+  the event loop only decodes, checks and routes messages.
+- Heartbeats are written in batches: the latest per host waits in memory
+  until `batch_size` hosts have beaten or `flush_interval` has passed, then
+  one `record_heartbeats` call (one transaction) writes them all.
+- Input never stops the bridge: a message that is too large, not JSON, of
+  the wrong shape or on a subject naming no valid host is counted, logged
+  (at most once per kind every few seconds) and skipped.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol, TypedDict, cast
+from urllib.parse import urlsplit
+
+import msgspec
+from django.core.cache import cache
+from django.db import close_old_connections
+from django.utils import timezone
+from nats.aio.client import Client as NATS
+from nats.aio.client import Server
+from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, SlowConsumerError
+
+from archipelag.api import DEFAULT_MAX_BODY_BYTES, describe_validation_error
+from islands.agent import (
+    HOST_ID_PATTERN,
+    EnhancedHeartbeat,
+    JobStatus,
+    LeaseRenewal,
+    PairingRequest,
+    RegisterHost,
+    capabilities_dict,
+)
+from islands.models import Island, Job, JobNotFound, JobStateConflict
+from islands.views import HEARTBEAT_MAX_BODY_BYTES
+from pairing import ratelimit
+from pairing.models import Capabilities, HostAlreadyLinked, PairingCode
+from pairing.views import pair_url
+
+logger = logging.getLogger("archipelag.bridge")
+
+# Every bridge subscribes in this queue group, so NATS gives each message to
+# exactly one of however many bridges run.
+QUEUE_GROUP = "archipelag-coordinator"
+BATCH_SIZE = 500
+FLUSH_INTERVAL = 0.25  # seconds
+# A batch written in one transaction never holds more hosts than this, so
+# a backlog (after a database outage) is worked off in bounded steps.
+MAX_BATCH = 5000
+# While the database is down heartbeats wait in memory, one per host; past
+# this many hosts new ones are dropped (and counted) rather than letting a
+# flood of made-up host ids exhaust memory.
+MAX_PENDING_HOSTS = 200_000
+# Heartbeat batches written at once (each in a transaction of its own).
+WRITERS = 2
+STATS_INTERVAL = 60.0  # seconds
+# The agent's pairing request and registration come once per start, seconds
+# apart; the registration waits this long for the pairing request.
+REGISTRATION_TTL = timedelta(hours=1)
+# Waits between connection attempts: doubling from the first to the last,
+# each drawn at random between half and all of it so a fleet of bridges
+# does not knock on a restarted server at the same instant.
+BACKOFF_FIRST = 0.25  # seconds
+BACKOFF_MAX = 10.0
+# A kind of rejected message is logged at most once per this many seconds;
+# the counters carry the rest.
+WARN_EVERY = 10.0
+
+_HOST_ID = re.compile(HOST_ID_PATTERN)
+
+type Heartbeat = tuple[str, EnhancedHeartbeat, datetime]
+type StatusOutcome = Literal["applied", "repeat", "conflict", "unknown_job", "unknown_host"]
+type LeaseOutcome = Literal["extended", "refused", "unknown_job", "unknown_host"]
+
+
+class Message(Protocol):
+    """What the bridge reads of a NATS message (nats.aio.msg.Msg has it)."""
+
+    subject: str
+    reply: str
+    data: bytes
+
+    async def respond(self, data: bytes) -> None: ...
+
+
+class PairingAnswer(TypedDict, total=False):
+    success: bool
+    code: str
+    expires_in_seconds: int
+    pair_url: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """The agent's subjects. A prefix keeps test and benchmark runs apart on a shared server."""
+
+    prefix: str = ""
+
+    @property
+    def pairing(self) -> str:
+        return f"{self.prefix}coordinator.hosts.pairing"
+
+    @property
+    def register(self) -> str:
+        return f"{self.prefix}coordinator.hosts.register"
+
+    def of_hosts(self, kind: str) -> str:
+        return f"{self.prefix}host.*.{kind}"
+
+    def of_host(self, host_id: str, kind: str) -> str:
+        return f"{self.prefix}host.{host_id}.{kind}"
+
+    def host_id(self, subject: str, kind: str) -> str | None:
+        """The host a `host.{host_id}.{kind}` subject names, or None if it names no valid one."""
+        if not subject.startswith(self.prefix):
+            return None
+        parts = subject[len(self.prefix) :].split(".")
+        if len(parts) != 3 or parts[0] != "host" or parts[2] != kind or not _HOST_ID.match(parts[1]):
+            return None
+        return parts[1]
+
+
+# --- What each message does to the database (sync; run in the thread pool) --------
+
+
+def _registration_key(host_id: str) -> str:
+    return f"nats-register:{host_id}"
+
+
+def take_registration(host_id: str, capabilities: Capabilities, version: str | None) -> bool:
+    """Record a host's RegisterHost; True if it went to a linked Island.
+
+    A linked Island takes the hardware at once. For a host not linked yet it
+    is kept for the code the host is about to ask for: in the shared cache
+    (Redis in production, so every bridge sees it) and on any live code it
+    already has, for when the pairing request was handled first.
+    """
+    if Island.objects.register_host(host_id, dict(capabilities), version):
+        return True
+    cache.set(
+        _registration_key(host_id),
+        {"capabilities": dict(capabilities), "version": version},
+        timeout=int(REGISTRATION_TTL.total_seconds()),
+    )
+    PairingCode.objects.take_registration(host_id, capabilities, version)
+    return False
+
+
+def issue_code(request: PairingRequest) -> tuple[str, PairingAnswer]:
+    """Answer a pairing request as the HTTP API would; return (outcome, answer).
+
+    A linked host hears "already paired" before any limit is counted, so an
+    agent that lost its state always learns to stop asking. Issuing is
+    limited per host and on the whole service, because NATS gives no address
+    to count by (pairing/ratelimit.py).
+    """
+    now = timezone.now()
+    host_id = request.host_id
+    if Island.objects.linked_host(host_id) is not None:
+        return "already_paired", {"success": False, "error": "already paired"}
+    try:
+        ratelimit.check_and_hit(ratelimit.nats_issue_buckets(host_id=host_id), now)
+    except ratelimit.RateLimited as exc:
+        logger.warning(
+            "event=rate_limited action=issue_code channel=nats host_id=%s limit=%s", host_id, exc.limit.name
+        )
+        who = "this Island" if exc.limit in ratelimit.ISSUE_PER_HOST else "all Islands"
+        return "rate_limited", {
+            "success": False,
+            "error": f"too many pairing requests from {who}; retry in {exc.wait_words}",
+        }
+    registered = cache.get(_registration_key(host_id)) or {}
+    # What the request itself says wins over what the host registered with.
+    capabilities = cast(
+        Capabilities, {**registered.get("capabilities", {}), **capabilities_dict(request.capabilities)}
+    )
+    try:
+        issued = PairingCode.objects.issue(
+            host_id=host_id,
+            capabilities=capabilities,
+            version=request.version or registered.get("version"),
+            channel=PairingCode.Channel.NATS,
+            now=now,
+        )
+    except HostAlreadyLinked:
+        return "already_paired", {"success": False, "error": "already paired"}
+    logger.info("event=code_issued channel=nats host_id=%s", host_id)
+    return "issued", {
+        "success": True,
+        "code": issued.code,
+        "expires_in_seconds": issued.row.expires_in_seconds(now),
+        "pair_url": pair_url(),
+    }
+
+
+def record_heartbeats(beats: list[Heartbeat]) -> int:
+    """Write one batch in one transaction; return how many were applied."""
+    return len(Island.objects.record_heartbeats(beats, by="host_id"))
+
+
+def apply_job_status(host_id: str, status: JobStatus) -> StatusOutcome:
+    """Apply a JobStatus to a job the coordinator gave this host, as the HTTP endpoint does."""
+    assert status.job_id is not None  # the caller refuses statuses without one
+    island = Island.objects.linked_host(host_id)
+    if island is None:
+        return "unknown_host"
+    try:
+        report = Job.objects.apply_status(island, status.job_id, status.state, status.error)
+    except JobNotFound:
+        logger.info(
+            "event=job_status_refused reason=unknown_job host_id=%s job_id=%s", host_id, status.job_id
+        )
+        return "unknown_job"
+    except JobStateConflict as exc:
+        logger.info(
+            "event=job_status_refused reason=conflict host_id=%s job_id=%s state=%s ended_as=%s",
+            host_id,
+            status.job_id,
+            status.state,
+            exc.state,
+        )
+        return "conflict"
+    if not report.applied:
+        return "repeat"
+    logger.info("event=job_status job_id=%s island_id=%s state=%s", status.job_id, island.pk, report.state)
+    return "applied"
+
+
+def renew_lease(host_id: str, renewal: LeaseRenewal) -> LeaseOutcome:
+    island = Island.objects.linked_host(host_id)
+    if island is None:
+        return "unknown_host"
+    try:
+        deadline = Job.objects.extend_lease(island, renewal.job_id, renewal.extend_seconds)
+    except JobNotFound:
+        return "unknown_job"
+    return "refused" if deadline is None else "extended"
+
+
+def _with_connection[T](fn: Callable[..., T], *args: Any) -> T:
+    # Pool threads live as long as the bridge. Handing the connection back
+    # around every call (CONN_MAX_AGE is 0) means a restarted database costs
+    # one failed call, never a thread stuck with a dead connection.
+    close_old_connections()
+    try:
+        return fn(*args)
+    finally:
+        close_old_connections()
+
+
+# --- Connecting -----------------------------------------------------------------
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before connection attempt `attempt` + 1 (counting from 0)."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(attempt, 16))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not a secret)
+
+
+def redact(url: str) -> str:
+    """A server URL fit for logs: the shared credential stays out of them."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 4222}"
+
+
+def _listening(servers: Iterable[str]) -> bool:
+    for url in servers:
+        parts = urlsplit(url)
+        try:
+            with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=2):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+# --- The bridge -------------------------------------------------------------------
+
+
+class Bridge:
+    """One bridge process's state: its NATS connection, pending heartbeats and counters."""
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        prefix: str = "",
+        queue: str = QUEUE_GROUP,
+        batch_size: int = BATCH_SIZE,
+        flush_interval: float = FLUSH_INTERVAL,
+        stats_interval: float = STATS_INTERVAL,
+        writers: int = WRITERS,
+    ):
+        self.servers = servers
+        self.subjects = Subjects(prefix)
+        self.queue = queue
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.stats_interval = stats_interval
+        self.counters: Counter[str] = Counter()
+        # Set once subscribed, for whoever waits on the bridge from another thread.
+        self.ready = threading.Event()
+        self.writers = writers
+        # Threads for the writers, and two more so pairing and job states
+        # never wait behind heartbeat batches.
+        self._executor = ThreadPoolExecutor(writers + 2, thread_name_prefix="bridge-db")
+        self._pending: dict[str, tuple[EnhancedHeartbeat, datetime]] = {}
+        self._subscriptions: list[Subscription] = []
+        self._last_warned: dict[str, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._has_beats: asyncio.Event | None = None
+        self._batch_full: asyncio.Event | None = None
+        self._heartbeat_decoder = msgspec.json.Decoder(EnhancedHeartbeat)
+        self._status_decoder = msgspec.json.Decoder(JobStatus)
+        self._lease_decoder = msgspec.json.Decoder(LeaseRenewal)
+        self._pairing_decoder = msgspec.json.Decoder(PairingRequest)
+        self._register_decoder = msgspec.json.Decoder(RegisterHost)
+        self._encoder = msgspec.json.Encoder()
+
+    # --- Running and stopping ---
+
+    async def run(self) -> None:
+        """Connect (waiting for NATS as long as it takes), serve until stop(), then drain."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._has_beats = asyncio.Event()
+        self._batch_full = asyncio.Event()
+        try:
+            nc = await self._connect()
+            if nc is None:
+                return
+            await self._subscribe(nc)
+            flusher = asyncio.create_task(self._flush_loop())
+            stats = asyncio.create_task(self._stats_loop())
+            await self._stop.wait()
+            await self._drain(nc)
+            # The subscriptions are drained: every heartbeat received is pending
+            # now. The flusher writes them and ends once nothing is left.
+            self._has_beats.set()
+            self._batch_full.set()
+            await flusher
+            stats.cancel()
+        finally:
+            self._executor.shutdown(wait=True)
+            self.log_stats("bridge_stopped")
+
+    def stop(self) -> None:
+        """Ask the bridge to drain and stop; call it in the bridge's event loop."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def stop_threadsafe(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.stop)
+
+    async def _connect(self) -> NATS | None:
+        """Wait until a server listens, then connect; None if stopped first.
+
+        nats-py retries a failed first connect only at a fixed pace, so the
+        bridge waits with backoff until something listens, and from then on
+        nats-py reconnects forever (with the same backoff, through
+        reconnect_to_server_handler) and replays the subscriptions.
+        """
+        assert self._stop is not None
+        attempt = 0
+        where = ", ".join(redact(url) for url in self.servers)
+        while not await asyncio.to_thread(_listening, self.servers):
+            delay = backoff(attempt)
+            if attempt == 0 or attempt % 10 == 0:
+                logger.warning(
+                    "event=nats_unreachable servers=%s retry_in=%.1fs attempt=%d", where, delay, attempt + 1
+                )
+            attempt += 1
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                return None
+            except TimeoutError:
+                continue
+        nc = NATS()
+        connecting = asyncio.create_task(
+            nc.connect(
+                servers=self.servers,
+                name="archipelag-nats-bridge",
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=BACKOFF_FIRST,  # type: ignore[arg-type]
+                reconnect_to_server_handler=self._reconnect_to,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+        )
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await nc.close()
+            return None
+        connecting.result()
+        logger.info("event=nats_connected servers=%s", where)
+        return nc
+
+    async def _subscribe(self, nc: NATS) -> None:
+        handlers: list[tuple[str, Callable[[Any], Any]]] = [
+            (self.subjects.pairing, self.on_pairing),
+            (self.subjects.register, self.on_register),
+            (self.subjects.of_hosts("heartbeat"), self.on_heartbeat),
+            (self.subjects.of_hosts("status"), self.on_status),
+            (self.subjects.of_hosts("lease"), self.on_lease),
+            (self.subjects.of_hosts("ping"), self.on_ping),
+        ]
+        self._subscriptions = [
+            await nc.subscribe(subject, queue=self.queue, cb=handler) for subject, handler in handlers
+        ]
+        await nc.flush()
+        logger.info(
+            "event=bridge_ready queue=%s subjects=%s batch_size=%d flush_ms=%d",
+            self.queue,
+            ",".join(subject for subject, _ in handlers),
+            self.batch_size,
+            int(self.flush_interval * 1000),
+        )
+        self.ready.set()
+
+    async def _drain(self, nc: NATS) -> None:
+        """Stop taking messages but handle every one already delivered, then close."""
+        logger.info("event=bridge_draining")
+        # nats-py refuses to drain while reconnecting; give a reconnect a moment.
+        for _ in range(50):
+            if not nc.is_reconnecting:
+                break
+            await asyncio.sleep(0.1)
+        try:
+            await nc.drain()
+        except (ConnectionClosedError, ConnectionReconnectingError) as exc:
+            logger.warning("event=nats_drain_failed error=%r; closing", exc)
+            await nc.close()
+
+    def _reconnect_to(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+        server = min(servers, key=lambda server: server.reconnects)
+        return server, backoff(server.reconnects)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            # The client dropped messages because a handler fell behind.
+            self.counters["slow_consumer_drops"] += 1
+            self.warn("slow_consumer", "event=nats_slow_consumer subject=%s", exc.subject)
+            return
+        self.counters["nats_errors"] += 1
+        self.warn("nats_error", "event=nats_error error=%r", exc)
+
+    async def _on_disconnected(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            return  # our own drain closed the connection
+        self.counters["disconnects"] += 1
+        logger.warning("event=nats_disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.counters["reconnects"] += 1
+        logger.info("event=nats_reconnected")
+
+    # --- Bookkeeping ---
+
+    def warn(self, kind: str, message: str, *args: Any) -> None:
+        """Log a warning of this kind unless one was logged in the last WARN_EVERY seconds."""
+        now = time.monotonic()
+        if now - self._last_warned.get(kind, -WARN_EVERY) >= WARN_EVERY:
+            self._last_warned[kind] = now
+            logger.warning(message, *args)
+
+    def reject(self, kind: str, subject: str, reason: str) -> None:
+        self.counters[f"rejected_{kind}"] += 1
+        self.warn(
+            kind,
+            "event=nats_message_rejected kind=%s subject=%s reason=%r",
+            kind,
+            subject[:200],
+            reason[:200],
+        )
+
+    def log_stats(self, event: str = "bridge_stats") -> None:
+        pairs = " ".join(f"{name}={count}" for name, count in sorted(self.counters.items()))
+        logger.info("event=%s pending=%d %s", event, len(self._pending), pairs)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.stats_interval)
+            self.log_stats()
+
+    async def _db[T](self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._executor, _with_connection, fn, *args)
+
+    def _decode[T](
+        self, decoder: msgspec.json.Decoder[T], msg: Message, kind: str, max_bytes: int
+    ) -> T | None:
+        if len(msg.data) > max_bytes:
+            self.reject(f"{kind}_too_large", msg.subject, f"{len(msg.data)} bytes, at most {max_bytes}")
+            return None
+        if not msg.data.strip():
+            self.reject(f"{kind}_malformed", msg.subject, "body is empty")
+            return None
+        try:
+            return decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self.reject(f"{kind}_malformed", msg.subject, describe_validation_error(exc))
+            return None
+
+    async def _reply(self, msg: Message, answer: PairingAnswer) -> None:
+        try:
+            await msg.respond(self._encoder.encode(answer))
+        except Exception as exc:  # a closed connection or a bad inbox must not stop the bridge
+            self.counters["reply_failed"] += 1
+            self.warn("reply_failed", "event=nats_reply_failed subject=%s error=%r", msg.subject, exc)
+
+    # --- Handlers: one per subject, each swallowing whatever its input does ---
+
+    async def on_pairing(self, msg: Message) -> None:
+        self.counters["pairing_requests"] += 1
+        if not msg.reply:
+            # Nobody would see the code: not worth drawing one.
+            self.reject("pairing_without_reply", msg.subject, "a pairing request needs a reply subject")
+            return
+        if len(msg.data) > DEFAULT_MAX_BODY_BYTES:
+            self.reject("pairing_too_large", msg.subject, f"{len(msg.data)} bytes")
+            await self._reply(
+                msg, {"success": False, "error": f"body too large: at most {DEFAULT_MAX_BODY_BYTES} bytes"}
+            )
+            return
+        try:
+            request = self._pairing_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            error = (
+                describe_validation_error(exc) if msg.data.strip() else "body is empty: send a JSON object"
+            )
+            self.reject("pairing_malformed", msg.subject, error)
+            await self._reply(msg, {"success": False, "error": error})
+            return
+        try:
+            outcome, answer = await self._db(issue_code, request)
+        except Exception:
+            logger.exception("event=pairing_failed host_id=%s", request.host_id)
+            outcome, answer = (
+                "failed",
+                {"success": False, "error": "the coordinator could not issue a code; try again later"},
+            )
+        self.counters[f"pairing_{outcome}"] += 1
+        await self._reply(msg, answer)
+
+    async def on_register(self, msg: Message) -> None:
+        self.counters["registrations"] += 1
+        registration = self._decode(self._register_decoder, msg, "register", DEFAULT_MAX_BODY_BYTES)
+        if registration is None:
+            return
+        capabilities = cast(Capabilities, capabilities_dict(registration.capabilities))
+        try:
+            linked = await self._db(
+                take_registration, registration.host_id, capabilities, registration.version
+            )
+        except Exception:
+            self.counters["register_failed"] += 1
+            logger.exception("event=register_failed host_id=%s", registration.host_id)
+            return
+        self.counters["register_linked" if linked else "register_unlinked"] += 1
+
+    async def on_heartbeat(self, msg: Message) -> None:
+        received_at = timezone.now()
+        self.counters["heartbeats_received"] += 1
+        host_id = self.subjects.host_id(msg.subject, "heartbeat")
+        if host_id is None:
+            self.reject("heartbeat_subject", msg.subject, "the subject names no valid host_id")
+            return
+        heartbeat = self._decode(self._heartbeat_decoder, msg, "heartbeat", HEARTBEAT_MAX_BODY_BYTES)
+        if heartbeat is None:
+            return
+        if heartbeat.host_id is not None and heartbeat.host_id != host_id:
+            # One host speaking for another: a bug or a forgery. Neither counts.
+            self.reject("heartbeat_host_mismatch", msg.subject, f"body names host_id {heartbeat.host_id!r}")
+            return
+        self.enqueue_heartbeat(host_id, heartbeat, received_at)
+
+    def enqueue_heartbeat(self, host_id: str, heartbeat: EnhancedHeartbeat, received_at: datetime) -> None:
+        if host_id in self._pending:
+            # Latest per host wins: the older beat would be overwritten in the same write.
+            self.counters["heartbeats_superseded"] += 1
+        elif len(self._pending) >= MAX_PENDING_HOSTS:
+            self.counters["heartbeats_dropped_backlog"] += 1
+            self.warn("backlog", "event=heartbeat_backlog_full hosts=%d", len(self._pending))
+            return
+        self._pending[host_id] = (heartbeat, received_at)
+        if self._has_beats is not None and self._batch_full is not None:
+            self._has_beats.set()
+            if len(self._pending) >= self.batch_size:
+                self._batch_full.set()
+
+    async def on_status(self, msg: Message) -> None:
+        self.counters["statuses_received"] += 1
+        host_id = self.subjects.host_id(msg.subject, "status")
+        if host_id is None:
+            self.reject("status_subject", msg.subject, "the subject names no valid host_id")
+            return
+        status = self._decode(self._status_decoder, msg, "status", DEFAULT_MAX_BODY_BYTES)
+        if status is None:
+            return
+        if status.job_id is None:
+            self.reject("status_malformed", msg.subject, "invalid job_id: required over NATS")
+            return
+        try:
+            outcome = await self._db(apply_job_status, host_id, status)
+        except Exception:
+            self.counters["status_failed"] += 1
+            logger.exception("event=job_status_failed host_id=%s job_id=%s", host_id, status.job_id)
+            return
+        self.counters[f"status_{outcome}"] += 1
+
+    async def on_lease(self, msg: Message) -> None:
+        self.counters["leases_received"] += 1
+        host_id = self.subjects.host_id(msg.subject, "lease")
+        if host_id is None:
+            self.reject("lease_subject", msg.subject, "the subject names no valid host_id")
+            return
+        renewal = self._decode(self._lease_decoder, msg, "lease", DEFAULT_MAX_BODY_BYTES)
+        if renewal is None:
+            return
+        try:
+            outcome = await self._db(renew_lease, host_id, renewal)
+        except Exception:
+            self.counters["lease_failed"] += 1
+            logger.exception("event=lease_failed host_id=%s job_id=%s", host_id, renewal.job_id)
+            return
+        self.counters[f"lease_{outcome}"] += 1
+
+    async def on_ping(self, msg: Message) -> None:
+        # The agent measures its round trip with this; the body does not matter.
+        self.counters["pings"] += 1
+        if msg.reply:
+            try:
+                await msg.respond(b"pong")
+            except Exception:
+                self.counters["reply_failed"] += 1
+
+    # --- Heartbeat batches ---
+
+    async def _flush_loop(self) -> None:
+        """Write a batch whenever `batch_size` hosts are waiting or the oldest waited `flush_interval`.
+
+        Up to `writers` batches are written at once, so one batch's Python
+        work overlaps another's wait for PostgreSQL; while they are written
+        the next batch gathers, so batches grow by themselves when the
+        database is the bottleneck. Two batches never hold the same host's
+        beat, and record_heartbeats drops a beat older than the one recorded,
+        so the order batches commit in does not matter.
+        """
+        assert self._stop is not None and self._has_beats is not None and self._batch_full is not None
+        slots = asyncio.Semaphore(self.writers)
+        in_flight: set[asyncio.Task[bool]] = set()
+
+        async def write(batch: list[Heartbeat]) -> bool:
+            try:
+                return await self.write(batch)
+            finally:
+                slots.release()
+
+        while True:
+            await self._has_beats.wait()
+            if not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._batch_full.wait(), timeout=self.flush_interval)
+            await slots.acquire()
+            batch = self.take_batch()
+            if batch:
+                task = asyncio.create_task(write(batch))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            else:
+                slots.release()
+            if self._stop.is_set() and not self._pending:
+                # Stopping, and every beat received is in a batch: wait for them.
+                # A batch the database refused now is lost, and logged as such.
+                written = await asyncio.gather(*in_flight)
+                if self._pending and all(written):
+                    continue
+                if self._pending:
+                    self.counters["heartbeats_lost_at_stop"] += len(self._pending)
+                    logger.error("event=heartbeats_lost_at_stop count=%d", len(self._pending))
+                return
+
+    def take_batch(self) -> list[Heartbeat]:
+        """Take up to MAX_BATCH waiting heartbeats, oldest host first."""
+        assert self._has_beats is not None and self._batch_full is not None
+        hosts = list(itertools.islice(self._pending, MAX_BATCH))
+        batch = [(host_id, *self._pending.pop(host_id)) for host_id in hosts]
+        if not self._pending:
+            self._has_beats.clear()
+        if len(self._pending) < self.batch_size:
+            self._batch_full.clear()
+        return batch
+
+    async def write(self, batch: list[Heartbeat]) -> bool:
+        """Write one batch in one transaction; False (and the beats back in line) if the database failed."""
+        assert self._has_beats is not None
+        try:
+            applied = await self._db(record_heartbeats, batch)
+        except Exception:
+            logger.exception("event=heartbeat_batch_failed size=%d; retrying", len(batch))
+            self.counters["heartbeat_batches_failed"] += 1
+            # Put them back unless the same host beat again meanwhile.
+            for host_id, heartbeat, received_at in batch:
+                self._pending.setdefault(host_id, (heartbeat, received_at))
+            self._has_beats.set()
+            await asyncio.sleep(1.0)
+            return False
+        self.counters["heartbeat_batches"] += 1
+        self.counters["heartbeats_applied"] += applied
+        # Unknown, unlinked or removed hosts, and the rare beat older than
+        # one already recorded: counted, never written.
+        self.counters["heartbeats_not_applied"] += len(batch) - applied
+        return True

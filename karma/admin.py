@@ -1,0 +1,166 @@
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.db.models import QuerySet
+from django.forms import BaseInlineFormSet
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+
+from islands.models import Island
+from karma.models import MAX_ADJUSTMENT, REASON_MAX_LENGTH, KarmaEvent, UptimeSweep
+
+# The Island page in the admin shows the newest events; the full list is one
+# filter away in Karma events.
+INLINE_EVENTS = 20
+
+
+class KarmaAdjustmentForm(forms.Form):
+    delta = forms.DecimalField(
+        label="Change",
+        max_digits=6,
+        decimal_places=2,
+        min_value=-MAX_ADJUSTMENT,
+        max_value=MAX_ADJUSTMENT,
+        help_text="Points to add (negative to take away); karma stays between 0 and 100.",
+    )
+    reason = forms.CharField(
+        max_length=REASON_MAX_LENGTH,
+        # Required and stripped: a blank reason is refused.
+        help_text="Shown to the Island's owner with the change.",
+    )
+
+    def clean_delta(self) -> Decimal:
+        delta: Decimal = self.cleaned_data["delta"]
+        if delta == 0:
+            raise forms.ValidationError("A change of zero changes nothing.")
+        return delta
+
+
+@admin.action(description="Adjust karma of selected Islands…")
+def adjust_karma(
+    modeladmin: admin.ModelAdmin[Island], request: HttpRequest, queryset: QuerySet[Island]
+) -> TemplateResponse | None:
+    """Ask for a change and a reason, then record one admin KarmaEvent per Island."""
+    form = KarmaAdjustmentForm(request.POST if "apply" in request.POST else None)
+    if form.is_valid():
+        delta, reason = form.cleaned_data["delta"], form.cleaned_data["reason"]
+        for island in queryset:
+            KarmaEvent.objects.adjust(island, delta, reason, by=request.user)  # type: ignore[arg-type]
+        modeladmin.message_user(
+            request, f"Adjusted the karma of {len(queryset)} Island(s) by {delta:+}.", messages.SUCCESS
+        )
+        return None
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": "Adjust karma",
+        "opts": modeladmin.model._meta,
+        "islands": queryset,
+        "form": form,
+        "action_checkbox_name": ACTION_CHECKBOX_NAME,
+    }
+    return TemplateResponse(request, "admin/karma/adjust_karma.html", context)
+
+
+class NewestEvents(BaseInlineFormSet):  # type: ignore[type-arg]
+    def get_queryset(self) -> QuerySet[Any]:
+        return super().get_queryset()[:INLINE_EVENTS]
+
+
+class KarmaEventInline(admin.TabularInline[KarmaEvent, Island]):
+    """For IslandAdmin: the Island's newest karma events, read-only."""
+
+    model = KarmaEvent
+    fk_name = "island"
+    formset = NewestEvents
+    ordering = ["-id"]
+    fields = readonly_fields = ("effective_at", "cause", "delta", "score_after", "reason", "created_at")
+    verbose_name_plural = f"Karma events (newest {INLINE_EVENTS})"
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(KarmaEvent)
+class KarmaEventAdmin(admin.ModelAdmin[KarmaEvent]):
+    """The karma ledger: read-only. Adjustments are made from the Islands list."""
+
+    list_display = [
+        "effective_at",
+        "island",
+        "cause",
+        "signed_delta",
+        "requested_delta",
+        "score_after",
+        "reason",
+        "created_at",
+    ]
+    list_filter = [
+        "cause",
+        ("island", admin.RelatedOnlyFieldListFilter),
+        "effective_at",
+        "created_at",
+    ]
+    search_fields = ["reason", "island__name", "island__host_id", "island__owner__username", "job__job_id"]
+    list_select_related = ["island"]
+    date_hierarchy = "effective_at"
+    fields = readonly_fields = (
+        "island",
+        "cause",
+        "reason",
+        "requested_delta",
+        "delta",
+        "score_after",
+        "effective_at",
+        "created_at",
+        "job",
+        "status_change",
+        "step",
+        "day",
+        "actor",
+    )
+
+    @admin.display(description="Change", ordering="delta")
+    def signed_delta(self, obj: KarmaEvent) -> str:
+        return f"{obj.delta:+}"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: KarmaEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: KarmaEvent | None = None) -> bool:
+        return False
+
+
+@admin.register(UptimeSweep)
+class UptimeSweepAdmin(admin.ModelAdmin[UptimeSweep]):
+    """The days the uptime rule has judged; written by the watcher."""
+
+    list_display = ["day", "judged_at", "rewarded"]
+    list_filter = ["day"]
+    search_fields = ["day"]
+    date_hierarchy = "day"
+    fields = readonly_fields = ("day", "judged_at", "rewarded")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: UptimeSweep | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: UptimeSweep | None = None) -> bool:
+        return False
