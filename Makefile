@@ -21,6 +21,10 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet ".[dev]"
 	touch $(VENV)/.installed $@
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet ".[dev,bench]"
+	touch $(VENV)/.installed $(VENV)/.installed-dev $@
+
 ## Run the service on the embedded defaults: SQLite, in-memory channel layer.
 run: $(VENV)/.installed
 	$(BIN)/python manage.py migrate --noinput
@@ -30,6 +34,12 @@ run: $(VENV)/.installed
 ## chromium skip, saying why, when those are not configured or installed.
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Run every benchmark on this machine's PostgreSQL and Redis (started when
+## missing), each on a database of its own; see docs/performance.md.
+## BENCH_ARGS names some of them, e.g. BENCH_ARGS=heartbeats.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

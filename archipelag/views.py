@@ -10,6 +10,7 @@ from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,18 @@ def signup(request: HttpRequest) -> HttpResponse:
         return redirect(next_url or "islands:settings")
     context = {"form": form, "next": next_url}
     return render(request, "registration/signup.html", context, status=400 if form.errors else 200)
+
+
+@csrf_exempt
+@require_http_methods(["GET", "POST"])
+def ping(request: HttpRequest) -> JsonResponse:
+    """The cheapest JSON answer the stack can give: no database, no channel layer.
+
+    Clients may use it to check they reach the coordinator; the benchmarks
+    use it as the framework's own cost, next to the heartbeat (see
+    docs/performance.md). A POST body is accepted and not read.
+    """
+    return JsonResponse({"success": True})
 
 
 def _database_ok() -> None:

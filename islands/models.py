@@ -1,6 +1,7 @@
+import enum
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -53,6 +54,26 @@ MAX_JOB_CREDITS = Decimal("99999999")
 # auth) or by host_id (NATS, where the subject names the host).
 type IslandKey = uuid.UUID | str
 type HeartbeatIn = tuple[IslandKey, EnhancedHeartbeat, datetime]
+# The HTTP path names the Island by the hash of the token it presented.
+type TokenHeartbeat = tuple[str, EnhancedHeartbeat, datetime]
+
+
+def hash_token(token: str) -> str | None:
+    """The stored hash of an Island API token, or None when it cannot be one."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+        return None
+    return hash_secret(token)
+
+
+class TokenHeartbeatOutcome(enum.Enum):
+    """What became of one beat of Island.objects.record_heartbeats_with_tokens."""
+
+    # Written, or older than what is already recorded: either way the Island's row is current.
+    ACCEPTED = "accepted"
+    # No active Island holds this token (unknown, revoked, expired, or removed).
+    UNAUTHORIZED = "unauthorized"
+    # The body names a host other than the token's Island; nothing was written for it.
+    WRONG_HOST = "wrong_host"
 
 
 def offline_threshold() -> timedelta:
@@ -67,6 +88,21 @@ class AppliedHeartbeat:
     key: IslandKey
     island: "Island"
     changes: list["StatusChange"]
+
+
+def _locked(islands: "IslandQuerySet", *also: str) -> list["Island"]:
+    """Lock these Islands' rows for a heartbeat write and read them.
+
+    The row locks make the status read here and the write that follows one
+    compare-and-set with respect to the watcher, so a transition is recorded
+    by exactly one of them. Locking in pk order keeps two concurrent batches
+    from deadlocking; NO KEY leaves inserting jobs for these Islands unblocked.
+    Only what a heartbeat reads or may keep is loaded (and the name, which
+    save() checks, and the fields in `also`): loading whole rows was most of
+    a large batch's cost. Every heartbeat replaces the JSON columns.
+    """
+    kept = (name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
+    return list(islands.only("host_id", "name", *also, *kept).select_for_update(no_key=True).order_by("pk"))
 
 
 class IslandQuerySet(models.QuerySet["Island"]):
@@ -148,14 +184,16 @@ class IslandManager(models.Manager["Island"]):
         Only the token's hash is stored, so a lookup hashes what was presented.
         Removed Islands have no token hash; expired tokens are refused here.
         """
-        if not token.startswith(TOKEN_PREFIX) or len(token) > 128:
+        token_hash = hash_token(token)
+        if token_hash is None:
             return None
-        now = now or timezone.now()
-        return (
-            self.active()
-            .filter(token_hash=hash_secret(token))
-            .filter(Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
-            .first()
+        return self.holding_token(token_hash, now or timezone.now()).first()
+
+    def holding_token(self, token_hashes: str | Iterable[str], now: datetime) -> IslandQuerySet:
+        """Active Islands whose unexpired API token hashes to one of `token_hashes`."""
+        hashes = [token_hashes] if isinstance(token_hashes, str) else list(token_hashes)
+        return self.active().filter(
+            Q(token_hash__in=hashes) & (Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
         )
 
     def record_heartbeats(
@@ -180,42 +218,71 @@ class IslandManager(models.Manager["Island"]):
                 latest[key] = (heartbeat, received_at)
         if not latest:
             return []
+        with transaction.atomic():
+            islands = _locked(self.active().filter(**{f"{by}__in": list(latest)}))
+            return self._apply_locked(
+                islands, latest, lambda island: island.pk if by == "pk" else island.host_id
+            )
+
+    def record_heartbeats_with_tokens(
+        self, beats: Sequence[TokenHeartbeat], now: datetime | None = None
+    ) -> list["TokenHeartbeatOutcome"]:
+        """The HTTP heartbeat's batch: the token check folded into the write.
+
+        Each beat is (token hash, heartbeat, received_at); the answer has one
+        outcome per beat, in order. The locking read that finds the Islands
+        is also the token check, so a whole batch costs one SELECT, one
+        UPDATE and, when a status changed, one INSERT, in one transaction, and
+        a token revoked before that read is refused in it, even when other
+        beats of the batch are written. Otherwise as record_heartbeats: the
+        latest beat per Island wins, and an older one is accepted unapplied.
+        """
+        now = now or timezone.now()
+        with transaction.atomic():
+            islands = _locked(
+                self.holding_token({token_hash for token_hash, _, _ in beats}, now), "token_hash"
+            )
+            by_token = {island.token_hash: island for island in islands}
+            outcomes: list[TokenHeartbeatOutcome] = []
+            latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
+            for token_hash, heartbeat, received_at in beats:
+                island = by_token.get(token_hash)
+                if island is None:
+                    outcomes.append(TokenHeartbeatOutcome.UNAUTHORIZED)
+                elif heartbeat.host_id is not None and heartbeat.host_id != island.host_id:
+                    outcomes.append(TokenHeartbeatOutcome.WRONG_HOST)
+                else:
+                    outcomes.append(TokenHeartbeatOutcome.ACCEPTED)
+                    if island.pk not in latest or received_at >= latest[island.pk][1]:
+                        latest[island.pk] = (heartbeat, received_at)
+            wanted = [island for island in islands if island.pk in latest]
+            self._apply_locked(wanted, latest, lambda island: island.pk)
+        return outcomes
+
+    def _apply_locked(
+        self,
+        islands: Iterable["Island"],
+        latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]],
+        key_of: Callable[["Island"], IslandKey],
+    ) -> list[AppliedHeartbeat]:
+        """Apply each Island's latest beat to its locked row, and save them all at once."""
         threshold = offline_threshold()
         applied: list[AppliedHeartbeat] = []
-        with transaction.atomic():
-            # The row locks make the status read here and the write below one
-            # compare-and-set with respect to the watcher, so a transition is
-            # recorded by exactly one of them. Locking in pk order keeps two
-            # concurrent batches from deadlocking; NO KEY leaves inserting jobs
-            # for these Islands unblocked.
-            islands = (
-                self.active()
-                .filter(**{f"{by}__in": list(latest)})
-                # Only what a heartbeat reads or may keep (and the name, which
-                # save() checks): loading whole rows was most of a large
-                # batch's cost. Every heartbeat replaces the JSON columns.
-                .only(
-                    "host_id", "name", *(name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
-                )
-                .select_for_update(no_key=True)
-                .order_by("pk")
-            )
-            for island in islands:
-                key = island.pk if by == "pk" else island.host_id
-                heartbeat, received_at = latest[key]
-                if island.last_heartbeat_at is not None and received_at < island.last_heartbeat_at:
-                    continue
-                changes = island.apply_heartbeat(heartbeat, received_at, threshold)
-                applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
-            if len(applied) == 1:
-                # The HTTP case: a plain UPDATE of one row is cheaper to plan than CASE.
-                applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
-            elif applied:
-                self._write_heartbeat_fields([beat.island for beat in applied])
-            if applied:
-                changes = [change for beat in applied for change in beat.changes]
-                if changes:
-                    StatusChange.objects.bulk_create(changes)
+        for island in islands:
+            key = key_of(island)
+            heartbeat, received_at = latest[key]
+            if island.last_heartbeat_at is not None and received_at < island.last_heartbeat_at:
+                continue
+            changes = island.apply_heartbeat(heartbeat, received_at, threshold)
+            applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
+        if len(applied) == 1:
+            # A plain UPDATE of one row is cheaper to plan than CASE.
+            applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
+        elif applied:
+            self._write_heartbeat_fields([beat.island for beat in applied])
+        changes = [change for beat in applied for change in beat.changes]
+        if changes:
+            StatusChange.objects.bulk_create(changes)
         return applied
 
     def _write_heartbeat_fields(self, islands: list["Island"]) -> None:

@@ -14,6 +14,7 @@ from archipelag.api import ApiError, bearer_token, json_api, parse_body
 from archipelag.htmx import HtmxHttpRequest
 from islands.agent import EnhancedHeartbeat, JobAssignment, JobStatus
 from islands.forms import RenameIslandForm
+from islands.groupcommit import GroupCommit
 from islands.models import (
     CREDITS_PLACES,
     MAX_JOB_CREDITS,
@@ -24,6 +25,9 @@ from islands.models import (
     Job,
     JobNotFound,
     JobStateConflict,
+    TokenHeartbeat,
+    TokenHeartbeatOutcome,
+    hash_token,
 )
 
 logger = logging.getLogger("archipelag.islands")
@@ -32,6 +36,7 @@ logger = logging.getLogger("archipelag.islands")
 # four times the usual API limit leaves room without inviting abuse.
 HEARTBEAT_MAX_BODY_BYTES = 64 * 1024
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+UNAUTHORIZED = "unknown, revoked or expired token: send Authorization: Bearer <token>"
 # An Island polling for work gets at most this many jobs at once.
 POLL_LIMIT = 32
 # The Island page lists this many of its newest karma events.
@@ -52,27 +57,44 @@ def _calling_island(request: HttpRequest) -> Island:
     token = bearer_token(request)
     island = Island.objects.authenticate(token) if token else None
     if island is None:
-        raise ApiError(
-            401, "unknown, revoked or expired token: send Authorization: Bearer <token>", BEARER_CHALLENGE
-        )
+        raise ApiError(401, UNAUTHORIZED, BEARER_CHALLENGE)
     return island
 
 
 # --- The Island's side: JSON API -------------------------------------------
 
 
+# Heartbeats arriving together are written in one transaction; each request
+# still answers only once its own beat is committed (see islands/groupcommit.py).
+heartbeat_commits: GroupCommit[TokenHeartbeat, TokenHeartbeatOutcome] = GroupCommit(
+    lambda beats: Island.objects.record_heartbeats_with_tokens(beats)
+)
+
+
 @json_api
 def api_heartbeat(request: HttpRequest) -> HttpResponse:
+    """Record an Island's heartbeat: 200 once it is committed.
+
+    The token is checked by the same locking read that writes the beat, in a
+    batch with the heartbeats arriving at the same moment, so a heartbeat
+    costs no query of its own.
+    """
     received_at = timezone.now()
-    island = _calling_island(request)
-    heartbeat = parse_body(request, EnhancedHeartbeat, HEARTBEAT_MAX_BODY_BYTES)
-    if heartbeat.host_id is not None and heartbeat.host_id != island.host_id:
+    token_hash = hash_token(bearer_token(request) or "")
+    if token_hash is None:
+        raise ApiError(401, UNAUTHORIZED, BEARER_CHALLENGE)
+    try:
+        heartbeat = parse_body(request, EnhancedHeartbeat, HEARTBEAT_MAX_BODY_BYTES)
+    except ApiError:
+        # An unknown token is told so before its body is judged, as on every
+        # endpoint; a query only on this rare path.
+        _calling_island(request)
+        raise
+    outcome = heartbeat_commits.submit((token_hash, heartbeat, received_at))
+    if outcome is TokenHeartbeatOutcome.UNAUTHORIZED:
+        raise ApiError(401, UNAUTHORIZED, BEARER_CHALLENGE)
+    if outcome is TokenHeartbeatOutcome.WRONG_HOST:
         raise ApiError(403, "host_id is not the host of the Island this token belongs to")
-    applied = Island.objects.record_heartbeats([(island.pk, heartbeat, received_at)])
-    # Not applied: removed since the token was checked, or a newer heartbeat
-    # of this Island overtook this one (which is fine, and still a success).
-    if not applied and not Island.objects.active().filter(pk=island.pk).exists():
-        raise ApiError(401, "this Island was removed; its token no longer works", BEARER_CHALLENGE)
     return JsonResponse({"success": True})
 
 

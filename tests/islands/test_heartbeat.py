@@ -406,13 +406,14 @@ def test_a_heartbeat_costs_the_same_with_a_long_history(beat, island):
     )
     late = queries_for_one_beat()
     assert len(late) == len(early)
-    # Token lookup, the locking read and the update (plus savepoint bookkeeping).
+    # The locking read, which is also the token check, and the update (plus
+    # savepoint bookkeeping).
     work = [
         sql
         for sql in late
         if not sql.upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN", "COMMIT"))
     ]
-    assert len(work) == 3, work
+    assert len(work) == 2, work
 
 
 # --- record_heartbeats, the method the NATS bridge shares --------------------------

@@ -1,0 +1,99 @@
+"""Group commit: requests arriving together share one transaction.
+
+Under daphne every synchronous view runs in a thread of its own. Without
+this, each heartbeat pays for its own token lookup, locking read, UPDATE and
+COMMIT, and compiling those queries costs more CPU than Django's whole
+request cycle (docs/performance.md has the profile). With it, the first
+request to arrive writes its beat at once (the *leader*); requests arriving
+while that transaction runs queue up, and when it commits the oldest of them
+leads the next batch, which takes everything queued by then. A batch is one
+call of `write`, so under load the statements and the commit are shared by
+dozens of requests, and at low load a request waits for nobody.
+
+Every request still waits for the commit of the batch that holds its item
+and gets that item's own result, so a success still means "written". If the
+batch fails, every request in it fails: nothing of the batch was written.
+A leader writes on its own thread, so it uses its own request's database
+connection, exactly as a plain view would; followers touch no connection.
+"""
+
+import threading
+from collections.abc import Callable, Sequence
+
+
+class GroupCommitFailed(Exception):
+    """The batch holding this request's item failed; the cause is chained."""
+
+
+class _Pending[T, R]:
+    __slots__ = ("error", "item", "lead", "result", "woken")
+
+    def __init__(self, item: T):
+        self.item = item
+        self.woken = threading.Event()
+        # Set by the previous leader when this request is to lead the next batch.
+        self.lead = False
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit[T, R]:
+    """Run `write(items) -> results` (one result per item, in order) for batches of concurrent items."""
+
+    def __init__(self, write: Callable[[Sequence[T]], Sequence[R]], max_batch: int = 200):
+        self._write = write
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        # Invariant: the queue is empty whenever nobody is writing, so the
+        # request that finds nobody writing is first in the queue.
+        self._queue: list[_Pending[T, R]] = []
+        self._writing = False
+
+    @property
+    def waiting(self) -> int:
+        """How many items are queued behind the batch being written."""
+        with self._lock:
+            return len(self._queue)
+
+    def submit(self, item: T) -> R:
+        """Write `item` in the next batch and return its result once that batch committed."""
+        pending: _Pending[T, R] = _Pending(item)
+        with self._lock:
+            self._queue.append(pending)
+            leads = not self._writing
+            self._writing = True
+        if not leads:
+            pending.woken.wait()
+        if leads or pending.lead:
+            self._lead()
+        if pending.error is not None:
+            if pending.lead or leads:
+                raise pending.error
+            raise GroupCommitFailed("the batch holding this item failed") from pending.error
+        return pending.result  # type: ignore[return-value]
+
+    def _lead(self) -> None:
+        with self._lock:
+            # The leader is first in the queue (see the invariant), so its own
+            # item is always in the batch it writes.
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+        successor: _Pending[T, R] | None = None
+        try:
+            results = self._write([pending.item for pending in batch])
+            for pending, result in zip(batch, results, strict=True):
+                pending.result = result
+        except BaseException as exc:
+            for pending in batch:
+                pending.error = exc
+        finally:
+            with self._lock:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.lead = True
+                else:
+                    self._writing = False
+            for pending in batch[1:]:
+                pending.woken.set()
+            if successor is not None:
+                successor.woken.set()

@@ -1,0 +1,249 @@
+"""Heartbeats arriving together share one transaction, and each still waits for it."""
+
+import re
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from islands import views
+from islands.agent import EnhancedHeartbeat
+from islands.groupcommit import GroupCommit, GroupCommitFailed
+from islands.models import Island, StatusChange, TokenHeartbeatOutcome
+from pairing.codes import hash_secret
+from tests.islands.conftest import MINIMAL_HEARTBEAT, T0, make_island, post_json
+
+Outcome = TokenHeartbeatOutcome
+HEARTBEAT = "/api/v1/islands/heartbeat"
+
+
+def wait_until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def in_threads(function, arguments):
+    """Run function(argument) in one thread each; return results (or exceptions) in order."""
+    results: list[Any] = [None] * len(arguments)
+
+    def run(index, argument):
+        try:
+            results[index] = function(argument)
+        except Exception as exc:
+            results[index] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(n, a)) for n, a in enumerate(arguments)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+class GatedWriter:
+    """A batch writer whose first batch waits until the test opens the gate."""
+
+    def __init__(self, fail_batch=None):
+        self.batches = []
+        self.gate = threading.Event()
+        self.fail_batch = fail_batch
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        if len(self.batches) == 1:
+            assert self.gate.wait(10)
+        if len(self.batches) == self.fail_batch:
+            raise RuntimeError("database went away")
+        return [item * 10 for item in items]
+
+
+# --- The mechanism -------------------------------------------------------------
+
+
+def test_a_lone_item_is_written_at_once_in_a_batch_of_its_own():
+    batches: list[list[int]] = []
+
+    def write(items):
+        batches.append(list(items))
+        return [f"done {item}" for item in items]
+
+    commits: GroupCommit[int, str] = GroupCommit(write)
+    assert commits.submit(1) == "done 1"
+    assert commits.submit(2) == "done 2"
+    assert batches == [[1], [2]]
+
+
+def test_items_arriving_during_a_write_share_the_next_batch_and_get_their_own_results():
+    writer = GatedWriter()
+    commits = GroupCommit(writer)
+    first, first_result = in_threads(commits.submit, [1])
+    wait_until(lambda: len(writer.batches) == 1)
+    others, results = in_threads(commits.submit, list(range(2, 12)))
+    wait_until(lambda: commits.waiting == 10)
+    writer.gate.set()
+    for thread in first + others:
+        thread.join(10)
+    assert first_result == [10]
+    assert results == [n * 10 for n in range(2, 12)]
+    assert [sorted(batch) for batch in writer.batches] == [[1], list(range(2, 12))]
+    assert commits.waiting == 0
+
+
+def test_a_request_waits_for_the_commit_of_its_own_batch():
+    writer = GatedWriter()
+    commits = GroupCommit(writer)
+    threads, results = in_threads(commits.submit, [1])
+    wait_until(lambda: len(writer.batches) == 1)
+    time.sleep(0.05)
+    assert results == [None] and threads[0].is_alive()
+    writer.gate.set()
+    threads[0].join(10)
+    assert results == [10]
+
+
+def test_a_failed_batch_fails_every_request_in_it_and_the_next_batch_still_runs():
+    writer = GatedWriter(fail_batch=2)
+    commits = GroupCommit(writer)
+    first, _ = in_threads(commits.submit, [1])
+    wait_until(lambda: len(writer.batches) == 1)
+    doomed, results = in_threads(commits.submit, [2, 3, 4])
+    wait_until(lambda: commits.waiting == 3)
+    writer.gate.set()
+    for thread in first + doomed:
+        thread.join(10)
+    # The leader of the failed batch sees the error itself; the others are told their batch failed.
+    assert sum(isinstance(result, RuntimeError) for result in results) == 1, results
+    assert sum(isinstance(result, GroupCommitFailed) for result in results) == 2, results
+    assert commits.submit(5) == 50
+
+
+def test_a_queue_longer_than_a_batch_is_written_in_several():
+    writer = GatedWriter()
+    commits = GroupCommit(writer, max_batch=4)
+    first, _ = in_threads(commits.submit, [0])
+    wait_until(lambda: len(writer.batches) == 1)
+    others, results = in_threads(commits.submit, list(range(1, 11)))
+    wait_until(lambda: commits.waiting == 10)
+    writer.gate.set()
+    for thread in first + others:
+        thread.join(10)
+    assert results == [n * 10 for n in range(1, 11)]
+    assert [len(batch) for batch in writer.batches] == [1, 4, 4, 2]
+
+
+# --- The heartbeat batch: the token check folded into the write ---------------------
+
+
+def statements(queries):
+    """The kinds of statements run, leaving out transaction bookkeeping.
+
+    Django logs an executemany() as one entry, "<n> times: <sql>".
+    """
+    kinds = [re.sub(r"^\d+ times: ", "", query["sql"]).split()[0] for query in queries.captured_queries]
+    return [kind for kind in kinds if kind in {"SELECT", "UPDATE", "INSERT", "DELETE"}]
+
+
+def beat(payload=None):
+    return msgspec.convert(payload or {"status": "online"}, EnhancedHeartbeat)
+
+
+def test_one_batch_sorts_out_good_revoked_expired_and_misaddressed_beats(alice, bob):
+    good = make_island(alice, "good-host-0001")
+    good_token = good.issue_token()
+    removed = make_island(alice, "removed-host-01")
+    removed_token = removed.issue_token()
+    removed.remove()
+    phone = make_island(bob, "phone-host-0001", kind=Island.Kind.MOBILE)
+    phone_token = phone.issue_token(now=T0 - timedelta(days=31))
+    other = make_island(bob, "other-host-0001")
+    other_token = other.issue_token()
+    batch = [
+        (hash_secret(good_token), beat({"host_id": "good-host-0001", "agent_version": "1"}), T0),
+        (hash_secret(removed_token), beat(), T0),
+        (hash_secret(phone_token), beat(), T0),
+        (hash_secret(other_token), beat({"host_id": "good-host-0001"}), T0),
+        (hash_secret(good_token), beat({"agent_version": "2"}), T0 + timedelta(seconds=1)),
+    ]
+    with CaptureQueriesContext(connection) as queries:
+        outcomes = Island.objects.record_heartbeats_with_tokens(batch, now=T0)
+    assert outcomes == [
+        Outcome.ACCEPTED,
+        Outcome.UNAUTHORIZED,
+        Outcome.UNAUTHORIZED,
+        Outcome.WRONG_HOST,
+        Outcome.ACCEPTED,
+    ]
+    good.refresh_from_db()
+    assert good.agent_version == "2"  # the latest beat of the Island wins
+    assert good.last_heartbeat_at == T0 + timedelta(seconds=1)
+    assert Island.objects.filter(last_heartbeat_at__isnull=False).count() == 1
+    assert list(StatusChange.objects.values_list("island", flat=True)) == [good.pk]
+    assert statements(queries) == ["SELECT", "UPDATE", "INSERT"]
+
+
+def test_a_batch_costs_the_same_for_two_tokens_or_two_hundred(alice):
+    def queries_for(count, prefix):
+        islands = [make_island(alice, f"{prefix}-{n:08d}") for n in range(count)]
+        batch = [(hash_secret(island.issue_token()), beat(), T0) for island in islands]
+        with CaptureQueriesContext(connection) as queries:
+            outcomes = Island.objects.record_heartbeats_with_tokens(batch, now=T0)
+        assert outcomes == [Outcome.ACCEPTED] * count
+        return len(queries.captured_queries)
+
+    assert queries_for(2, "small") == queries_for(200, "large")
+    assert Island.objects.filter(status=Island.Status.ONLINE).count() == 202
+
+
+# --- Through HTTP, with real threads on PostgreSQL ------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_heartbeats_share_a_batch_and_a_revoked_token_in_it_gets_401(postgres, alice, monkeypatch):
+    islands = [make_island(alice, f"batch-host-{n:04d}") for n in range(12)]
+    tokens = [island.issue_token() for island in islands]
+    real_write = Island.objects.record_heartbeats_with_tokens
+    gate = threading.Event()
+    batches = []
+
+    def gated_write(beats):
+        batches.append(len(beats))
+        if len(batches) == 1:
+            assert gate.wait(10)
+        return real_write(beats)
+
+    commits = GroupCommit(gated_write)
+    monkeypatch.setattr(views, "heartbeat_commits", commits)
+
+    def send(token):
+        return post_json(Client(), HEARTBEAT, MINIMAL_HEARTBEAT | {"host_id": None}, token).status_code
+
+    plug, plug_status = in_threads(send, [tokens[0]])
+    wait_until(lambda: len(batches) == 1)
+    # Removed while its beat waits in the queue: the batch's token check refuses it.
+    islands[5].remove()
+    wrong_host = tokens[6]
+    threads, statuses = in_threads(send, tokens[1:5] + tokens[7:])
+    wrong, wrong_status = in_threads(
+        lambda token: post_json(Client(), HEARTBEAT, {"host_id": "batch-host-0000"}, token).status_code,
+        [wrong_host],
+    )
+    revoked, revoked_status = in_threads(send, [tokens[5]])
+    wait_until(lambda: commits.waiting == 11)
+    gate.set()
+    for thread in plug + threads + wrong + revoked:
+        thread.join(10)
+    assert plug_status == [200]
+    assert statuses == [200] * 9
+    assert wrong_status == [403]
+    assert revoked_status == [401]
+    assert batches == [1, 11]
+    written = set(Island.objects.filter(last_heartbeat_at__isnull=False).values_list("host_id", flat=True))
+    assert written == {island.host_id for n, island in enumerate(islands) if n not in (5, 6)}
