@@ -159,15 +159,20 @@ if REDIS_URL:
     }
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # channels-redis's layer, with a pool that queues when it is full
+            # rather than raising (archipelag/channel_layer.py).
+            "BACKEND": "archipelag.channel_layer.RedisChannelLayer",
             "CONFIG": {
                 "hosts": [
                     {
                         "address": REDIS_URL,
                         # redis-py's async pool stops at 100 connections by
                         # default and raises MaxConnectionsError, which turns
-                        # a burst of websocket handshakes into 500s.
+                        # a burst of websocket handshakes into 500s. Ours is
+                        # larger, and past its size an operation waits up to
+                        # pool_timeout seconds for a connection.
                         "max_connections": env_int("CHANNEL_LAYER_MAX_CONNECTIONS", 2000),
+                        "pool_timeout": 10,
                         # channels-redis blocks in BZPOPMIN for 5 s; redis-py's
                         # 5 s default read timeout would race it and kill the
                         # consumer with "Timeout reading". Allow well over 5 s.
