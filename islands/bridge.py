@@ -194,6 +194,12 @@ def issue_code(request: PairingRequest) -> tuple[str, PairingAnswer]:
             "success": False,
             "error": f"too many pairing requests from {who}; retry in {exc.wait_words}",
         }
+    except ratelimit.Unavailable as exc:
+        # Closed, as over HTTP: an uncounted code is one more live code to guess.
+        return "unavailable", {
+            "success": False,
+            "error": f"pairing is unavailable for a moment; retry in {exc.wait_words}",
+        }
     registered = cache.get(_registration_key(host_id)) or {}
     # What the request itself says wins over what the host registered with.
     capabilities = cast(
