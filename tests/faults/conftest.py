@@ -15,6 +15,7 @@ PostgreSQL: the embedded run (SQLite) skips these tests, saying so, and
 
 import contextlib
 import os
+import re
 import select
 import signal
 import socket
@@ -297,6 +298,12 @@ class Process:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             pytest.fail(f"{self.name} did not stop within {timeout} s:\n{self.output()[-3000:]}")
+
+
+def bridge_counters(output: str, event: str = "bridge_stopped") -> dict[str, int]:
+    """The counters of the bridge's last `event=bridge_stats` or `event=bridge_stopped` line."""
+    line = [line for line in output.splitlines() if f"event={event} " in line][-1]
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", line)}
 
 
 def django_env(app_name: str, **overrides: str) -> dict[str, str]:

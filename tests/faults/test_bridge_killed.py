@@ -17,7 +17,6 @@ shows both.
 """
 
 import json
-import re
 import signal
 import uuid
 from collections import Counter
@@ -31,7 +30,7 @@ from django.utils import timezone
 from islands.bridge import Subjects
 from islands.models import Island, Job, StatusChange
 from karma.models import KarmaEvent
-from tests.faults.conftest import wait_for
+from tests.faults.conftest import bridge_counters, wait_for
 from tests.islands.conftest import MINIMAL_HEARTBEAT
 from tests.islands.test_bridge_nats import Agent
 
@@ -100,11 +99,6 @@ def assert_nothing_half_applied() -> None:
     assert changes == Counter(seen), "a heartbeat without its status change, or twice"
 
 
-def stats(output: str, event: str = "bridge_stopped") -> dict[str, int]:
-    line = [line for line in output.splitlines() if f"event={event} " in line][-1]
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", line)}
-
-
 def bridge_command(spawn: Any, url: str, prefix: str, *options: str) -> Any:
     bridge = spawn.command(
         "bridge", "nats_bridge", "--url", url, "--subject-prefix", prefix, "--stats-interval", "0.2", *options
@@ -153,7 +147,7 @@ def test_the_bridge_killed_mid_batch_applies_each_job_outcome_once(spawn, nats_s
     finally:
         agent.close()
 
-    counters = stats(second.output())
+    counters = bridge_counters(second.output())
     assert counters["statuses_received"] == JOBS
     assert counters["status_applied"] == JOBS - settled_at_kill
     assert counters["status_repeat"] == settled_at_kill
@@ -196,5 +190,5 @@ def test_sigkill_loses_the_heartbeats_waiting_in_memory_and_sigterm_writes_them(
     finally:
         agent.close()
     assert Island.objects.filter(last_heartbeat_at__isnull=False).count() == len(hosts)
-    assert stats(stopped.output())["heartbeats_applied"] == len(hosts)
+    assert bridge_counters(stopped.output())["heartbeats_applied"] == len(hosts)
     assert StatusChange.objects.count() == len(hosts)

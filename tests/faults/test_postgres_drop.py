@@ -1,4 +1,4 @@
-"""PostgreSQL connections drop under daphne and under the watcher, which carry on.
+"""PostgreSQL connections drop under daphne, the watcher and the bridge, which carry on.
 
 Two ways to drop them, each a test parameter:
 
@@ -9,10 +9,11 @@ Two ways to drop them, each a test parameter:
   test, and only those (the test database's name and the process's own
   application_name), as an administrator or a failover would.
 
-The request or step that is using a connection at that moment fails; the
-test makes sure one is, by holding a row lock the process waits on. Nothing
-restarts the process: the next requests and steps get healthy connections
-(the pool checks each before handing it out, CONN_HEALTH_CHECKS).
+The request, step or job status that is using a connection at that moment
+fails (the test makes sure one is, by holding a row lock the process waits
+on): a request answers a JSON 503, a watcher step is retried, a status is
+tried again. Nothing restarts the process: what comes next gets healthy
+connections (the pool checks each before handing it out, CONN_HEALTH_CHECKS).
 """
 
 import threading
@@ -22,17 +23,21 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.test import Client
 
-from islands.models import Island, StatusChange
+from islands.bridge import Subjects
+from islands.models import Island, Job, StatusChange
 from islands.simulator import Client as ApiClient
+from karma.models import KarmaEvent
 from pairing.models import MobilePairingSession
 from tests.faults.conftest import (
     backends,
+    bridge_counters,
     database_url,
     row_locked,
     silent_islands,
@@ -41,6 +46,7 @@ from tests.faults.conftest import (
     waiting_on_a_lock,
 )
 from tests.islands.conftest import MINIMAL_HEARTBEAT, make_island
+from tests.islands.test_bridge_nats import Agent
 from tests.pairing.conftest import IPHONE, MOBILE_PAIR
 
 DROPS = ["restart", "terminate"]
@@ -184,3 +190,45 @@ def test_the_watcher_keeps_recording_after_its_connection_drops(spawn, pg_proxy,
     wait_until_gone(dropped, app_name)
     assert backends(app_name).isdisjoint(dropped)
     assert watcher.stop() == 0
+
+
+@pytest.mark.parametrize("how", DROPS)
+def test_the_bridge_applies_a_job_status_whose_connection_drops(spawn, pg_proxy, nats_server, alice, how):
+    """Core NATS delivers a status once: the bridge tries it again on a new connection."""
+    island = make_island(alice)
+    job = Job.objects.assign(
+        island=island, job_id="dropped-1", workload="llm-chat", credits=Decimal(2), lease=timedelta(minutes=5)
+    )
+    prefix = f"faults{uuid.uuid4().hex[:12]}."
+    app_name = f"faults-bridge-{uuid.uuid4().hex[:8]}"
+    bridge = spawn.command(
+        "bridge",
+        "nats_bridge",
+        "--url",
+        nats_server.url,
+        "--subject-prefix",
+        prefix,
+        app_name=app_name,
+        DATABASE_URL=database_url("127.0.0.1", pg_proxy.port),
+    )
+    bridge.wait_for_log("event=bridge_ready")
+    agent = Agent(nats_server.url, Subjects(prefix))
+    try:
+        with row_locked(job):
+            agent.send("status", {"job_id": job.job_id, "state": "succeeded"})
+            wait_for(lambda: waiting_on_a_lock(app_name), what="the status to wait on the lock")
+            dropped = drop_connections(how, pg_proxy, app_name)
+        wait_for(lambda: Job.objects.get(pk=job.pk).state == Job.State.SUCCEEDED, what="the status")
+        assert bridge.stop() == 0
+    finally:
+        agent.close()
+
+    counters = bridge_counters(bridge.output())
+    assert counters["status_retries"] >= 1
+    assert counters["status_applied"] == 1
+    assert "status_failed" not in counters
+    island.refresh_from_db()
+    assert (island.jobs_completed, island.earnings) == (1, Decimal(2))
+    assert KarmaEvent.objects.filter(job=job).count() == 1
+    assert island.karma == Decimal("50.25")
+    assert backends(app_name).isdisjoint(dropped)
