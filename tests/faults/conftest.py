@@ -426,6 +426,15 @@ class RedisServer:
         self.popen.terminate()
         self.popen.wait(10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections are still accepted (by the kernel), and never answered."""
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGCONT)
+
 
 @pytest.fixture
 def redis_server(faults: None, tmp_path: Path) -> Iterator[RedisServer]:
@@ -435,6 +444,7 @@ def redis_server(faults: None, tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     if server.popen is not None and server.popen.poll() is None:
+        server.thaw()
         server.popen.kill()
         server.popen.wait()
 
