@@ -23,7 +23,6 @@ from islands.models import Island
 from islands.simulator import Client as ApiClient
 from pairing.models import MobilePairingSession
 from tests.conftest import login_browser
-from tests.faults.conftest import wait_for
 from tests.pairing.conftest import IPHONE, MOBILE_PAIR, PHONE_HOST_ID, PIXEL
 
 SOCKET_URL = re.compile(r"/ws/pair/mobile/")
@@ -65,6 +64,18 @@ class Watched:
 
     def states_heard(self, since_socket: int = 0) -> list[str]:
         return [frame["state"] for record in self.sockets[since_socket:] for frame in record["frames"]]
+
+    def wait_heard(self, state: str, since_socket: int, timeout: float = 30) -> None:
+        """Wait for a socket opened since `since_socket` to receive a snapshot in `state`.
+
+        Playwright's sync API delivers events only while it is called, so
+        this waits with the page's clock rather than time.sleep().
+        """
+        deadline = time.monotonic() + timeout
+        while state not in self.states_heard(since_socket):
+            if time.monotonic() > deadline:
+                pytest.fail(f"no socket said {state!r} within {timeout} s: {self.sockets[since_socket:]}")
+            self.page.wait_for_timeout(50)
 
     def scan(self) -> dict[str, str]:
         """What the app reads off the QR code, as a phone's camera would."""
@@ -122,14 +133,14 @@ def test_a_phone_pairs_while_redis_is_down_and_the_pages_go_live_again(
     redis_server.start()
     bobs.wait_connection("live", timeout_ms=60_000)
     alices.wait_connection("live", timeout_ms=60_000)
-    assert "waiting" in bobs.states_heard(since_socket=bobs_before)
-    assert "waiting" in alices.states_heard(since_socket=alices_before)
+    bobs.wait_heard("waiting", since_socket=bobs_before)
+    alices.wait_heard("waiting", since_socket=alices_before)
     # And the live path works end to end again: Bob types his code, and the
     # page turns to "Paired" with the event carried by channels-redis.
     status, body = phone_pairs(server, PIXEL_HOST_ID, PIXEL, code=bobs_code)
     assert status == 201, body
     bobs.page.get_by_role("heading", name="Paired: Pixel 8 (ONNX / NNAPI)").wait_for(timeout=15_000)
-    wait_for(lambda: "paired" in bobs.states_heard(since_socket=bobs_before), what="the paired event")
+    bobs.wait_heard("paired", since_socket=bobs_before)
     assert MobilePairingSession.objects.filter(used_at__isnull=False).count() == 2
 
 
