@@ -4,15 +4,19 @@ Every JSON endpoint answers errors as `{"success": false, "error": "..."}`
 with a 4xx status, and decodes its body into a msgspec Struct so that wrong
 types, missing fields and oversized values are rejected before anything is
 written. Unknown fields are ignored, as the real agent adds fields over time.
+A database that cannot be reached for a moment is answered the same way,
+with 503 and Retry-After (docs/faults.md).
 """
 
 import functools
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -20,6 +24,14 @@ from django.views.decorators.csrf import csrf_exempt
 # GPUs and active jobs stays under 16 KiB. Anything far bigger is a mistake
 # or an attack, and is refused before it is read.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024
+
+# A dropped connection, a restarting server, a pool with no connection to
+# give within its timeout, a deadlock: transient, worth a retry. Other
+# database errors (integrity, data) are bugs and stay 500s.
+TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (OperationalError, InterfaceError)
+DATABASE_RETRY_AFTER = 5
+
+logger = logging.getLogger("archipelag.api")
 
 _PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
@@ -30,6 +42,14 @@ class ApiError(Exception):
         self.status = status
         self.error = error
         self.headers = headers or {}
+
+
+def database_unavailable() -> "ApiError":
+    return ApiError(
+        503,
+        f"the coordinator cannot reach its database; retry in {DATABASE_RETRY_AFTER} seconds",
+        {"Retry-After": str(DATABASE_RETRY_AFTER)},
+    )
 
 
 def error_response(status: int, error: str, headers: dict[str, str] | None = None) -> JsonResponse:
@@ -105,7 +125,9 @@ def json_api(view: View) -> View:
 
     It is exempt from CSRF because no API endpoint reads the session cookie:
     callers prove who they are with a token or a secret in the body. An
-    ApiError raised anywhere in the view becomes a JSON error response.
+    ApiError raised anywhere in the view becomes a JSON error response, and
+    so does a transient database error (503), which the caller may retry:
+    its transaction rolled back, so nothing of the request was written.
     """
 
     @functools.wraps(view)
@@ -116,5 +138,9 @@ def json_api(view: View) -> View:
             return view(request, *args, **kwargs)
         except ApiError as exc:
             return error_response(exc.status, exc.error, exc.headers)
+        except TRANSIENT_DATABASE_ERRORS:
+            logger.exception("event=database_unavailable path=%s", request.path)
+            unavailable = database_unavailable()
+            return error_response(unavailable.status, unavailable.error, unavailable.headers)
 
     return csrf_exempt(wrapper)

@@ -155,6 +155,11 @@ if REDIS_URL:
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
+            # The cache holds rate-limit counters, read and written in a
+            # millisecond. A Redis that hangs must fail a request's counting
+            # in seconds (pairing/ratelimit.py says what happens then), not
+            # hold it for redis-py's default 5 s per command.
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
         }
     }
     CHANNEL_LAYERS = {

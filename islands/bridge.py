@@ -45,7 +45,7 @@ from nats.aio.client import Server
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, SlowConsumerError
 
-from archipelag.api import DEFAULT_MAX_BODY_BYTES, describe_validation_error
+from archipelag.api import DEFAULT_MAX_BODY_BYTES, TRANSIENT_DATABASE_ERRORS, describe_validation_error
 from islands.agent import (
     HOST_ID_PATTERN,
     EnhancedHeartbeat,
@@ -89,6 +89,13 @@ BACKOFF_MAX = 10.0
 # A kind of rejected message is logged at most once per this many seconds;
 # the counters carry the rest.
 WARN_EVERY = 10.0
+# A job status that meets a dropped database connection (a restart, a
+# terminated backend) is tried again on a new one, this many times in all,
+# waiting from the first delay, doubling. Core NATS delivers it only once,
+# so without this it would be lost unless the agent sent it again; and a
+# second try is harmless: a status already applied is a repeat.
+STATUS_ATTEMPTS = 4
+STATUS_RETRY_FIRST = 0.5  # seconds
 
 _HOST_ID = re.compile(HOST_ID_PATTERN)
 
@@ -193,6 +200,12 @@ def issue_code(request: PairingRequest) -> tuple[str, PairingAnswer]:
         return "rate_limited", {
             "success": False,
             "error": f"too many pairing requests from {who}; retry in {exc.wait_words}",
+        }
+    except ratelimit.Unavailable as exc:
+        # Closed, as over HTTP: an uncounted code is one more live code to guess.
+        return "unavailable", {
+            "success": False,
+            "error": f"pairing is unavailable for a moment; retry in {exc.wait_words}",
         }
     registered = cache.get(_registration_key(host_id)) or {}
     # What the request itself says wins over what the host registered with.
@@ -633,12 +646,32 @@ class Bridge:
             self.reject("status_malformed", msg.subject, "invalid job_id: required over NATS")
             return
         try:
-            outcome = await self._db(apply_job_status, host_id, status)
+            outcome = await self._apply_status(host_id, status)
         except Exception:
             self.counters["status_failed"] += 1
             logger.exception("event=job_status_failed host_id=%s job_id=%s", host_id, status.job_id)
             return
         self.counters[f"status_{outcome}"] += 1
+
+    async def _apply_status(self, host_id: str, status: JobStatus) -> StatusOutcome:
+        """apply_job_status, tried again on a new connection if the database dropped ours."""
+        attempt = 1
+        while True:
+            try:
+                return await self._db(apply_job_status, host_id, status)
+            except TRANSIENT_DATABASE_ERRORS as exc:
+                if attempt == STATUS_ATTEMPTS:
+                    raise
+                self.counters["status_retries"] += 1
+                logger.warning(
+                    "event=job_status_retry host_id=%s job_id=%s attempt=%d error=%s",
+                    host_id,
+                    status.job_id,
+                    attempt,
+                    type(exc).__name__,
+                )
+                await asyncio.sleep(STATUS_RETRY_FIRST * 2 ** (attempt - 1))
+                attempt += 1
 
     async def on_lease(self, msg: Message) -> None:
         self.counters["leases_received"] += 1

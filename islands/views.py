@@ -10,11 +10,18 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from archipelag.api import ApiError, bearer_token, json_api, parse_body
+from archipelag.api import (
+    TRANSIENT_DATABASE_ERRORS,
+    ApiError,
+    bearer_token,
+    database_unavailable,
+    json_api,
+    parse_body,
+)
 from archipelag.htmx import HtmxHttpRequest
 from islands.agent import EnhancedHeartbeat, JobAssignment, JobStatus
 from islands.forms import RenameIslandForm
-from islands.groupcommit import GroupCommit
+from islands.groupcommit import GroupCommit, GroupCommitFailed
 from islands.models import (
     CREDITS_PLACES,
     MAX_JOB_CREDITS,
@@ -90,7 +97,14 @@ def api_heartbeat(request: HttpRequest) -> HttpResponse:
         # endpoint; a query only on this rare path.
         _calling_island(request)
         raise
-    outcome = heartbeat_commits.submit((token_hash, heartbeat, received_at))
+    try:
+        outcome = heartbeat_commits.submit((token_hash, heartbeat, received_at))
+    except GroupCommitFailed as exc:
+        # Another request led the batch holding this beat, and its write
+        # failed; that request logs the error. Ours gets the same answer.
+        if isinstance(exc.__cause__, TRANSIENT_DATABASE_ERRORS):
+            raise database_unavailable() from None
+        raise
     if outcome is TokenHeartbeatOutcome.UNAUTHORIZED:
         raise ApiError(401, UNAUTHORIZED, BEARER_CHALLENGE)
     if outcome is TokenHeartbeatOutcome.WRONG_HOST:

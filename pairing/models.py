@@ -1,3 +1,4 @@
+import asyncio
 import math
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ POLL_INTERVAL = timedelta(seconds=5)
 # A device that sleeps exactly POLL_INTERVAL between polls arrives a little
 # early now and then (timer and network jitter); that is not "too fast".
 POLL_JITTER = timedelta(milliseconds=500)
+# The live event a pairing sends its page is sent before the phone gets its
+# answer, and is best-effort (the page polls too), so a Redis that hangs
+# (frozen, swapping, partitioned) may hold up the phone this long at most,
+# not the channel layer's 30 s socket timeout: past its own timeout the
+# app would report a failure for a pairing that stands.
+ANNOUNCE_TIMEOUT = 2.0  # seconds
 # Each draw collides with a live code with odds (live codes) / 32**6, so a
 # handful of attempts is only ever exhausted by a broken random source.
 ISSUE_ATTEMPTS = 8
@@ -398,7 +405,12 @@ def mask_name(name: str) -> str:
 
 
 def send_to_group(group: str, message: dict[str, Any]) -> None:
-    async_to_sync(get_channel_layer().group_send)(group, message)
+    """Send to a group, giving up after ANNOUNCE_TIMEOUT (raising TimeoutError)."""
+
+    async def send() -> None:
+        await asyncio.wait_for(get_channel_layer().group_send(group, message), ANNOUNCE_TIMEOUT)
+
+    async_to_sync(send)()
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,38 @@ Only failed redemptions are counted, and a request over any limit is
 refused before the code is even looked at, so a guesser who hits a limit
 cannot keep trying even with the right code.
 docs/security.md turns these numbers into odds of guessing a live code.
+
+When the cache cannot be reached (Redis restarting, out of memory), a
+counter can be neither read nor written. Each caller then says what the
+action is worth without it:
+
+- Closed (the default): anything that bounds the odds of guessing a code,
+  i.e. redeeming a typed code and issuing codes (which sets how many are
+  live), raises `Unavailable`, and the caller answers 503 with Retry-After.
+  Counting nothing would make the odds in docs/security.md unbounded.
+- Open (`fail_open=True`): actions whose limit is not what bounds guessing,
+  i.e. redeeming a scanned 256-bit secret and opening a mobile session (an
+  account has one live session whatever the limit says), go ahead
+  uncounted, so a phone still pairs by QR code while Redis is away.
+
+Both are logged as `event=rate_limit_unavailable` with the policy applied.
 """
 
+import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.core.cache import cache
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("archipelag.pairing")
+
+# What Django's Redis cache raises when Redis is down, refuses a write (out
+# of memory) or times out: redis-py wraps socket errors in these.
+CACHE_ERRORS: tuple[type[Exception], ...] = (RedisError,)
+# What a refused caller is told to wait: a Redis restart takes seconds.
+UNAVAILABLE_RETRY_AFTER = 30
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,16 @@ MOBILE_REDEEM_PER_IP = (Limit("mobile-redeem-ip-hour", 30, 3600),)
 MOBILE_REDEEM_GLOBAL = (Limit("mobile-redeem-global-day", 10_000, 24 * 3600),)
 # Mobile pairing sessions one account opens (each load of /pair/mobile).
 MOBILE_OPEN_PER_ACCOUNT = (Limit("mobile-open-account-hour", 30, 3600),)
+
+
+class Unavailable(Exception):
+    """The counters cannot be read or written, and the action may not go ahead uncounted."""
+
+    retry_after = UNAVAILABLE_RETRY_AFTER
+
+    @property
+    def wait_words(self) -> str:
+        return wait_words(self.retry_after)
 
 
 class RateLimited(Exception):
@@ -137,13 +172,32 @@ def mobile_open_buckets(*, user_id: int) -> list[Bucket]:
     return [(limit, str(user_id)) for limit in MOBILE_OPEN_PER_ACCOUNT]
 
 
-def check(buckets: list[Bucket], now: datetime) -> None:
-    """Raise RateLimited, with the longest wait, if any bucket is full."""
+def _unavailable(buckets: list[Bucket], exc: Exception, fail_open: bool) -> None:
+    """Log that the counters are out of reach; raise Unavailable unless the action fails open."""
+    logger.warning(
+        "event=rate_limit_unavailable policy=%s limits=%s error=%s",
+        "open" if fail_open else "closed",
+        ",".join(sorted({limit.name for limit, _ in buckets})),
+        type(exc).__name__,
+    )
+    if not fail_open:
+        raise Unavailable from exc
+
+
+def check(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
+    """Raise RateLimited, with the longest wait, if any bucket is full.
+
+    Raises Unavailable when the counters cannot be read, unless `fail_open`.
+    """
     windows: dict[str, tuple[Limit, int]] = {}
     for limit, ident in buckets:
         window, retry_after = _window(limit, now)
         windows[_key(limit, ident, window)] = (limit, retry_after)
-    counts = cache.get_many(list(windows))
+    try:
+        counts = cache.get_many(list(windows))
+    except CACHE_ERRORS as exc:
+        _unavailable(buckets, exc, fail_open)
+        return
     full = [
         (retry_after, limit)
         for key, (limit, retry_after) in windows.items()
@@ -154,20 +208,29 @@ def check(buckets: list[Bucket], now: datetime) -> None:
         raise RateLimited(limit, retry_after)
 
 
-def hit(buckets: list[Bucket], now: datetime) -> None:
-    for limit, ident in buckets:
-        window, retry_after = _window(limit, now)
-        key = _key(limit, ident, window)
-        # add() is a no-op when the key exists; incr() is atomic in Redis.
-        cache.add(key, 0, timeout=retry_after + 60)
-        try:
-            cache.incr(key)
-        except ValueError:
-            # The key expired between add() and incr(); start it again.
-            cache.add(key, 1, timeout=retry_after + 60)
+def hit(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
+    """Count one attempt in every bucket.
+
+    Raises Unavailable when it cannot be counted, unless `fail_open`: a
+    Redis that answers reads but refuses writes (out of memory) must not
+    let guesses through uncounted.
+    """
+    try:
+        for limit, ident in buckets:
+            window, retry_after = _window(limit, now)
+            key = _key(limit, ident, window)
+            # add() is a no-op when the key exists; incr() is atomic in Redis.
+            cache.add(key, 0, timeout=retry_after + 60)
+            try:
+                cache.incr(key)
+            except ValueError:
+                # The key expired between add() and incr(); start it again.
+                cache.add(key, 1, timeout=retry_after + 60)
+    except CACHE_ERRORS as exc:
+        _unavailable(buckets, exc, fail_open)
 
 
-def check_and_hit(buckets: list[Bucket], now: datetime) -> None:
+def check_and_hit(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
     """For actions counted whether or not they succeed (issuing codes)."""
-    check(buckets, now)
-    hit(buckets, now)
+    check(buckets, now, fail_open=fail_open)
+    hit(buckets, now, fail_open=fail_open)

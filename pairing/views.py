@@ -47,6 +47,14 @@ def pair_url() -> str:
 # --- The Island's side: JSON API -------------------------------------------
 
 
+def _api_unavailable(what: str, exc: ratelimit.Unavailable, instead: str = "") -> ApiError:
+    return ApiError(
+        503,
+        f"{what} is unavailable for a moment; {instead}retry in {exc.wait_words}",
+        {"Retry-After": str(exc.retry_after)},
+    )
+
+
 @json_api
 def api_pairing(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
@@ -61,6 +69,9 @@ def api_pairing(request: HttpRequest) -> HttpResponse:
             f"too many pairing requests from this address; retry in {exc.wait_words}",
             {"Retry-After": str(exc.retry_after)},
         ) from None
+    except ratelimit.Unavailable as exc:
+        # Every code issued uncounted would be one more live code to guess.
+        raise _api_unavailable("pairing", exc) from None
     try:
         issued = PairingCode.objects.issue(
             host_id=body.host_id,
@@ -127,9 +138,18 @@ def _limited(request: HtmxHttpRequest, form: PairCodeForm, exc: ratelimit.RateLi
     return _render_step(request, {"form": form, "error": error, "retry_after": exc.retry_after}, status=429)
 
 
+def _unavailable(request: HtmxHttpRequest, form: PairCodeForm, exc: ratelimit.Unavailable) -> HttpResponse:
+    """The wrong-code counters are out of reach: typed codes wait rather than go uncounted."""
+    error = f"Linking Islands is unavailable for a moment. Try again in {exc.wait_words}."
+    return _render_step(request, {"form": form, "error": error, "retry_after": exc.retry_after}, status=503)
+
+
 def _failed(request: HtmxHttpRequest, form: PairCodeForm, exc: PairingError, now: datetime) -> HttpResponse:
     """A wrong or expired code: count it against the limits and say what happened."""
-    ratelimit.hit(ratelimit.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
+    try:
+        ratelimit.hit(ratelimit.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
+    except ratelimit.Unavailable as unavailable:
+        return _unavailable(request, form, unavailable)
     return _render_step(request, {"form": form, "error": str(exc)}, status=400)
 
 
@@ -170,6 +190,8 @@ def pair(request: HtmxHttpRequest) -> HttpResponse:
         row = _lookup(request, form, now)
     except ratelimit.RateLimited as exc:
         return _limited(request, form, exc)
+    except ratelimit.Unavailable as exc:
+        return _unavailable(request, form, exc)
     except HostAlreadyLinked as exc:
         return _linked_elsewhere(request, form, exc.island)
     except PairingError as exc:
@@ -189,6 +211,8 @@ def confirm(request: HtmxHttpRequest) -> HttpResponse:
         island = row.redeem(request.user, now)  # type: ignore[arg-type]
     except ratelimit.RateLimited as exc:
         return _limited(request, form, exc)
+    except ratelimit.Unavailable as exc:
+        return _unavailable(request, form, exc)
     except HostAlreadyLinked as exc:
         return _linked_elsewhere(request, form, exc.island)
     except PairingError as exc:
@@ -209,6 +233,13 @@ def confirm(request: HtmxHttpRequest) -> HttpResponse:
 # --- Mobile pairing: the phone's side ------------------------------------------
 
 
+def _count_mobile_failure(buckets: list[ratelimit.Bucket], now: datetime, fail_open: bool) -> None:
+    try:
+        ratelimit.hit(buckets, now, fail_open=fail_open)
+    except ratelimit.Unavailable as exc:
+        raise _api_unavailable("pairing by typed code", exc, "scan the QR code, or ") from None
+
+
 @json_api
 def api_mobile_pair(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
@@ -222,11 +253,15 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
         except MalformedCode as exc:
             raise ApiError(400, f"invalid code: {exc}") from None
     ip = client_ip(request)
-    buckets = ratelimit.mobile_redeem_buckets(ip=ip, by_code=code is not None)
+    by_code = code is not None
+    buckets = ratelimit.mobile_redeem_buckets(ip=ip, by_code=by_code)
+    # Without its counters a typed code waits (it can be guessed); a scanned
+    # secret (256 random bits) pairs uncounted. See pairing/ratelimit.py.
+    fail_open = not by_code
     try:
         # Refused before the code is looked at: past a limit even the right code
         # teaches a guesser nothing.
-        ratelimit.check(buckets, now)
+        ratelimit.check(buckets, now, fail_open=fail_open)
     except ratelimit.RateLimited as exc:
         logger.warning("event=rate_limited action=mobile_redeem ip=%s limit=%s", ip, exc.limit.name)
         raise ApiError(
@@ -234,6 +269,8 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
             f"too many wrong codes from this address; retry in {exc.wait_words}",
             {"Retry-After": str(exc.retry_after)},
         ) from None
+    except ratelimit.Unavailable as exc:
+        raise _api_unavailable("pairing by typed code", exc, "scan the QR code, or ") from None
     try:
         paired = MobilePairingSession.objects.redeem(
             code=code, secret=body.secret, host_id=body.host_id, device=body.device, ip=ip, now=now
@@ -243,11 +280,11 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
         logger.info("event=mobile_pair_refused reason=host_taken host_id=%s ip=%s", body.host_id, ip)
         raise ApiError(409, str(exc)) from None
     except CodeExpired:
-        ratelimit.hit(buckets, now)
+        _count_mobile_failure(buckets, now, fail_open)
         raise ApiError(410, "that code has expired; open /pair/mobile again for a new one") from None
     except PairingError:
-        ratelimit.hit(buckets, now)
-        what = "code" if code is not None else "QR code"
+        _count_mobile_failure(buckets, now, fail_open)
+        what = "code" if by_code else "QR code"
         raise ApiError(401, f"unknown or already used {what}") from None
     island = paired.island
     logger.info(
@@ -293,7 +330,9 @@ def pair_mobile(request: HtmxHttpRequest) -> HttpResponse:
     template = "pairing/pair_mobile.html#session" if request.htmx else "pairing/pair_mobile.html"
     buckets = ratelimit.mobile_open_buckets(user_id=request.user.pk)  # type: ignore[arg-type]
     try:
-        ratelimit.check_and_hit(buckets, now)
+        # Fails open: opening retires the account's earlier session, so the
+        # number of live mobile codes does not depend on this count.
+        ratelimit.check_and_hit(buckets, now, fail_open=True)
     except ratelimit.RateLimited as exc:
         error = f"You opened many pairing codes in a short time. Try again in {exc.wait_words}."
         response = render(request, template, {"error": error}, status=429)

@@ -15,6 +15,7 @@ from typing import Any, cast
 import msgspec
 import pytest
 import time_machine
+from django.db import OperationalError
 
 from islands import bridge
 from islands.agent import EnhancedHeartbeat, JobStatus, LeaseRenewal, PairingRequest
@@ -154,6 +155,61 @@ def test_a_status_counts_once_however_often_it_is_redelivered(alice):
     assert bridge.apply_job_status(HOST_ID, JobStatus(job_id="j1", state="failed")) == "conflict"
     island.refresh_from_db()
     assert (island.jobs_completed, island.jobs_failed, island.earnings) == (1, 0, Decimal("2.5"))
+
+
+def handle_status(bridge_: Bridge, payload: dict[str, Any]) -> None:
+    """Run the status handler as the bridge does, its database calls in its thread pool."""
+
+    async def handle() -> None:
+        bridge_._loop = asyncio.get_running_loop()
+        await bridge_.on_status(FakeMessage(f"host.{HOST_ID}.status", json.dumps(payload).encode()))
+
+    try:
+        asyncio.run(handle())
+    finally:
+        bridge_._executor.shutdown()
+
+
+def dropping_the_connection(times: int):
+    """apply_job_status whose first `times` calls meet a dropped database connection."""
+    calls = []
+
+    def apply(host_id, status):
+        calls.append(status.job_id)
+        if len(calls) <= times:
+            raise OperationalError("consuming input failed: server closed the connection unexpectedly")
+        return real_apply_job_status(host_id, status)
+
+    return apply
+
+
+real_apply_job_status = bridge.apply_job_status
+
+
+def test_a_status_that_meets_a_dropped_connection_is_applied_on_a_new_one(
+    alice, monkeypatch, transactional_db
+):
+    island = make_island(alice)
+    give_job(island)
+    monkeypatch.setattr(bridge, "STATUS_RETRY_FIRST", 0)
+    monkeypatch.setattr(bridge, "apply_job_status", dropping_the_connection(times=2))
+    bridge_ = Bridge(["nats://127.0.0.1:1"])
+    handle_status(bridge_, {"job_id": "j1", "state": "succeeded"})
+    assert (bridge_.counters["status_retries"], bridge_.counters["status_applied"]) == (2, 1)
+    assert Job.objects.get(job_id="j1").state == Job.State.SUCCEEDED
+    island.refresh_from_db()
+    assert island.jobs_completed == 1
+
+
+def test_a_status_is_given_up_after_four_tries(alice, monkeypatch, transactional_db):
+    island = make_island(alice)
+    give_job(island)
+    monkeypatch.setattr(bridge, "STATUS_RETRY_FIRST", 0)
+    monkeypatch.setattr(bridge, "apply_job_status", dropping_the_connection(times=4))
+    bridge_ = Bridge(["nats://127.0.0.1:1"])
+    handle_status(bridge_, {"job_id": "j1", "state": "succeeded"})
+    assert (bridge_.counters["status_retries"], bridge_.counters["status_failed"]) == (3, 1)
+    assert Job.objects.get(job_id="j1").state == Job.State.ASSIGNED
 
 
 def test_a_host_cannot_report_on_another_hosts_job(alice, bob):
