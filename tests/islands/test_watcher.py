@@ -7,10 +7,10 @@ from datetime import timedelta
 import msgspec
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
 
 from islands.agent import EnhancedHeartbeat
-from islands.management.commands.watch_islands import Command
+from islands.management.commands.watch_islands import Command, Step
 from islands.models import Island, StatusChange
 from tests.islands.conftest import T0, make_island
 
@@ -87,6 +87,26 @@ def test_the_command_can_run_one_step(island):
     call_command("watch_islands", "--once")
     island.refresh_from_db()
     assert island.status == Status.OFFLINE
+
+
+def test_the_loop_outlives_database_errors_of_either_kind(monkeypatch, caplog):
+    # A restarted database raises OperationalError; a connection closed under
+    # the watcher raises InterfaceError, which is no DatabaseError in DB-API.
+    failures = [OperationalError("server closed the connection"), InterfaceError("connection already closed")]
+    steps = []
+
+    def handle_one(self, now=None):
+        steps.append(now)
+        if failures:
+            raise failures.pop(0)
+        self.stopping = True
+        return Step(silences=0, timeouts=0)
+
+    monkeypatch.setattr(Command, "handle_one", handle_one)
+    call_command("watch_islands", "--interval", "0")
+    assert len(steps) == 3
+    logged = [record.getMessage() for record in caplog.records]
+    assert logged.count("event=watch_failed; retrying after the interval") == 2
 
 
 # --- Real concurrency, on PostgreSQL ----------------------------------------------------

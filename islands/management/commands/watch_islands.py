@@ -8,7 +8,7 @@ from types import FrameType
 from typing import Any
 
 from django.core.management.base import BaseCommand
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError, InterfaceError, close_old_connections
 from django.utils import timezone
 
 from islands.models import WATCH_BATCH, Island, Job
@@ -79,7 +79,9 @@ class Command(BaseCommand):
             close_old_connections()
             try:
                 step = self.handle_one()
-            except DatabaseError:
+            except (DatabaseError, InterfaceError):
+                # InterfaceError (a connection already closed under us) is
+                # not a DatabaseError in DB-API's hierarchy; both are retried.
                 logger.exception("event=watch_failed; retrying after the interval")
                 step = Step(silences=0, timeouts=0)
             if not step.full:
