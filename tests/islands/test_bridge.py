@@ -387,3 +387,19 @@ def test_a_full_batch_is_written_in_one_go(alice):
     beat = msgspec.convert(AGENT_HEARTBEAT, EnhancedHeartbeat)
     assert bridge.record_heartbeats([(host, beat, T0) for host in hosts]) == len(hosts)
     assert Island.objects.filter(last_heartbeat_at=T0, agent_version="0.4.0").count() == len(hosts)
+
+
+def test_a_body_that_is_not_utf8_is_refused_like_any_malformed_one(db):
+    """Found by tests/fuzz: msgspec raised UnicodeDecodeError, which no handler caught."""
+    bridge_ = Bridge(["nats://127.0.0.1:1"])
+    receive(bridge_, f"host.{HOST_ID}.heartbeat", b'{"agent_version": "caf\xe9"}')
+    assert bridge_.counters["rejected_heartbeat_malformed"] == 1
+    msg = FakeMessage(
+        "coordinator.hosts.pairing", b'{"host_id": "\xff\xfe\xfd\xfc\xfb\xfa"}', reply="_INBOX.x"
+    )
+    asyncio.run(bridge_.on_pairing(msg))
+    assert json.loads(msg.replies[0]) == {
+        "success": False,
+        "error": "body is not valid JSON: it is not UTF-8",
+    }
+    assert not PairingCode.objects.exists()

@@ -357,6 +357,7 @@ def test_only_post_is_allowed(client, token):
         (b'{"gpus": [' + b"{}," * 64 + b"{}]}", "invalid gpus"),
         (b"[" * 5000 + b"]" * 5000, "invalid"),
         (b"\xff\xfe", "not valid JSON"),
+        (b'{"agent_version": "caf\xe9"}', "not valid JSON: it is not UTF-8"),
     ],
 )
 def test_an_invalid_heartbeat_gets_400_and_writes_nothing(beat, island, body, message):

@@ -254,3 +254,23 @@ def test_code_issuance_is_limited_per_address(api, db):
     assert PairingCode.objects.filter(host_id="host-9999-limit").count() == 0
     # Another address is not affected.
     assert post(api, PAIRING, {"host_id": "host-9999-limit"}, REMOTE_ADDR="198.51.100.1").status_code == 201
+
+
+# --- Bodies no JSON encoder would produce (found by tests/fuzz) -------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"host_id": "\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8"}',
+        b'{"host_id": "ok-host-id", "version": "caf\xe9"}',
+        b'{"host_id": "ok-host-id", "caf\xe9": 1}',
+    ],
+    ids=["in-a-field", "latin-1-text", "in-an-unknown-key"],
+)
+def test_a_body_that_is_not_utf8_is_400_not_500(api, db, body):
+    response = api.post(PAIRING, body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json() == {"success": False, "error": "body is not valid JSON: it is not UTF-8"}
+    assert PairingCode.objects.count() == 0
+
