@@ -15,8 +15,10 @@ import msgspec
 
 # The agent's host_id is a UUIDv4, but a config key may override it with
 # any string of at least 8 characters. This keeps it safe to show, log and
-# use in a NATS subject.
-HOST_ID_PATTERN = r"^[A-Za-z0-9._-]{8,64}$"
+# use in a NATS subject. Every pattern ends in \Z, not $: msgspec searches
+# with re, where $ also matches before a trailing newline, so "$" let
+# "host-0001\n" through into the database and the logs.
+HOST_ID_PATTERN = r"^[A-Za-z0-9._-]{8,64}\Z"
 HostId = Annotated[str, msgspec.Meta(pattern=HOST_ID_PATTERN)]
 
 ShortText = Annotated[str, msgspec.Meta(max_length=64)]
@@ -33,8 +35,8 @@ Reading = (
     Annotated[int, msgspec.Meta(ge=-(10**12), le=10**12)] | Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
 )
 # Prices are decimal strings in credits ("2.0"), never floats.
-Price = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?$")]
-JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+Price = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?\Z")]
+JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
 
 
 class Capabilities(msgspec.Struct, gc=False):

@@ -336,7 +336,7 @@ def test_malformed_requests_get_an_error_naming_the_field_and_write_nothing(db):
     assert [reply["error"] for reply in replies[:4]] == [
         "body is not valid JSON",
         "invalid host_id: Expected `str`, got `int`",
-        "invalid host_id: Expected `str` matching regex '^[A-Za-z0-9._-]{8,64}$'",
+        r"invalid host_id: Expected `str` matching regex '^[A-Za-z0-9._-]{8,64}\\Z'",
         "body is empty: send a JSON object",
     ]
     assert replies[4]["error"].startswith("body too large")

@@ -351,6 +351,8 @@ def test_only_post_is_allowed(client, token):
         (b'{"asking_prices": {"llm-chat": 2.0}}', "invalid asking_prices"),
         (b'{"asking_prices": {"llm-chat": "cheap"}}', "invalid asking_prices"),
         (b'{"asking_prices": {"llm-chat": "-1"}}', "invalid asking_prices"),
+        (b'{"asking_prices": {"llm-chat": "2.0\\n"}}', "invalid asking_prices"),
+        (b'{"host_id": "550e8400-e29b-41d4-a716-446655440000\\n"}', "invalid host_id"),
         (b'{"performance_estimates": {"supported_runtimes": "wasm"}}', "invalid performance_estimates"),
         (b'{"capabilities": {"cpu_cores": "many"}}', "invalid capabilities.cpu_cores"),
         (b'{"agent_version": "' + b"v" * 65 + b'"}', "invalid agent_version"),

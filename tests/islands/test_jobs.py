@@ -477,3 +477,10 @@ def test_racing_reports_of_one_job_count_it_once(postgres, alice):
     assert (
         island.jobs_completed + island.jobs_failed + Job.objects.filter(state=State.CANCELLED).count() == 20
     )
+
+
+def test_a_job_id_with_a_trailing_newline_is_refused(assign):
+    response = assign(job_id="job-0001\n")
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("invalid job_id")
+    assert not Job.objects.exists()

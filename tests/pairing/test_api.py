@@ -274,3 +274,9 @@ def test_a_body_that_is_not_utf8_is_400_not_500(api, db, body):
     assert response.json() == {"success": False, "error": "body is not valid JSON: it is not UTF-8"}
     assert PairingCode.objects.count() == 0
 
+
+def test_a_host_id_with_a_trailing_newline_is_refused(api, db):
+    response = post(api, PAIRING, {"host_id": HOST_ID + "\n"})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("invalid host_id")
+    assert PairingCode.objects.count() == 0
