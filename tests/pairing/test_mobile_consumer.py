@@ -215,3 +215,15 @@ async def test_messages_from_the_browser_are_ignored(session, alice_cookie):
     assert await communicator.receive_nothing()
     assert await MobilePairingSession.objects.filter(used_at__isnull=True).aexists()
     await communicator.disconnect()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/ws/pair/mobile/not-a-uuid/", "/ws/unknown/", "/", "/ws/pair/mobile/"],
+)
+async def test_a_socket_to_an_unknown_path_is_refused_cleanly(db, alice_cookie, path):
+    communicator = WebsocketCommunicator(
+        application, path, headers=[(b"origin", ORIGIN.encode()), (b"cookie", alice_cookie.encode())]
+    )
+    assert await communicator.connect() == (False, 1000)
+    await communicator.disconnect()  # raises if the application raised
