@@ -192,6 +192,19 @@ def test_poll_hands_out_the_token_exactly_once_and_stores_only_its_hash(api, ali
     assert Island.objects.authenticate(token) == island  # the first token still works
 
 
+def test_a_poll_after_the_token_was_handed_out_is_410_and_writes_nothing(api, alice):
+    """Found by tests/fuzz: the 410 used to record the poll's time first."""
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        body = request_code(api)
+        PairingCode.objects.find(body["code"]).redeem(alice)
+        assert poll(api, body).json()["status"] == "paired"
+    row = PairingCode.objects.get()
+    with time_machine.travel(start + timedelta(seconds=30), tick=False):
+        assert poll(api, body).status_code == 410
+    assert PairingCode.objects.get().last_polled_at == row.last_polled_at == start
+
+
 def test_poll_says_expired_after_ten_minutes(api, db):
     start = timezone.now()
     with time_machine.travel(start, tick=False):
