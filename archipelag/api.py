@@ -106,6 +106,10 @@ def decode_json[T](body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         return decoder.decode(body)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidBody(describe_validation_error(exc)) from None
+    except RecursionError:
+        # msgspec skips unknown fields recursively and stops at the
+        # interpreter's recursion limit, a few KiB of brackets deep.
+        raise InvalidBody("body is not valid JSON: nested too deeply") from None
 
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}

@@ -312,11 +312,26 @@ def test_the_bridge_keeps_the_latest_heartbeat_per_host_until_it_writes():
         (f"host.{HOST_ID}.heartbeat", {"active_jobs": "many"}, "heartbeat_malformed"),
         (f"host.{HOST_ID}.heartbeat", {"asking_prices": {"x": 2.0}}, "heartbeat_malformed"),
         (f"host.{HOST_ID}.heartbeat", [1, 2, 3], "heartbeat_malformed"),
+        (
+            f"host.{HOST_ID}.heartbeat",
+            b'{"cache": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            "heartbeat_malformed",
+        ),
         (f"host.{HOST_ID}.heartbeat", b"{" + b" " * 70_000 + b"}", "heartbeat_too_large"),
         (f"host.{HOST_ID}.heartbeat", {"host_id": OTHER_HOST}, "heartbeat_host_mismatch"),
         ("host.x.heartbeat", {"status": "online"}, "heartbeat_subject"),
     ],
-    ids=["not-json", "empty", "wrong-type", "float-price", "not-object", "huge", "other-host", "bad-subject"],
+    ids=[
+        "not-json",
+        "empty",
+        "wrong-type",
+        "float-price",
+        "not-object",
+        "deeply-nested",
+        "huge",
+        "other-host",
+        "bad-subject",
+    ],
 )
 def test_a_bad_heartbeat_is_counted_and_skipped(subject, payload, kind):
     bridge_ = Bridge(["nats://127.0.0.1:1"])

@@ -358,6 +358,8 @@ def test_only_post_is_allowed(client, token):
         (b'{"agent_version": "' + b"v" * 65 + b'"}', "invalid agent_version"),
         (b'{"gpus": [' + b"{}," * 64 + b"{}]}", "invalid gpus"),
         (b"[" * 5000 + b"]" * 5000, "invalid"),
+        # An unknown field is skipped unread, recursively: this was a RecursionError and a 500.
+        (b'{"cache": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body is not valid JSON: nested too deeply"),
         (b"\xff\xfe", "not valid JSON"),
         (b'{"agent_version": "caf\xe9"}', "not valid JSON: it is not UTF-8"),
     ],
