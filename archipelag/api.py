@@ -33,7 +33,12 @@ DATABASE_RETRY_AFTER = 5
 
 logger = logging.getLogger("archipelag.api")
 
-_PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_PATH_RE = re.compile(r" - at (?P<key>`key` in )?`\$\.?(?P<path>[^`]*)`\Z")
+
+# For every string the coordinator keeps: PostgreSQL stores no NUL character
+# in text or jsonb, though "\u0000" is valid JSON, so a NUL is refused here
+# (a 400) rather than failing the write (a 500).
+NO_NUL_PATTERN = r"^[^\x00]*\Z"
 
 
 class ApiError(Exception):
@@ -68,7 +73,11 @@ def describe_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError
     if not match:
         return f"invalid body: {message}"
     path = match.group("path") or "body"
-    return f"invalid {path}: {message[: match.start()]}"
+    if match.group("key"):
+        path += " key"
+    # The pattern itself means nothing to a client; say what it checks.
+    problem = message[: match.start()].replace(f"matching regex {NO_NUL_PATTERN!r}", "without NUL characters")
+    return f"invalid {path}: {problem}"
 
 
 def read_body(request: HttpRequest, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> bytes:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from archipelag.api import NO_NUL_PATTERN
+
 # The agent's host_id is a UUIDv4, but a config key may override it with
 # any string of at least 8 characters. This keeps it safe to show, log and
 # use in a NATS subject. Every pattern ends in \Z, not $: msgspec searches
@@ -21,8 +23,10 @@ import msgspec
 HOST_ID_PATTERN = r"^[A-Za-z0-9._-]{8,64}\Z"
 HostId = Annotated[str, msgspec.Meta(pattern=HOST_ID_PATTERN)]
 
-ShortText = Annotated[str, msgspec.Meta(max_length=64)]
-Text = Annotated[str, msgspec.Meta(max_length=128)]
+# Free text the coordinator keeps (in columns, or in JSON columns).
+ShortText = Annotated[str, msgspec.Meta(max_length=64, pattern=NO_NUL_PATTERN)]
+Text = Annotated[str, msgspec.Meta(max_length=128, pattern=NO_NUL_PATTERN)]
+Label = Annotated[str, msgspec.Meta(max_length=32, pattern=NO_NUL_PATTERN)]
 Megabytes = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Cores = Annotated[int, msgspec.Meta(ge=0, le=65_536)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
@@ -36,7 +40,8 @@ Reading = (
 )
 # Prices are decimal strings in credits ("2.0"), never floats.
 Price = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?\Z")]
-JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
+JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}\Z"
+JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 
 
 class Capabilities(msgspec.Struct, gc=False):
@@ -123,8 +128,8 @@ class HeartbeatCapabilities(Capabilities):
 
     device_model: Text | None = None
     os_version: ShortText | None = None
-    runtime: Annotated[str, msgspec.Meta(max_length=32)] | None = None
-    accelerator: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    runtime: Label | None = None
+    accelerator: Label | None = None
 
 
 class EnhancedHeartbeat(msgspec.Struct, gc=False):
@@ -172,8 +177,9 @@ class JobStatus(msgspec.Struct):
 
     state: ReportedJobState
     job_id: JobId | None = None
-    # Unbounded here: the body limit bounds it, and the ledger keeps a prefix.
-    # A terminal status refused for a long error would be retried forever.
+    # Unbounded here: the body limit bounds it, and the ledger keeps a prefix
+    # (with any NUL replaced). A terminal status refused for its error text
+    # would be retried forever.
     error: str | None = None
     timestamp: Milliseconds | None = None
 

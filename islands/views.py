@@ -1,4 +1,5 @@
 import logging
+import re
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -19,7 +20,7 @@ from archipelag.api import (
     parse_body,
 )
 from archipelag.htmx import HtmxHttpRequest
-from islands.agent import EnhancedHeartbeat, JobAssignment, JobStatus
+from islands.agent import JOB_ID_PATTERN, EnhancedHeartbeat, JobAssignment, JobStatus
 from islands.forms import RenameIslandForm
 from islands.groupcommit import GroupCommit, GroupCommitFailed
 from islands.models import (
@@ -48,6 +49,7 @@ UNAUTHORIZED = "unknown, revoked or expired token: send Authorization: Bearer <t
 POLL_LIMIT = 32
 # The Island page lists this many of its newest karma events.
 KARMA_EVENTS_SHOWN = 50
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 def _island_for(request: HttpRequest, pk: str) -> Island:
@@ -140,6 +142,10 @@ def api_jobs_poll(request: HttpRequest) -> HttpResponse:
 @json_api
 def api_job_status(request: HttpRequest, job_id: str) -> HttpResponse:
     island = _calling_island(request)
+    if not _JOB_ID.match(job_id):
+        # No job can have this id; and a NUL in it would fail the query on
+        # PostgreSQL. Not echoed back: it may be any text at all.
+        raise ApiError(404, "no such job for this Island")
     report = parse_body(request, JobStatus)
     if report.job_id is not None and report.job_id != job_id:
         raise ApiError(400, "invalid job_id: the body names another job than the URL")

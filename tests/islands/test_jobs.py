@@ -174,6 +174,8 @@ def test_jobs_go_only_to_active_islands(assign, island, alice):
         ({"job_id": ""}, "invalid job_id"),
         ({"island_id": "not-a-uuid"}, "invalid island_id"),
         ({"workload": None}, "invalid workload"),
+        # PostgreSQL cannot store NUL: this was a 500 there.
+        ({"workload": "llm\x00chat"}, "invalid workload: Expected `str` without NUL characters"),
     ],
 )
 def test_an_invalid_assignment_gets_400_and_writes_nothing(assign, change, message):
@@ -290,6 +292,27 @@ def test_a_long_error_is_kept_in_part(report, island):
     give(island)
     assert report("job-0001", "failed", error="x" * 10_000).status_code == 200
     assert len(Job.objects.get().error) == 2000
+
+
+def test_an_error_with_nul_characters_is_kept_readable(report, island):
+    """Found by tests/fuzz: PostgreSQL refused the NUL and the report was a 500.
+
+    A final state is never refused for its error text (the agent would retry
+    it forever), so the NUL is replaced instead.
+    """
+    give(island)
+    assert report("job-0001", "failed", error="bad\x00byte").status_code == 200
+    assert Job.objects.get().error == "bad\ufffdbyte"
+
+
+@pytest.mark.parametrize("job_id", ["%00", "job-0001%0A", "x" * 129, "%C3%A9t%C3%A9"])
+def test_a_job_id_that_cannot_exist_is_not_found(report, island, job_id):
+    """Found by tests/fuzz: a NUL in the URL reached PostgreSQL and was a 500."""
+    give(island)
+    response = report(job_id, "succeeded")
+    assert response.status_code == 404
+    assert response.json() == {"success": False, "error": "no such job for this Island"}
+    assert Job.objects.get().state == State.ASSIGNED
 
 
 def test_cancelled_neither_counts_nor_pays(report, island):

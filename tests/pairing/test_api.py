@@ -128,6 +128,12 @@ def test_a_new_request_retires_the_earlier_live_code(api, db):
             "gpu_vram_mb",
         ),
         (b'{"host_id": "ok-host-id", "version": "' + b"9" * 65 + b'"}', 400, "invalid version"),
+        (b'{"host_id": "ok-host-id", "version": "0.5\\u0000"}', 400, "invalid version"),
+        (
+            b'{"host_id": "ok-host-id", "capabilities": {"gpu_model": "RTX\\u0000"}}',
+            400,
+            "invalid capabilities.gpu_model: Expected `str` without NUL characters",
+        ),
         (b'{"host_id": "ok-host-id", "padding": "' + b"x" * 20000 + b'"}', 413, "body too large"),
     ],
 )
