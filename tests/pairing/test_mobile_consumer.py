@@ -218,6 +218,22 @@ async def test_messages_from_the_browser_are_ignored(session, alice_cookie):
 
 
 @pytest.mark.parametrize(
+    "frame",
+    [{"text": "not json"}, {"text": ""}, {"bytes": b"\x00\xff"}],
+    ids=["not-json", "empty-text", "binary"],
+)
+@pytest.mark.parametrize("who", ["owner", "stranger"])
+async def test_frames_that_are_not_json_are_ignored_too(session, alice_cookie, bob_cookie, frame, who):
+    """Found by tests/fuzz: the JSON consumer decoded every frame and crashed on these."""
+    communicator = socket(session.row.id, alice_cookie if who == "owner" else bob_cookie)
+    assert (await communicator.connect())[0]
+    await communicator.receive_output()  # the snapshot, or the 4403 close
+    await communicator.send_input({"type": "websocket.receive", **frame})
+    assert await communicator.receive_nothing()
+    await communicator.disconnect()  # raises if the consumer raised
+
+
+@pytest.mark.parametrize(
     "path",
     ["/ws/pair/mobile/not-a-uuid/", "/ws/unknown/", "/", "/ws/pair/mobile/"],
 )
