@@ -243,3 +243,11 @@ async def test_a_socket_to_an_unknown_path_is_refused_cleanly(db, alice_cookie, 
     )
     assert await communicator.connect() == (False, 1000)
     await communicator.disconnect()  # raises if the application raised
+
+
+@pytest.mark.parametrize("origin", ["http://[::1", "http://[127.0.0.1]:8000", "http://[::1]:99999"])
+async def test_a_malformed_origin_is_rejected_at_the_handshake(session, alice_cookie, origin):
+    """Found by tests/fuzz: Channels' origin check let urlparse's ValueError escape."""
+    communicator = socket(session.row.id, alice_cookie, origin=origin)
+    assert await communicator.connect() == (False, 1000)
+    await communicator.disconnect()  # raises if the application raised
