@@ -251,3 +251,11 @@ async def test_a_malformed_origin_is_rejected_at_the_handshake(session, alice_co
     communicator = socket(session.row.id, alice_cookie, origin=origin)
     assert await communicator.connect() == (False, 1000)
     await communicator.disconnect()  # raises if the application raised
+
+
+async def test_a_forged_session_cookie_is_nobody(session):
+    """Found by tests/fuzz: a NUL in the cookie reached PostgreSQL, which raised."""
+    communicator = socket(session.row.id, cookie="sessionid=" + "\x00" * 32)
+    assert (await communicator.connect())[0]
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4401}
+    await communicator.disconnect()
