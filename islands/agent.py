@@ -8,7 +8,6 @@ absurd values out of the database; a value outside them is a 400.
 """
 
 import uuid
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -195,10 +194,15 @@ class LeaseRenewal(msgspec.Struct):
 
 
 class JobAssignment(msgspec.Struct):
-    """The dispatcher records a job it gave an Island. `credits` is a decimal string or number."""
+    """The dispatcher records a job it gave an Island. `credits` is a decimal string or number.
+
+    Not decoded as a Decimal: Decimal() also reads "2_5" as 25, " 2.5\n",
+    "1e3" and digits of other scripts, and an amount of money is no place
+    for that leniency. The view checks the text and converts it.
+    """
 
     job_id: JobId
     island_id: uuid.UUID
     workload: Text
-    credits: Decimal
+    credits: str | int | float
     lease_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * 24 * 3600)]

@@ -50,6 +50,9 @@ POLL_LIMIT = 32
 # The Island page lists this many of its newest karma events.
 KARMA_EVENTS_SHOWN = 50
 _JOB_ID = re.compile(JOB_ID_PATTERN)
+# Credits as text: ASCII digits with at most one point (and a sign, which
+# the range check then refuses with a clearer message).
+_CREDITS_TEXT = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?")
 
 
 def _island_for(request: HttpRequest, pk: str) -> Island:
@@ -163,7 +166,18 @@ def api_job_status(request: HttpRequest, job_id: str) -> HttpResponse:
 # --- The dispatcher's side ---------------------------------------------------------
 
 
-def _credits(value: Decimal) -> Decimal:
+def _credits(sent: str | int | float) -> Decimal:
+    if isinstance(sent, str):
+        if not _CREDITS_TEXT.fullmatch(sent):
+            raise ApiError(400, 'invalid credits: a decimal string such as "2.5", or a number')
+        value = Decimal(sent)
+    elif isinstance(sent, int):
+        value = Decimal(sent)
+    else:
+        # A JSON number with a fraction is decoded as a float; its shortest
+        # repr is the literal that was sent for any amount in range (at most
+        # 12 significant digits), so nothing is lost on the way.
+        value = Decimal(repr(sent))
     if not value.is_finite() or value < 0 or value > MAX_JOB_CREDITS:
         raise ApiError(400, f"invalid credits: a number from 0 to {MAX_JOB_CREDITS}")
     if value != value.quantize(CREDITS_PLACES):

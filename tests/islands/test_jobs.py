@@ -99,6 +99,11 @@ def test_credits_may_be_a_number(assign):
     assert Job.objects.get().credits == Decimal(3)
 
 
+def test_credits_as_a_fractional_number_are_taken_exactly(assign):
+    assert assign(credits=12345678.1234).status_code == 201
+    assert Job.objects.get().credits == Decimal("12345678.1234")
+
+
 def test_a_retried_assignment_returns_the_same_job(assign):
     assert assign().status_code == 201
     again = assign()
@@ -168,6 +173,15 @@ def test_jobs_go_only_to_active_islands(assign, island, alice):
         ({"credits": "1.00001"}, "at most 4 decimal places"),
         ({"credits": "100000000"}, "invalid credits"),
         ({"credits": "two"}, "invalid credits"),
+        # Decimal() reads all of these; found by tests/fuzz ("2.5\n" was accepted).
+        ({"credits": "2_5"}, "invalid credits"),  # would have been 25
+        ({"credits": " 2.5"}, "invalid credits"),
+        ({"credits": "2.5\n"}, "invalid credits"),
+        ({"credits": "\u0661\u0662"}, "invalid credits"),  # Arabic-Indic 12
+        ({"credits": "1e3"}, "invalid credits"),
+        ({"credits": True}, "invalid credits"),
+        ({"credits": 1e-05}, "at most 4 decimal places"),
+        ({"credits": 1e16}, "invalid credits"),
         ({"lease_seconds": 0}, "invalid lease_seconds"),
         ({"lease_seconds": "60"}, "invalid lease_seconds"),
         ({"job_id": "has spaces"}, "invalid job_id"),
