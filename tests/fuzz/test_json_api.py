@@ -51,6 +51,13 @@ TOKEN_FIELDS = {"token_hash", "token_expires_at"}
 HOST_ID_FORMAT = re.compile(r"[A-Za-z0-9._-]{8,64}")
 JOB_ID_FORMAT = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PRICE_FORMAT = re.compile(r"[0-9]{1,12}(\.[0-9]{1,8})?")
+# "a decimal string or number": digits, at most one point. Python's Decimal()
+# would also read "2_5" as 25, " 2.5 " and digits of other scripts.
+CREDITS_FORMAT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+class Number(str):
+    """A JSON number in a decoded body, kept as its text."""
 
 
 def documented(pattern: re.Pattern[str], value: Any) -> None:
@@ -72,7 +79,7 @@ class Exchange:
     def decoded_body(self) -> Any:
         # Only for accepted bodies, which are JSON, though a field the server
         # skips may hold a number of 5,000 digits: numbers stay text here.
-        return json.loads(self.body, parse_int=str, parse_float=str)
+        return json.loads(self.body, parse_int=Number, parse_float=Number)
 
     def calling_island(self) -> Island:
         token = (self.authorization or "").partition(" ")[2].strip()
@@ -214,6 +221,8 @@ def jobs_accepted(x: Exchange) -> None:
         return
     assert x.status == 201 and x.payload["created"] is True
     documented(JOB_ID_FORMAT, body["job_id"])
+    if not isinstance(body["credits"], Number):
+        documented(CREDITS_FORMAT, body["credits"])
     x.only(Job)
     [row] = x.changes[Job].added
     assert not x.changes[Job].changed
