@@ -33,7 +33,12 @@ DATABASE_RETRY_AFTER = 5
 
 logger = logging.getLogger("archipelag.api")
 
-_PATH_RE = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_PATH_RE = re.compile(r" - at (?P<key>`key` in )?`\$\.?(?P<path>[^`]*)`\Z")
+
+# For every string the coordinator keeps: PostgreSQL stores no NUL character
+# in text or jsonb, though "\u0000" is valid JSON, so a NUL is refused here
+# (a 400) rather than failing the write (a 500).
+NO_NUL_PATTERN = r"^[^\x00]*\Z"
 
 
 class ApiError(Exception):
@@ -68,7 +73,11 @@ def describe_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError
     if not match:
         return f"invalid body: {message}"
     path = match.group("path") or "body"
-    return f"invalid {path}: {message[: match.start()]}"
+    if match.group("key"):
+        path += " key"
+    # The pattern itself means nothing to a client; say what it checks.
+    problem = message[: match.start()].replace(f"matching regex {NO_NUL_PATTERN!r}", "without NUL characters")
+    return f"invalid {path}: {problem}"
 
 
 def read_body(request: HttpRequest, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> bytes:
@@ -84,13 +93,51 @@ def read_body(request: HttpRequest, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> 
     return body
 
 
+class InvalidBody(ValueError):
+    """A body that is not JSON of the expected shape; the message is safe to show."""
+
+
+def decode_json[T](body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode and validate a body, raising InvalidBody for anything that is not right.
+
+    The HTTP API and the NATS bridge both decode with this, so they refuse
+    the same bodies with the same messages.
+    """
+    try:
+        # JSON is UTF-8 (RFC 8259). msgspec checks only the strings it keeps,
+        # and for those raises UnicodeDecodeError rather than an error of its
+        # own, so bad bytes elsewhere would pass and bad bytes there would be
+        # a 500. For ASCII bodies this check is a fast scan.
+        body.decode()
+    except UnicodeDecodeError:
+        raise InvalidBody("body is not valid JSON: it is not UTF-8") from None
+    try:
+        return decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidBody(describe_validation_error(exc)) from None
+    except RecursionError:
+        # msgspec skips unknown fields recursively and stops at the
+        # interpreter's recursion limit, a few KiB of brackets deep.
+        raise InvalidBody("body is not valid JSON: nested too deeply") from None
+
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _decoder[T](type_: type[T]) -> msgspec.json.Decoder[T]:
+    decoder = _decoders.get(type_)
+    if decoder is None:
+        decoder = _decoders[type_] = msgspec.json.Decoder(type_)
+    return decoder
+
+
 def decode[T](body: bytes, type_: type[T]) -> T:
     if not body.strip():
         raise ApiError(400, "body is empty: send a JSON object")
     try:
-        return msgspec.json.decode(body, type=type_)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ApiError(400, describe_validation_error(exc)) from None
+        return decode_json(body, _decoder(type_))
+    except InvalidBody as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def parse_body[T](request: HttpRequest, type_: type[T], max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> T:

@@ -1,6 +1,8 @@
 """ASGI entry point: HTTP through Django, websockets through Channels."""
 
 import os
+from typing import Any
+from urllib.parse import urlparse
 
 from django.core.asgi import get_asgi_application
 
@@ -11,16 +13,52 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator, WebsocketDenier  # noqa: E402
+from django.urls import re_path  # noqa: E402
 
 from pairing.routing import websocket_urlpatterns  # noqa: E402
+
+
+def _origin_parses(value: bytes) -> bool:
+    try:
+        urlparse(value.decode("latin1")).port  # noqa: B018 (reading .port validates it)
+    except ValueError:
+        return False
+    return True
+
+
+class RefuseMalformedOrigin:
+    """Refuse, at the handshake, a socket whose Origin header is not a URL at all.
+
+    Channels' origin check parses the header with urlparse and lets its
+    ValueError ("Invalid IPv6 URL", a port out of range) escape, which
+    crashes the application instead of refusing the socket.
+    """
+
+    def __init__(self, application: Any):
+        self.application = application
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        if not all(_origin_parses(value) for name, value in scope.get("headers", []) if name == b"origin"):
+            return await WebsocketDenier()(scope, receive, send)
+        return await self.application(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         # Browser sockets: the session cookie says who is there, and the
         # Origin header must be one of ALLOWED_HOSTS, so another site cannot
-        # open a socket with the user's cookie.
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        # open a socket with the user's cookie. An Origin that is no URL, and a
+        # path no route matches, are refused at the handshake (a 403) too:
+        # Channels would raise ValueError out of the application for both,
+        # and the server would log a crash for every stray probe.
+        "websocket": RefuseMalformedOrigin(
+            AllowedHostsOriginValidator(
+                AuthMiddlewareStack(
+                    URLRouter([*websocket_urlpatterns, re_path(r"", WebsocketDenier.as_asgi())])
+                )
+            )
+        ),
     }
 )

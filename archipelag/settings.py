@@ -207,6 +207,9 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Django's database sessions, refusing to look up keys it never issues.
+SESSION_ENGINE = "archipelag.sessions"
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "islands:settings"
 LOGOUT_REDIRECT_URL = "home"

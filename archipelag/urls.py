@@ -3,6 +3,9 @@ from django.urls import include, path
 
 from archipelag import views
 
+# API clients parse every answer as JSON, 404s included.
+handler404 = "archipelag.views.not_found"
+
 urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),

@@ -7,11 +7,14 @@ from django.contrib.auth import login
 from django.contrib.auth.forms import UserCreationForm
 from django.contrib.auth.models import User
 from django.db import connection
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
+from django.views.defaults import page_not_found
+
+from archipelag.api import error_response
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,6 @@ def signup(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_exempt
-@require_http_methods(["GET", "POST"])
 def ping(request: HttpRequest) -> JsonResponse:
     """The cheapest JSON answer the stack can give: no database, no channel layer.
 
@@ -48,7 +50,17 @@ def ping(request: HttpRequest) -> JsonResponse:
     use it as the framework's own cost, next to the heartbeat (see
     docs/performance.md). A POST body is accepted and not read.
     """
+    if request.method not in ("GET", "POST"):
+        # Not require_http_methods: its 405 is an empty text/html answer.
+        return error_response(405, "method not allowed: use GET or POST", {"Allow": "GET, POST"})
     return JsonResponse({"success": True})
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """404s: in JSON under /api/, where clients parse every answer; Django's page elsewhere."""
+    if request.path.startswith("/api/"):
+        return error_response(404, "no such endpoint: see docs/api.md")
+    return page_not_found(request, exception or Http404())
 
 
 def _database_ok() -> None:

@@ -8,19 +8,24 @@ absurd values out of the database; a value outside them is a 400.
 """
 
 import uuid
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from archipelag.api import NO_NUL_PATTERN
+
 # The agent's host_id is a UUIDv4, but a config key may override it with
 # any string of at least 8 characters. This keeps it safe to show, log and
-# use in a NATS subject.
-HOST_ID_PATTERN = r"^[A-Za-z0-9._-]{8,64}$"
+# use in a NATS subject. Every pattern ends in \Z, not $: msgspec searches
+# with re, where $ also matches before a trailing newline, so "$" let
+# "host-0001\n" through into the database and the logs.
+HOST_ID_PATTERN = r"^[A-Za-z0-9._-]{8,64}\Z"
 HostId = Annotated[str, msgspec.Meta(pattern=HOST_ID_PATTERN)]
 
-ShortText = Annotated[str, msgspec.Meta(max_length=64)]
-Text = Annotated[str, msgspec.Meta(max_length=128)]
+# Free text the coordinator keeps (in columns, or in JSON columns).
+ShortText = Annotated[str, msgspec.Meta(max_length=64, pattern=NO_NUL_PATTERN)]
+Text = Annotated[str, msgspec.Meta(max_length=128, pattern=NO_NUL_PATTERN)]
+Label = Annotated[str, msgspec.Meta(max_length=32, pattern=NO_NUL_PATTERN)]
 Megabytes = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Cores = Annotated[int, msgspec.Meta(ge=0, le=65_536)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
@@ -33,8 +38,9 @@ Reading = (
     Annotated[int, msgspec.Meta(ge=-(10**12), le=10**12)] | Annotated[float, msgspec.Meta(ge=-1e12, le=1e12)]
 )
 # Prices are decimal strings in credits ("2.0"), never floats.
-Price = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?$")]
-JobId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+Price = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,12}(\.[0-9]{1,8})?\Z")]
+JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}\Z"
+JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 
 
 class Capabilities(msgspec.Struct, gc=False):
@@ -121,8 +127,8 @@ class HeartbeatCapabilities(Capabilities):
 
     device_model: Text | None = None
     os_version: ShortText | None = None
-    runtime: Annotated[str, msgspec.Meta(max_length=32)] | None = None
-    accelerator: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    runtime: Label | None = None
+    accelerator: Label | None = None
 
 
 class EnhancedHeartbeat(msgspec.Struct, gc=False):
@@ -170,8 +176,9 @@ class JobStatus(msgspec.Struct):
 
     state: ReportedJobState
     job_id: JobId | None = None
-    # Unbounded here: the body limit bounds it, and the ledger keeps a prefix.
-    # A terminal status refused for a long error would be retried forever.
+    # Unbounded here: the body limit bounds it, and the ledger keeps a prefix
+    # (with any NUL replaced). A terminal status refused for its error text
+    # would be retried forever.
     error: str | None = None
     timestamp: Milliseconds | None = None
 
@@ -187,10 +194,15 @@ class LeaseRenewal(msgspec.Struct):
 
 
 class JobAssignment(msgspec.Struct):
-    """The dispatcher records a job it gave an Island. `credits` is a decimal string or number."""
+    """The dispatcher records a job it gave an Island. `credits` is a decimal string or number.
+
+    Not decoded as a Decimal: Decimal() also reads "2_5" as 25, " 2.5\n",
+    "1e3" and digits of other scripts, and an amount of money is no place
+    for that leniency. The view checks the text and converts it.
+    """
 
     job_id: JobId
     island_id: uuid.UUID
     workload: Text
-    credits: Decimal
+    credits: str | int | float
     lease_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * 24 * 3600)]

@@ -45,7 +45,7 @@ from nats.aio.client import Server
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, SlowConsumerError
 
-from archipelag.api import DEFAULT_MAX_BODY_BYTES, TRANSIENT_DATABASE_ERRORS, describe_validation_error
+from archipelag.api import DEFAULT_MAX_BODY_BYTES, TRANSIENT_DATABASE_ERRORS, InvalidBody, decode_json
 from islands.agent import (
     HOST_ID_PATTERN,
     EnhancedHeartbeat,
@@ -541,9 +541,9 @@ class Bridge:
             self.reject(f"{kind}_malformed", msg.subject, "body is empty")
             return None
         try:
-            return decoder.decode(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            self.reject(f"{kind}_malformed", msg.subject, describe_validation_error(exc))
+            return decode_json(msg.data, decoder)
+        except InvalidBody as exc:
+            self.reject(f"{kind}_malformed", msg.subject, str(exc))
             return None
 
     async def _reply(self, msg: Message, answer: PairingAnswer) -> None:
@@ -568,11 +568,9 @@ class Bridge:
             )
             return
         try:
-            request = self._pairing_decoder.decode(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            error = (
-                describe_validation_error(exc) if msg.data.strip() else "body is empty: send a JSON object"
-            )
+            request = decode_json(msg.data, self._pairing_decoder)
+        except InvalidBody as exc:
+            error = str(exc) if msg.data.strip() else "body is empty: send a JSON object"
             self.reject("pairing_malformed", msg.subject, error)
             await self._reply(msg, {"success": False, "error": error})
             return

@@ -9,10 +9,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from islands.agent import Cores, HostId, Megabytes, ShortText, Text
+from archipelag.api import NO_NUL_PATTERN
+from islands.agent import Cores, HostId, Label, Megabytes, ShortText, Text
 
-Model = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Accelerator = Annotated[str, msgspec.Meta(max_length=32)]
+Model = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
+Accelerator = Label
 # A scan secret is 43 characters; the bound only stops absurd bodies.
 Secret = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 

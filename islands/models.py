@@ -837,8 +837,10 @@ class JobManager(models.Manager["Job"]):
             if job is None:
                 raise JobNotFound(f"no job {job_id} for this Island")
             if target in Job.TERMINAL_STATES:
+                # PostgreSQL stores no NUL; the rest of the text is worth keeping.
+                kept = (error or "").replace("\x00", "\ufffd")[:JOB_ERROR_MAX_LENGTH]
                 won = self.filter(pk=job.pk, state__in=Job.ACTIVE_STATES).update(
-                    state=target, finished_at=now, error=(error or "")[:JOB_ERROR_MAX_LENGTH]
+                    state=target, finished_at=now, error=kept
                 )
                 if won:
                     job.count_on_island(target)

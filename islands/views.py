@@ -1,4 +1,5 @@
 import logging
+import re
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -19,7 +20,7 @@ from archipelag.api import (
     parse_body,
 )
 from archipelag.htmx import HtmxHttpRequest
-from islands.agent import EnhancedHeartbeat, JobAssignment, JobStatus
+from islands.agent import JOB_ID_PATTERN, EnhancedHeartbeat, JobAssignment, JobStatus
 from islands.forms import RenameIslandForm
 from islands.groupcommit import GroupCommit, GroupCommitFailed
 from islands.models import (
@@ -48,6 +49,10 @@ UNAUTHORIZED = "unknown, revoked or expired token: send Authorization: Bearer <t
 POLL_LIMIT = 32
 # The Island page lists this many of its newest karma events.
 KARMA_EVENTS_SHOWN = 50
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+# Credits as text: ASCII digits with at most one point (and a sign, which
+# the range check then refuses with a clearer message).
+_CREDITS_TEXT = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?")
 
 
 def _island_for(request: HttpRequest, pk: str) -> Island:
@@ -140,6 +145,10 @@ def api_jobs_poll(request: HttpRequest) -> HttpResponse:
 @json_api
 def api_job_status(request: HttpRequest, job_id: str) -> HttpResponse:
     island = _calling_island(request)
+    if not _JOB_ID.match(job_id):
+        # No job can have this id; and a NUL in it would fail the query on
+        # PostgreSQL. Not echoed back: it may be any text at all.
+        raise ApiError(404, "no such job for this Island")
     report = parse_body(request, JobStatus)
     if report.job_id is not None and report.job_id != job_id:
         raise ApiError(400, "invalid job_id: the body names another job than the URL")
@@ -157,7 +166,18 @@ def api_job_status(request: HttpRequest, job_id: str) -> HttpResponse:
 # --- The dispatcher's side ---------------------------------------------------------
 
 
-def _credits(value: Decimal) -> Decimal:
+def _credits(sent: str | int | float) -> Decimal:
+    if isinstance(sent, str):
+        if not _CREDITS_TEXT.fullmatch(sent):
+            raise ApiError(400, 'invalid credits: a decimal string such as "2.5", or a number')
+        value = Decimal(sent)
+    elif isinstance(sent, int):
+        value = Decimal(sent)
+    else:
+        # A JSON number with a fraction is decoded as a float; its shortest
+        # repr is the literal that was sent for any amount in range (at most
+        # 12 significant digits), so nothing is lost on the way.
+        value = Decimal(repr(sent))
     if not value.is_finite() or value < 0 or value > MAX_JOB_CREDITS:
         raise ApiError(400, f"invalid credits: a number from 0 to {MAX_JOB_CREDITS}")
     if value != value.quantize(CREDITS_PLACES):

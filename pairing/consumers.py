@@ -43,6 +43,14 @@ class MobilePairingConsumer(AsyncJsonWebsocketConsumer):
         session = await sessions.aget(pk=session_id)
         await self.send_json(session.snapshot())
 
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
+        # Ignored unread. The JSON consumer would decode every frame first,
+        # and a frame that is not JSON text (binary, empty, garbage) would
+        # raise and end the socket with a server error.
+        return
+
     async def disconnect(self, code: int) -> None:
         if self.group_name is not None:
             await self.channel_layer.group_discard(self.group_name, self.channel_name)

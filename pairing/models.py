@@ -69,6 +69,11 @@ class TokenAlreadyCollected(PairingError):
     pass
 
 
+_ALREADY_HANDED_OUT = (
+    "the token for this Island was already handed out; remove the Island in /settings and pair again"
+)
+
+
 class HostIdTaken(PairingError):
     """A phone's host_id belongs to an Island this pairing may not update."""
 
@@ -252,6 +257,12 @@ class PairingCodeManager(models.Manager["PairingCode"]):
         )
         if row is None:
             raise BadDeviceSecret("unknown host_id or wrong device_secret")
+        island = row.island
+        paired = row.used_at is not None and island is not None and island.removed_at is None
+        if paired and row.token_issued_at is not None:
+            # Refused before the poll is recorded: a refused request writes
+            # nothing (docs/api.md), and this answer can never change.
+            raise TokenAlreadyCollected(_ALREADY_HANDED_OUT)
         # Compare-and-set on the last poll time: two polls racing each other
         # cannot both pass, and a device polling too fast is told to slow down.
         allowed = self.filter(pk=row.pk).filter(
@@ -260,14 +271,12 @@ class PairingCodeManager(models.Manager["PairingCode"]):
         if not allowed.update(last_polled_at=now):
             raise PollTooFast("slow_down")
 
-        island = row.island
-        if row.used_at is not None and island is not None and island.removed_at is None:
+        if paired and island is not None:
             with transaction.atomic():
+                # The check above read the row before the poll was recorded;
+                # this conditional UPDATE is what hands the token out once.
                 if not self.filter(pk=row.pk, token_issued_at__isnull=True).update(token_issued_at=now):
-                    raise TokenAlreadyCollected(
-                        "the token for this Island was already handed out; "
-                        "remove the Island in /settings and pair again"
-                    )
+                    raise TokenAlreadyCollected(_ALREADY_HANDED_OUT)
                 token = island.issue_token(now)
             return {"status": "paired", "island_id": str(island.pk), "token": token}
         if row.state(now) != "live":

@@ -48,3 +48,12 @@ def test_wrong_password_shows_an_error(client, alice):
     response = client.post("/accounts/login/", {"username": "alice", "password": "nope"})
     assert response.status_code == 200
     assert "Please enter a correct username and password" in response.content.decode()
+
+
+def test_a_forged_session_cookie_is_nobody_and_is_not_looked_up(client, db, django_assert_num_queries):
+    """Found by tests/fuzz: a NUL in the cookie reached PostgreSQL, which raised (a 500)."""
+    client.cookies["sessionid"] = "\x00" * 32
+    with django_assert_num_queries(0):
+        response = client.get("/settings")
+    assert response.status_code == 302
+    assert response["Location"].startswith("/accounts/login/")

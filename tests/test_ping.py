@@ -19,5 +19,9 @@ def test_ping_accepts_a_post_body_without_a_csrf_token(db):
     assert response.json() == {"success": True}
 
 
-def test_ping_refuses_other_methods(client, db):
-    assert client.put("/api/v1/ping").status_code == 405
+def test_ping_refuses_other_methods_in_json(client, db):
+    """Found by tests/fuzz: the 405 was Django's empty text/html answer."""
+    response = client.put("/api/v1/ping")
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, POST"
+    assert response.json() == {"success": False, "error": "method not allowed: use GET or POST"}

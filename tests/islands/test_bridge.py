@@ -312,11 +312,26 @@ def test_the_bridge_keeps_the_latest_heartbeat_per_host_until_it_writes():
         (f"host.{HOST_ID}.heartbeat", {"active_jobs": "many"}, "heartbeat_malformed"),
         (f"host.{HOST_ID}.heartbeat", {"asking_prices": {"x": 2.0}}, "heartbeat_malformed"),
         (f"host.{HOST_ID}.heartbeat", [1, 2, 3], "heartbeat_malformed"),
+        (
+            f"host.{HOST_ID}.heartbeat",
+            b'{"cache": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            "heartbeat_malformed",
+        ),
         (f"host.{HOST_ID}.heartbeat", b"{" + b" " * 70_000 + b"}", "heartbeat_too_large"),
         (f"host.{HOST_ID}.heartbeat", {"host_id": OTHER_HOST}, "heartbeat_host_mismatch"),
         ("host.x.heartbeat", {"status": "online"}, "heartbeat_subject"),
     ],
-    ids=["not-json", "empty", "wrong-type", "float-price", "not-object", "huge", "other-host", "bad-subject"],
+    ids=[
+        "not-json",
+        "empty",
+        "wrong-type",
+        "float-price",
+        "not-object",
+        "deeply-nested",
+        "huge",
+        "other-host",
+        "bad-subject",
+    ],
 )
 def test_a_bad_heartbeat_is_counted_and_skipped(subject, payload, kind):
     bridge_ = Bridge(["nats://127.0.0.1:1"])
@@ -336,7 +351,7 @@ def test_malformed_requests_get_an_error_naming_the_field_and_write_nothing(db):
     assert [reply["error"] for reply in replies[:4]] == [
         "body is not valid JSON",
         "invalid host_id: Expected `str`, got `int`",
-        "invalid host_id: Expected `str` matching regex '^[A-Za-z0-9._-]{8,64}$'",
+        r"invalid host_id: Expected `str` matching regex '^[A-Za-z0-9._-]{8,64}\\Z'",
         "body is empty: send a JSON object",
     ]
     assert replies[4]["error"].startswith("body too large")
@@ -387,3 +402,19 @@ def test_a_full_batch_is_written_in_one_go(alice):
     beat = msgspec.convert(AGENT_HEARTBEAT, EnhancedHeartbeat)
     assert bridge.record_heartbeats([(host, beat, T0) for host in hosts]) == len(hosts)
     assert Island.objects.filter(last_heartbeat_at=T0, agent_version="0.4.0").count() == len(hosts)
+
+
+def test_a_body_that_is_not_utf8_is_refused_like_any_malformed_one(db):
+    """Found by tests/fuzz: msgspec raised UnicodeDecodeError, which no handler caught."""
+    bridge_ = Bridge(["nats://127.0.0.1:1"])
+    receive(bridge_, f"host.{HOST_ID}.heartbeat", b'{"agent_version": "caf\xe9"}')
+    assert bridge_.counters["rejected_heartbeat_malformed"] == 1
+    msg = FakeMessage(
+        "coordinator.hosts.pairing", b'{"host_id": "\xff\xfe\xfd\xfc\xfb\xfa"}', reply="_INBOX.x"
+    )
+    asyncio.run(bridge_.on_pairing(msg))
+    assert json.loads(msg.replies[0]) == {
+        "success": False,
+        "error": "body is not valid JSON: it is not UTF-8",
+    }
+    assert not PairingCode.objects.exists()

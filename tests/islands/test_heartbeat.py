@@ -351,12 +351,23 @@ def test_only_post_is_allowed(client, token):
         (b'{"asking_prices": {"llm-chat": 2.0}}', "invalid asking_prices"),
         (b'{"asking_prices": {"llm-chat": "cheap"}}', "invalid asking_prices"),
         (b'{"asking_prices": {"llm-chat": "-1"}}', "invalid asking_prices"),
+        (b'{"asking_prices": {"llm-chat": "2.0\\n"}}', "invalid asking_prices"),
+        # "\u0000" is valid JSON, but PostgreSQL stores no NUL: these were 500s there.
+        (b'{"agent_version": "0.4\\u0000"}', "invalid agent_version: Expected `str` without NUL"),
+        (b'{"asking_prices": {"llm\\u0000": "1.0"}}', "invalid asking_prices"),
+        (b'{"active_job_metrics": [{"job_type": "\\u0000"}]}', "invalid active_job_metrics[0].job_type"),
+        (b'{"capabilities": {"runtime": "onnx\\u0000"}}', "invalid capabilities.runtime"),
+        (b'{"performance_estimates": {"supported_runtimes": ["\\u0000"]}}', "supported_runtimes[0]"),
+        (b'{"host_id": "550e8400-e29b-41d4-a716-446655440000\\n"}', "invalid host_id"),
         (b'{"performance_estimates": {"supported_runtimes": "wasm"}}', "invalid performance_estimates"),
         (b'{"capabilities": {"cpu_cores": "many"}}', "invalid capabilities.cpu_cores"),
         (b'{"agent_version": "' + b"v" * 65 + b'"}', "invalid agent_version"),
         (b'{"gpus": [' + b"{}," * 64 + b"{}]}", "invalid gpus"),
         (b"[" * 5000 + b"]" * 5000, "invalid"),
+        # An unknown field is skipped unread, recursively: this was a RecursionError and a 500.
+        (b'{"cache": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body is not valid JSON: nested too deeply"),
         (b"\xff\xfe", "not valid JSON"),
+        (b'{"agent_version": "caf\xe9"}', "not valid JSON: it is not UTF-8"),
     ],
 )
 def test_an_invalid_heartbeat_gets_400_and_writes_nothing(beat, island, body, message):

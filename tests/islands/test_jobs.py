@@ -99,6 +99,11 @@ def test_credits_may_be_a_number(assign):
     assert Job.objects.get().credits == Decimal(3)
 
 
+def test_credits_as_a_fractional_number_are_taken_exactly(assign):
+    assert assign(credits=12345678.1234).status_code == 201
+    assert Job.objects.get().credits == Decimal("12345678.1234")
+
+
 def test_a_retried_assignment_returns_the_same_job(assign):
     assert assign().status_code == 201
     again = assign()
@@ -168,12 +173,23 @@ def test_jobs_go_only_to_active_islands(assign, island, alice):
         ({"credits": "1.00001"}, "at most 4 decimal places"),
         ({"credits": "100000000"}, "invalid credits"),
         ({"credits": "two"}, "invalid credits"),
+        # Decimal() reads all of these; found by tests/fuzz ("2.5\n" was accepted).
+        ({"credits": "2_5"}, "invalid credits"),  # would have been 25
+        ({"credits": " 2.5"}, "invalid credits"),
+        ({"credits": "2.5\n"}, "invalid credits"),
+        ({"credits": "\u0661\u0662"}, "invalid credits"),  # Arabic-Indic 12
+        ({"credits": "1e3"}, "invalid credits"),
+        ({"credits": True}, "invalid credits"),
+        ({"credits": 1e-05}, "at most 4 decimal places"),
+        ({"credits": 1e16}, "invalid credits"),
         ({"lease_seconds": 0}, "invalid lease_seconds"),
         ({"lease_seconds": "60"}, "invalid lease_seconds"),
         ({"job_id": "has spaces"}, "invalid job_id"),
         ({"job_id": ""}, "invalid job_id"),
         ({"island_id": "not-a-uuid"}, "invalid island_id"),
         ({"workload": None}, "invalid workload"),
+        # PostgreSQL cannot store NUL: this was a 500 there.
+        ({"workload": "llm\x00chat"}, "invalid workload: Expected `str` without NUL characters"),
     ],
 )
 def test_an_invalid_assignment_gets_400_and_writes_nothing(assign, change, message):
@@ -290,6 +306,27 @@ def test_a_long_error_is_kept_in_part(report, island):
     give(island)
     assert report("job-0001", "failed", error="x" * 10_000).status_code == 200
     assert len(Job.objects.get().error) == 2000
+
+
+def test_an_error_with_nul_characters_is_kept_readable(report, island):
+    """Found by tests/fuzz: PostgreSQL refused the NUL and the report was a 500.
+
+    A final state is never refused for its error text (the agent would retry
+    it forever), so the NUL is replaced instead.
+    """
+    give(island)
+    assert report("job-0001", "failed", error="bad\x00byte").status_code == 200
+    assert Job.objects.get().error == "bad\ufffdbyte"
+
+
+@pytest.mark.parametrize("job_id", ["%00", "job-0001%0A", "x" * 129, "%C3%A9t%C3%A9"])
+def test_a_job_id_that_cannot_exist_is_not_found(report, island, job_id):
+    """Found by tests/fuzz: a NUL in the URL reached PostgreSQL and was a 500."""
+    give(island)
+    response = report(job_id, "succeeded")
+    assert response.status_code == 404
+    assert response.json() == {"success": False, "error": "no such job for this Island"}
+    assert Job.objects.get().state == State.ASSIGNED
 
 
 def test_cancelled_neither_counts_nor_pays(report, island):
@@ -477,3 +514,10 @@ def test_racing_reports_of_one_job_count_it_once(postgres, alice):
     assert (
         island.jobs_completed + island.jobs_failed + Job.objects.filter(state=State.CANCELLED).count() == 20
     )
+
+
+def test_a_job_id_with_a_trailing_newline_is_refused(assign):
+    response = assign(job_id="job-0001\n")
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("invalid job_id")
+    assert not Job.objects.exists()

@@ -128,6 +128,12 @@ def test_a_new_request_retires_the_earlier_live_code(api, db):
             "gpu_vram_mb",
         ),
         (b'{"host_id": "ok-host-id", "version": "' + b"9" * 65 + b'"}', 400, "invalid version"),
+        (b'{"host_id": "ok-host-id", "version": "0.5\\u0000"}', 400, "invalid version"),
+        (
+            b'{"host_id": "ok-host-id", "capabilities": {"gpu_model": "RTX\\u0000"}}',
+            400,
+            "invalid capabilities.gpu_model: Expected `str` without NUL characters",
+        ),
         (b'{"host_id": "ok-host-id", "padding": "' + b"x" * 20000 + b'"}', 413, "body too large"),
     ],
 )
@@ -192,6 +198,19 @@ def test_poll_hands_out_the_token_exactly_once_and_stores_only_its_hash(api, ali
     assert Island.objects.authenticate(token) == island  # the first token still works
 
 
+def test_a_poll_after_the_token_was_handed_out_is_410_and_writes_nothing(api, alice):
+    """Found by tests/fuzz: the 410 used to record the poll's time first."""
+    start = timezone.now()
+    with time_machine.travel(start, tick=False):
+        body = request_code(api)
+        PairingCode.objects.find(body["code"]).redeem(alice)
+        assert poll(api, body).json()["status"] == "paired"
+    row = PairingCode.objects.get()
+    with time_machine.travel(start + timedelta(seconds=30), tick=False):
+        assert poll(api, body).status_code == 410
+    assert PairingCode.objects.get().last_polled_at == row.last_polled_at == start
+
+
 def test_poll_says_expired_after_ten_minutes(api, db):
     start = timezone.now()
     with time_machine.travel(start, tick=False):
@@ -254,3 +273,29 @@ def test_code_issuance_is_limited_per_address(api, db):
     assert PairingCode.objects.filter(host_id="host-9999-limit").count() == 0
     # Another address is not affected.
     assert post(api, PAIRING, {"host_id": "host-9999-limit"}, REMOTE_ADDR="198.51.100.1").status_code == 201
+
+
+# --- Bodies no JSON encoder would produce (found by tests/fuzz) -------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"host_id": "\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8"}',
+        b'{"host_id": "ok-host-id", "version": "caf\xe9"}',
+        b'{"host_id": "ok-host-id", "caf\xe9": 1}',
+    ],
+    ids=["in-a-field", "latin-1-text", "in-an-unknown-key"],
+)
+def test_a_body_that_is_not_utf8_is_400_not_500(api, db, body):
+    response = api.post(PAIRING, body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.json() == {"success": False, "error": "body is not valid JSON: it is not UTF-8"}
+    assert PairingCode.objects.count() == 0
+
+
+def test_a_host_id_with_a_trailing_newline_is_refused(api, db):
+    response = post(api, PAIRING, {"host_id": HOST_ID + "\n"})
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("invalid host_id")
+    assert PairingCode.objects.count() == 0

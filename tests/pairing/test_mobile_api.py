@@ -229,6 +229,9 @@ def body(*, drop=(), device=None, **fields):
         (body(device={"ram_mb": -1}), 400, "invalid device.ram_mb"),
         (body(device={"cpu_cores": "6"}), 400, "invalid device.cpu_cores"),
         (body(device={"accelerator": "a" * 33}), 400, "invalid device.accelerator"),
+        (body(device={"model": "iPhone\x00"}), 400, "invalid device.model"),
+        (body(device={"accelerator": "ane\x00"}), 400, "invalid device.accelerator"),
+        (body(device={"os_version": "\x00"}), 400, "invalid device.os_version"),
         (body(drop=["secret"]), 400, "send either `code` or `secret`"),
         (body(code="A3X9K2"), 400, "send either `code` or `secret`"),
         (

@@ -215,3 +215,47 @@ async def test_messages_from_the_browser_are_ignored(session, alice_cookie):
     assert await communicator.receive_nothing()
     assert await MobilePairingSession.objects.filter(used_at__isnull=True).aexists()
     await communicator.disconnect()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [{"text": "not json"}, {"text": ""}, {"bytes": b"\x00\xff"}],
+    ids=["not-json", "empty-text", "binary"],
+)
+@pytest.mark.parametrize("who", ["owner", "stranger"])
+async def test_frames_that_are_not_json_are_ignored_too(session, alice_cookie, bob_cookie, frame, who):
+    """Found by tests/fuzz: the JSON consumer decoded every frame and crashed on these."""
+    communicator = socket(session.row.id, alice_cookie if who == "owner" else bob_cookie)
+    assert (await communicator.connect())[0]
+    await communicator.receive_output()  # the snapshot, or the 4403 close
+    await communicator.send_input({"type": "websocket.receive", **frame})
+    assert await communicator.receive_nothing()
+    await communicator.disconnect()  # raises if the consumer raised
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/ws/pair/mobile/not-a-uuid/", "/ws/unknown/", "/", "/ws/pair/mobile/"],
+)
+async def test_a_socket_to_an_unknown_path_is_refused_cleanly(db, alice_cookie, path):
+    communicator = WebsocketCommunicator(
+        application, path, headers=[(b"origin", ORIGIN.encode()), (b"cookie", alice_cookie.encode())]
+    )
+    assert await communicator.connect() == (False, 1000)
+    await communicator.disconnect()  # raises if the application raised
+
+
+@pytest.mark.parametrize("origin", ["http://[::1", "http://[127.0.0.1]:8000", "http://[::1]:99999"])
+async def test_a_malformed_origin_is_rejected_at_the_handshake(session, alice_cookie, origin):
+    """Found by tests/fuzz: Channels' origin check let urlparse's ValueError escape."""
+    communicator = socket(session.row.id, alice_cookie, origin=origin)
+    assert await communicator.connect() == (False, 1000)
+    await communicator.disconnect()  # raises if the application raised
+
+
+async def test_a_forged_session_cookie_is_nobody(session):
+    """Found by tests/fuzz: a NUL in the cookie reached PostgreSQL, which raised."""
+    communicator = socket(session.row.id, cookie="sessionid=" + "\x00" * 32)
+    assert (await communicator.connect())[0]
+    assert await communicator.receive_output() == {"type": "websocket.close", "code": 4401}
+    await communicator.disconnect()
