@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
+import pytest_asyncio
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.cache import cache
@@ -92,6 +94,15 @@ def nats_url() -> str:
     return url
 
 
+@pytest_asyncio.fixture
+async def fresh_channel_layer() -> AsyncIterator[None]:
+    """Flush the channel layer after the test, so no group or message outlives it."""
+    yield
+    layer = get_channel_layer()
+    if hasattr(layer, "flush"):
+        await layer.flush()
+
+
 @pytest.fixture
 def browser_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A fresh chromium page. Function-scoped on purpose: see below."""
@@ -130,6 +141,11 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def daphne_args(port: int) -> list[str]:
+    """The command line of a daphne serving the app on 127.0.0.1:`port`."""
+    return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "archipelag.asgi:application"]
 
 
 def _test_database_url() -> str:
@@ -172,16 +188,7 @@ def daphne_server(transactional_db: None, tmp_path: Path) -> Iterator[LiveServer
     log = tmp_path / "daphne.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "archipelag.asgi:application",
-            ],
+            daphne_args(port),
             cwd=BASE_DIR,
             env=env,
             stdout=sink,

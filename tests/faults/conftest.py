@@ -39,7 +39,7 @@ from django.db.models import Model
 from django.utils import timezone
 
 from islands.models import Island
-from tests.conftest import BASE_DIR, _free_port, _reachable
+from tests.conftest import BASE_DIR, _free_port, _reachable, daphne_args
 
 REDIS_SERVER = "/usr/bin/redis-server"
 NATS_SERVER = "/usr/sbin/nats-server"
@@ -346,16 +346,7 @@ class Spawner:
         app_name = app_name or f"faults-daphne-{uuid.uuid4().hex[:8]}"
         process = self(
             "daphne",
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "archipelag.asgi:application",
-            ],
+            daphne_args(port),
             django_env(app_name, PUBLIC_URL=url, DEBUG="1", **env),
         )
 

@@ -13,9 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import pytest_asyncio
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings as django_settings
 from hypothesis import given
@@ -28,18 +26,14 @@ from tests.fuzz import strategies as fuzz
 from tests.fuzz.conftest import EXAMPLES_ONLY_READ, snapshot
 from tests.pairing.test_mobile_consumer import cookie_for
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("fresh_channel_layer"),
+]
 
 ORIGIN = b"http://127.0.0.1:8000"
 ALLOWED_HOSTNAMES = {"127.0.0.1", "localhost", "::1"}
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def _fresh_channel_layer():
-    yield
-    layer = get_channel_layer()
-    if hasattr(layer, "flush"):
-        await layer.flush()
 
 
 @pytest.fixture

@@ -9,10 +9,8 @@ docs advise.
 from datetime import timedelta
 
 import pytest
-import pytest_asyncio
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.db import connection, transaction
@@ -23,17 +21,13 @@ from islands.models import Island
 from pairing.models import MobilePairingSession
 from tests.pairing.conftest import PHONE_HOST_ID, device, pair_phone
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("fresh_channel_layer"),
+]
 
 ORIGIN = "http://127.0.0.1:8000"
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def _fresh_channel_layer():
-    yield
-    layer = get_channel_layer()
-    if hasattr(layer, "flush"):
-        await layer.flush()
 
 
 def cookie_for(user) -> str:
