@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import common
+from islands.agent import REFERENCE_HEARTBEAT
 
 TARGET_RATIO = 0.8
 
@@ -49,43 +50,7 @@ class Round:
 def agent_heartbeat(host_id: str) -> bytes:
     """The real agent's full heartbeat (as in the agent reference), for this host."""
     return json.dumps(
-        {
-            "host_id": host_id,
-            "status": "online",
-            "active_jobs": 1,
-            "timestamp": int(time.time() * 1000),
-            "agent_version": "0.4.0",
-            "system": {
-                "cpu_percent": 45.5,
-                "memory_used_mb": 8192,
-                "memory_total_mb": 32768,
-                "disk_used_gb": 100,
-                "disk_total_gb": 500,
-            },
-            "gpus": [
-                {
-                    "index": 0,
-                    "utilization_percent": 80,
-                    "memory_used_mb": 12000,
-                    "memory_total_mb": 24576,
-                    "temperature_c": 72,
-                    "power_draw_w": 280.5,
-                }
-            ],
-            "active_job_metrics": [
-                {
-                    "job_id": "j1",
-                    "job_type": "llm-chat",
-                    "duration_ms": 5000,
-                    "tokens_generated": 150,
-                    "memory_mb": 4096,
-                    "gpu_memory_mb": 8000,
-                }
-            ],
-            "cache": {"cached_image_count": 3, "cached_size_mb": 15000, "warm_workload_count": 2},
-            "performance_estimates": {"supported_runtimes": ["container", "wasm"], "nats_rtt_ms": 12.5},
-            "asking_prices": {"llm-chat": "2.0", "_default": "1.0"},
-        }
+        {**REFERENCE_HEARTBEAT, "host_id": host_id, "timestamp": int(time.time() * 1000)}
     ).encode()
 
 

@@ -23,6 +23,7 @@ The target is 5,000 heartbeats/s: 50,000 Islands at the agent's 10 s interval.
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import random
@@ -39,6 +40,9 @@ from typing import Any
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
+
+from islands.agent import REFERENCE_HEARTBEAT  # noqa: E402 (needs the path above)
+
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/archipelag_bench"
 HOST_PREFIX = "bench-host-"
 
@@ -46,56 +50,28 @@ HOST_PREFIX = "bench-host-"
 def heartbeat(host_id: str, timestamp: int) -> dict[str, Any]:
     """The agent's full heartbeat (docs/api.md, the agent reference), with live-looking numbers."""
     rng = random.Random(f"{host_id}:{timestamp}")
-    return {
-        "host_id": host_id,
-        "status": "online",
-        "active_jobs": rng.randint(0, 2),
-        "timestamp": timestamp,
-        "agent_version": "0.5.0",
-        "system": {
-            "cpu_percent": round(rng.uniform(1, 99), 1),
-            "memory_used_mb": rng.randint(2048, 30000),
-            "memory_total_mb": 32768,
-            "disk_used_gb": rng.randint(50, 400),
-            "disk_total_gb": 500,
-        },
-        "gpus": [
-            {
-                "index": 0,
-                "utilization_percent": rng.randint(0, 100),
-                "memory_used_mb": rng.randint(0, 24000),
-                "memory_total_mb": 24576,
-                "temperature_c": rng.randint(35, 85),
-                "power_draw_w": round(rng.uniform(20, 450), 1),
-            }
-        ],
-        "active_job_metrics": [
-            {
-                "job_id": f"job-{rng.randint(1, 10**9)}",
-                "job_type": "llm-chat",
-                "duration_ms": rng.randint(100, 60000),
-                "tokens_generated": rng.randint(1, 4000),
-                "memory_mb": 4096,
-                "gpu_memory_mb": 8000,
-            }
-        ],
-        "cache": {
-            "cached_image_count": 3,
-            "cached_size_mb": 15000,
-            "warm_workload_count": 2,
-            "warm_workload_ids": ["w1", "w2"],
-        },
-        "performance_estimates": {
-            "gpu_bandwidth_gb_s": 1008.0,
-            "estimated_llm_tok_s": 45.0,
-            "max_concurrent_containers": 4,
-            "wasm_memory_limit_mb": 256,
-            "supported_runtimes": ["container", "wasm"],
-            "nats_rtt_ms": round(rng.uniform(1, 80), 1),
-            "public_addr": "203.0.113.7:5678",
-        },
-        "asking_prices": {"llm-chat": "2.0", "_default": "1.0"},
-    }
+    beat = copy.deepcopy(REFERENCE_HEARTBEAT)
+    beat.update(host_id=host_id, timestamp=timestamp, active_jobs=rng.randint(0, 2), agent_version="0.5.0")
+    beat["system"].update(
+        cpu_percent=round(rng.uniform(1, 99), 1),
+        memory_used_mb=rng.randint(2048, 30000),
+        disk_used_gb=rng.randint(50, 400),
+    )
+    beat["gpus"][0].update(
+        utilization_percent=rng.randint(0, 100),
+        memory_used_mb=rng.randint(0, 24000),
+        temperature_c=rng.randint(35, 85),
+        power_draw_w=round(rng.uniform(20, 450), 1),
+    )
+    beat["active_job_metrics"][0].update(
+        job_id=f"job-{rng.randint(1, 10**9)}",
+        duration_ms=rng.randint(100, 60000),
+        tokens_generated=rng.randint(1, 4000),
+    )
+    beat["performance_estimates"].update(
+        nats_rtt_ms=round(rng.uniform(1, 80), 1), public_addr="203.0.113.7:5678"
+    )
+    return beat
 
 
 def setup_django(database_url: str) -> None:

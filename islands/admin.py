@@ -10,6 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from archipelag.admin import ReadOnlyInline
 from islands.models import DispatcherKey, Island, IslandQuerySet, Job, StatusChange
 from karma.admin import KarmaEventInline, adjust_karma
 
@@ -47,22 +48,6 @@ class NewestFirst(BaseInlineFormSet):  # type: ignore[type-arg]
 
 class NewestStatusChanges(NewestFirst):
     rows = STATUS_CHANGE_ROWS
-
-
-class ReadOnlyInline[M: Any](admin.TabularInline[M, Island]):
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = True
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class JobInline(ReadOnlyInline[Job]):

@@ -206,3 +206,57 @@ class JobAssignment(msgspec.Struct):
     workload: Text
     credits: str | int | float
     lease_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * 24 * 3600)]
+
+
+# The agent's full EnhancedHeartbeat, verbatim from the agent reference: the
+# shape tests and benchmarks start from, and what docs/api.md shows.
+REFERENCE_HEARTBEAT: dict[str, Any] = {
+    "host_id": "550e8400-e29b-41d4-a716-446655440000",
+    "status": "online",
+    "active_jobs": 1,
+    "timestamp": 1710000000000,
+    "agent_version": "0.4.0",
+    "system": {
+        "cpu_percent": 45.5,
+        "memory_used_mb": 8192,
+        "memory_total_mb": 32768,
+        "disk_used_gb": 100,
+        "disk_total_gb": 500,
+    },
+    "gpus": [
+        {
+            "index": 0,
+            "utilization_percent": 80,
+            "memory_used_mb": 12000,
+            "memory_total_mb": 24576,
+            "temperature_c": 72,
+            "power_draw_w": 280.5,
+        }
+    ],
+    "active_job_metrics": [
+        {
+            "job_id": "j1",
+            "job_type": "llm-chat",
+            "duration_ms": 5000,
+            "tokens_generated": 150,
+            "memory_mb": 4096,
+            "gpu_memory_mb": 8000,
+        }
+    ],
+    "cache": {
+        "cached_image_count": 3,
+        "cached_size_mb": 15000,
+        "warm_workload_count": 2,
+        "warm_workload_ids": ["w1", "w2"],
+    },
+    "performance_estimates": {
+        "gpu_bandwidth_gb_s": 1008.0,
+        "estimated_llm_tok_s": 45.0,
+        "max_concurrent_containers": 4,
+        "wasm_memory_limit_mb": 256,
+        "supported_runtimes": ["container", "wasm"],
+        "nats_rtt_ms": 12.5,
+        "public_addr": "1.2.3.4:5678",
+    },
+    "asking_prices": {"llm-chat": "2.0", "_default": "1.0"},
+}

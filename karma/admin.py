@@ -9,6 +9,7 @@ from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
+from archipelag.admin import ReadOnlyInline
 from islands.models import Island
 from karma.models import MAX_ADJUSTMENT, REASON_MAX_LENGTH, KarmaEvent, UptimeSweep
 
@@ -69,7 +70,7 @@ class NewestEvents(BaseInlineFormSet):  # type: ignore[type-arg]
         return super().get_queryset()[:INLINE_EVENTS]
 
 
-class KarmaEventInline(admin.TabularInline[KarmaEvent, Island]):
+class KarmaEventInline(ReadOnlyInline[KarmaEvent]):
     """For IslandAdmin: the Island's newest karma events, read-only."""
 
     model = KarmaEvent
@@ -78,19 +79,6 @@ class KarmaEventInline(admin.TabularInline[KarmaEvent, Island]):
     ordering = ["-id"]
     fields = readonly_fields = ("effective_at", "cause", "delta", "score_after", "reason", "created_at")
     verbose_name_plural = f"Karma events (newest {INLINE_EVENTS})"
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = True
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(KarmaEvent)

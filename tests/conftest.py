@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -135,6 +136,28 @@ def browser_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         page.set_default_timeout(10_000)
         yield page
         browser.close()
+
+
+def race(callables: list[Callable[[], object]]) -> None:
+    """Run the callables in threads released at once (on PostgreSQL); fail on any error."""
+    barrier = threading.Barrier(len(callables))
+    errors: list[BaseException] = []
+
+    def run(target: Callable[[], object]) -> None:
+        try:
+            barrier.wait()
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(target,)) for target in callables]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 def _free_port() -> int:

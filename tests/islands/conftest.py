@@ -1,5 +1,6 @@
 """Builders for Islands that are paired and hold an API token."""
 
+import copy
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -9,6 +10,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
+from islands.agent import REFERENCE_HEARTBEAT
 from islands.models import Island
 from tests.conftest import HOST_ID
 
@@ -16,56 +18,7 @@ from tests.conftest import HOST_ID
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 # The real agent's full heartbeat, verbatim from the agent reference.
-AGENT_HEARTBEAT: dict[str, Any] = {
-    "host_id": HOST_ID,
-    "status": "online",
-    "active_jobs": 1,
-    "timestamp": 1710000000000,
-    "agent_version": "0.4.0",
-    "system": {
-        "cpu_percent": 45.5,
-        "memory_used_mb": 8192,
-        "memory_total_mb": 32768,
-        "disk_used_gb": 100,
-        "disk_total_gb": 500,
-    },
-    "gpus": [
-        {
-            "index": 0,
-            "utilization_percent": 80,
-            "memory_used_mb": 12000,
-            "memory_total_mb": 24576,
-            "temperature_c": 72,
-            "power_draw_w": 280.5,
-        }
-    ],
-    "active_job_metrics": [
-        {
-            "job_id": "j1",
-            "job_type": "llm-chat",
-            "duration_ms": 5000,
-            "tokens_generated": 150,
-            "memory_mb": 4096,
-            "gpu_memory_mb": 8000,
-        }
-    ],
-    "cache": {
-        "cached_image_count": 3,
-        "cached_size_mb": 15000,
-        "warm_workload_count": 2,
-        "warm_workload_ids": ["w1", "w2"],
-    },
-    "performance_estimates": {
-        "gpu_bandwidth_gb_s": 1008.0,
-        "estimated_llm_tok_s": 45.0,
-        "max_concurrent_containers": 4,
-        "wasm_memory_limit_mb": 256,
-        "supported_runtimes": ["container", "wasm"],
-        "nats_rtt_ms": 12.5,
-        "public_addr": "1.2.3.4:5678",
-    },
-    "asking_prices": {"llm-chat": "2.0", "_default": "1.0"},
-}
+AGENT_HEARTBEAT: dict[str, Any] = {**copy.deepcopy(REFERENCE_HEARTBEAT), "host_id": HOST_ID}
 MINIMAL_HEARTBEAT = {"host_id": HOST_ID, "status": "online", "active_jobs": 0, "timestamp": 100}
 
 

@@ -1,17 +1,17 @@
 """`manage.py watch_islands`: silent Islands are recorded offline, exactly once."""
 
 import itertools
-import threading
 from datetime import timedelta
 
 import msgspec
 import pytest
 from django.core.management import call_command
-from django.db import InterfaceError, OperationalError, connection
+from django.db import InterfaceError, OperationalError
 
 from islands.agent import EnhancedHeartbeat
 from islands.management.commands.watch_islands import Command, Step
 from islands.models import Island, StatusChange
+from tests.conftest import race
 from tests.islands.conftest import T0, make_island
 
 Status = Island.Status
@@ -110,27 +110,6 @@ def test_the_loop_outlives_database_errors_of_either_kind(monkeypatch, caplog):
 
 
 # --- Real concurrency, on PostgreSQL ----------------------------------------------------
-
-
-def race(callables):
-    barrier = threading.Barrier(len(callables))
-    errors = []
-
-    def run(target):
-        try:
-            barrier.wait()
-            target()
-        except Exception as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(target,)) for target in callables]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
 
 
 @pytest.mark.django_db(transaction=True)

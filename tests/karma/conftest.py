@@ -1,13 +1,11 @@
 """Builders for karma tests: an Island, its heartbeats, its jobs, and the watcher's step."""
 
-import threading
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 import msgspec
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection
 
 from islands.agent import EnhancedHeartbeat
 from islands.management.commands.watch_islands import Command as Watcher
@@ -83,25 +81,3 @@ def assert_ledger_adds_up(island: Island) -> None:
         score += event.delta
         assert event.score_after == score
     assert karma(island) == score
-
-
-def race(callables) -> None:
-    """Run the callables in threads released at once (on PostgreSQL); fail on any error."""
-    barrier = threading.Barrier(len(callables))
-    errors: list[BaseException] = []
-
-    def run(target) -> None:
-        try:
-            barrier.wait()
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(target,)) for target in callables]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []

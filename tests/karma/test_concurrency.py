@@ -8,6 +8,7 @@ import pytest
 
 from islands.models import Island, Job, JobStateConflict
 from karma.models import KarmaEvent, UptimeSweep
+from tests.conftest import race
 from tests.karma.conftest import (
     ONLINE,
     T0,
@@ -16,7 +17,6 @@ from tests.karma.conftest import (
     beat_through,
     give,
     make_island,
-    race,
     watch,
 )
 
