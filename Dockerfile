@@ -38,6 +38,7 @@ COPY --from=build --chown=root:root /src/archipelag ./archipelag
 COPY --from=build --chown=root:root /src/pairing ./pairing
 COPY --from=build --chown=root:root /src/islands ./islands
 COPY --from=build --chown=root:root /src/karma ./karma
+COPY --from=build --chown=root:root /src/simulator ./simulator
 COPY --from=build --chown=root:root /src/templates ./templates
 COPY --from=build --chown=root:root /src/static ./static
 COPY --from=build --chown=root:root /src/staticfiles ./staticfiles

@@ -3,18 +3,13 @@
 from typing import Any
 
 from django.contrib import admin
+from django.db.models import Model, QuerySet
+from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
 
-from islands.models import Island
 
-
-class ReadOnlyInline[M: Any](admin.TabularInline[M, Island]):
-    """Rows shown under an Island in its admin page, never edited there: ledgers and history."""
-
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = True
+class ReadOnlyAdmin:
+    """Ledgers and records the service writes itself: shown, never added, edited or deleted."""
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -24,3 +19,27 @@ class ReadOnlyInline[M: Any](admin.TabularInline[M, Island]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class ReadOnlyInline[M: Model, P: Model](ReadOnlyAdmin, admin.TabularInline[M, P]):
+    """Rows shown under their parent's admin page, never edited there: ledgers and history."""
+
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = True
+
+
+def newest_first(rows: int) -> type[BaseInlineFormSet]:  # type: ignore[type-arg]
+    """An inline formset listing only the first `rows` rows (the inline's ordering says which).
+
+    For ledgers that grow without end: the admin page shows the newest, and
+    the full list is one filtered changelist away.
+    """
+
+    class NewestFirst(BaseInlineFormSet):  # type: ignore[type-arg]
+        def get_queryset(self) -> QuerySet[Any]:
+            return super().get_queryset()[:rows]
+
+    NewestFirst.__name__ = f"Newest{rows}"
+    return NewestFirst

@@ -49,11 +49,16 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def database_unavailable() -> "ApiError":
-    return ApiError(
+def retry_later(status: int, error: str, retry_after: int) -> ApiError:
+    """A refusal the client may try again (429, 503), with the wait in Retry-After."""
+    return ApiError(status, error, {"Retry-After": str(retry_after)})
+
+
+def database_unavailable() -> ApiError:
+    return retry_later(
         503,
         f"the coordinator cannot reach its database; retry in {DATABASE_RETRY_AFTER} seconds",
-        {"Retry-After": str(DATABASE_RETRY_AFTER)},
+        DATABASE_RETRY_AFTER,
     )
 
 
@@ -80,29 +85,31 @@ def describe_validation_error(exc: msgspec.ValidationError | msgspec.DecodeError
     return f"invalid {path}: {problem}"
 
 
-def read_body(request: HttpRequest, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> bytes:
-    try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise ApiError(400, "invalid Content-Length header") from None
-    if declared > max_bytes:
-        raise ApiError(413, f"body too large: at most {max_bytes} bytes")
-    body = request.body
-    if len(body) > max_bytes:
-        raise ApiError(413, f"body too large: at most {max_bytes} bytes")
-    return body
-
-
 class InvalidBody(ValueError):
-    """A body that is not JSON of the expected shape; the message is safe to show."""
+    """A body that is not JSON of the expected shape; the message is safe to show.
+
+    `status` is what the HTTP API answers: 413 for a body over its limit,
+    400 for anything else.
+    """
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
-def decode_json[T](body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
-    """Decode and validate a body, raising InvalidBody for anything that is not right.
+def decode_body[T](
+    body: bytes, decoder: msgspec.json.Decoder[T], max_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> T:
+    """Check and decode a body, raising InvalidBody for anything that is not right.
 
     The HTTP API and the NATS bridge both decode with this, so they refuse
-    the same bodies with the same messages.
+    the same bodies (too large, empty, not UTF-8, not JSON, the wrong shape)
+    with the same messages.
     """
+    if len(body) > max_bytes:
+        raise InvalidBody(f"body too large: at most {max_bytes} bytes", status=413)
+    if not body.strip():
+        raise InvalidBody("body is empty: send a JSON object")
     try:
         # JSON is UTF-8 (RFC 8259). msgspec checks only the strings it keeps,
         # and for those raises UnicodeDecodeError rather than an error of its
@@ -131,17 +138,19 @@ def _decoder[T](type_: type[T]) -> msgspec.json.Decoder[T]:
     return decoder
 
 
-def decode[T](body: bytes, type_: type[T]) -> T:
-    if not body.strip():
-        raise ApiError(400, "body is empty: send a JSON object")
-    try:
-        return decode_json(body, _decoder(type_))
-    except InvalidBody as exc:
-        raise ApiError(400, str(exc)) from None
-
-
 def parse_body[T](request: HttpRequest, type_: type[T], max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> T:
-    return decode(read_body(request, max_bytes), type_)
+    """The request's body as a `type_`, or an ApiError saying what is wrong with it."""
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise ApiError(400, "invalid Content-Length header") from None
+    if declared > max_bytes:
+        # Refused on what it says it is, before it is read.
+        raise ApiError(413, f"body too large: at most {max_bytes} bytes")
+    try:
+        return decode_body(request.body, _decoder(type_), max_bytes)
+    except InvalidBody as exc:
+        raise ApiError(exc.status, str(exc)) from None
 
 
 def client_ip(request: HttpRequest) -> str:

@@ -75,6 +75,8 @@ INSTALLED_APPS = [
     "pairing",
     "islands",
     "karma",
+    # The simulators and the karma example (manage.py island, karma_example).
+    "simulator",
 ]
 
 MIDDLEWARE = [
@@ -157,7 +159,7 @@ if REDIS_URL:
             "LOCATION": REDIS_URL,
             # The cache holds rate-limit counters, read and written in a
             # millisecond. A Redis that hangs must fail a request's counting
-            # in seconds (pairing/ratelimit.py says what happens then), not
+            # in seconds (archipelag/ratelimit.py says what happens then), not
             # hold it for redis-py's default 5 s per command.
             "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
         }

@@ -35,7 +35,8 @@ def seed_browsers(count: int, prefix: str = "bench") -> list[Browser]:
     from django.utils import timezone
     from django.utils.crypto import get_random_string
 
-    from pairing.codes import generate_code, generate_secret, hash_code, hash_secret
+    from archipelag.secrets import generate_secret, hash_secret
+    from pairing.codes import generate_code, hash_code
     from pairing.models import CODE_TTL, MobilePairingSession
 
     now = timezone.now()

@@ -30,18 +30,11 @@ from bench.browsers import (
     open_sockets,
     seed_browsers,
 )
+from simulator.phone import DEVICES
 
 TARGET_P99_MS = 50
 TARGET_RATIO = 2.0
-DEVICE = {
-    "platform": "ios",
-    "model": "iPhone 15 Pro",
-    "os_version": "18.1",
-    "runtime": "coreml",
-    "accelerator": "ane",
-    "cpu_cores": 6,
-    "ram_mb": 8192,
-}
+DEVICE = DEVICES["ios"]
 
 
 class RawLayer:

@@ -64,8 +64,8 @@ def seed_islands(count: int) -> list[tuple[str, str]]:
     from django.contrib.auth.models import User
     from django.utils import timezone
 
+    from archipelag.secrets import generate_secret, hash_secret
     from islands.models import TOKEN_PREFIX, Island, offline_threshold
-    from pairing.codes import generate_secret, hash_secret
 
     owner = User.objects.create_user("bench-owner")
     now = timezone.now()

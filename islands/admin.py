@@ -4,15 +4,14 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import ForeignKey, QuerySet
-from django.forms import BaseInlineFormSet, ModelChoiceField
+from django.forms import ModelChoiceField
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from archipelag.admin import ReadOnlyInline
+from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, newest_first
 from islands.models import DispatcherKey, Island, IslandQuerySet, Job, StatusChange
-from karma.admin import KarmaEventInline, adjust_karma
 
 # The Island page shows the newest rows of its history; the full lists are
 # one click away, filtered to the Island.
@@ -37,22 +36,9 @@ class LiveStatusFilter(admin.SimpleListFilter):
         return queryset.shown_as(Island.LiveStatus(value), timezone.now())
 
 
-class NewestFirst(BaseInlineFormSet):  # type: ignore[type-arg]
-    """An inline that lists only the newest rows: an Island's ledger grows without end."""
-
-    rows = LEDGER_ROWS
-
-    def get_queryset(self) -> QuerySet[Any]:
-        return super().get_queryset()[: self.rows]
-
-
-class NewestStatusChanges(NewestFirst):
-    rows = STATUS_CHANGE_ROWS
-
-
-class JobInline(ReadOnlyInline[Job]):
+class JobInline(ReadOnlyInline[Job, Island]):
     model = Job
-    formset = NewestFirst
+    formset = newest_first(LEDGER_ROWS)
     ordering = ["-assigned_at"]
     fields = readonly_fields = (
         "job_id",
@@ -67,9 +53,9 @@ class JobInline(ReadOnlyInline[Job]):
     verbose_name_plural = f"Job ledger (newest {LEDGER_ROWS})"
 
 
-class StatusChangeInline(ReadOnlyInline[StatusChange]):
+class StatusChangeInline(ReadOnlyInline[StatusChange, Island]):
     model = StatusChange
-    formset = NewestStatusChanges
+    formset = newest_first(STATUS_CHANGE_ROWS)
     ordering = ["-at"]
     fields = readonly_fields = ("at", "from_status", "to_status", "reason")
     verbose_name_plural = f"Status changes (newest {STATUS_CHANGE_ROWS})"
@@ -132,9 +118,9 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "asking_prices",
     ]
     exclude = ["token_hash"]
-    inlines = [JobInline, StatusChangeInline, KarmaEventInline]
-    # Karma changes only through events: adjust_karma records one per Island.
-    actions = ["remove_islands", "suspend_islands", "unsuspend_islands", adjust_karma]
+    # karma/admin.py adds the Island's karma events and the adjustment action.
+    inlines = [JobInline, StatusChangeInline]
+    actions = ["remove_islands", "suspend_islands", "unsuspend_islands"]
 
     @admin.display(description="API token")
     def token_state(self, obj: Island) -> str:
@@ -254,7 +240,7 @@ class JobAdmin(admin.ModelAdmin[Job]):
 
 
 @admin.register(StatusChange)
-class StatusChangeAdmin(admin.ModelAdmin[StatusChange]):
+class StatusChangeAdmin(ReadOnlyAdmin, admin.ModelAdmin[StatusChange]):
     """Recorded by heartbeats and the watcher; read-only here."""
 
     list_display = ["island", "at", "from_status", "to_status", "reason"]
@@ -264,18 +250,9 @@ class StatusChangeAdmin(admin.ModelAdmin[StatusChange]):
     date_hierarchy = "at"
     fields = readonly_fields = ("island", "at", "from_status", "to_status", "reason")
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: StatusChange | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: StatusChange | None = None) -> bool:
-        return False
-
 
 @admin.register(DispatcherKey)
-class DispatcherKeyAdmin(admin.ModelAdmin[DispatcherKey]):
+class DispatcherKeyAdmin(ReadOnlyAdmin, admin.ModelAdmin[DispatcherKey]):
     """Keys are made by `manage.py create_dispatcher_key`, which shows each once.
 
     Neither the key nor its hash is ever shown here.
@@ -291,12 +268,3 @@ class DispatcherKeyAdmin(admin.ModelAdmin[DispatcherKey]):
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[DispatcherKey]) -> None:
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: DispatcherKey | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: DispatcherKey | None = None) -> bool:
-        return False

@@ -43,24 +43,44 @@ JOB_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}\Z"
 JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 
 
-class Capabilities(msgspec.Struct, gc=False):
+class Capabilities(msgspec.Struct, omit_defaults=True, gc=False):
+    """Hardware an Island reports: at registration, with a pairing request, in a heartbeat.
+
+    The agent sends the first five (RegisterHost's `capabilities`). The rest
+    are the coordinator's own extension: phones report them when pairing and
+    in heartbeats, and the simulator restates its hardware in heartbeats.
+    Every bound here is the bound of the Island column it lands in, so no
+    value needs cutting down on the way.
+    """
+
     gpu_model: Text | None = None
     gpu_vram_mb: Megabytes | None = None
     cpu_cores: Cores | None = None
     ram_mb: Megabytes | None = None
     region: ShortText | None = None
+    device_model: Text | None = None
+    os_version: ShortText | None = None
+    runtime: Label | None = None
+    accelerator: Label | None = None
+
+    def island_fields(self) -> dict[str, Any]:
+        """The Island columns this report sets. What it leaves out, null or empty, keeps its value."""
+        fields: dict[str, Any] = {}
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if value is None or value == "":
+                continue
+            fields[name] = value.lower() if name == "accelerator" else value
+        return fields
 
 
-class PairingRequest(msgspec.Struct):
-    """Body of POST /api/v1/islands/pairing and of `coordinator.hosts.pairing`."""
+class HostRegistration(msgspec.Struct):
+    """What a host says about itself: the same body on three doors.
 
-    host_id: HostId
-    capabilities: Capabilities | None = None
-    version: ShortText | None = None
-
-
-class RegisterHost(msgspec.Struct):
-    """Body of `coordinator.hosts.register`."""
+    POST /api/v1/islands/pairing, `coordinator.hosts.pairing` (the agent's
+    PairingRequest, which carries only `host_id`) and
+    `coordinator.hosts.register` (its RegisterHost).
+    """
 
     host_id: HostId
     capabilities: Capabilities | None = None
@@ -72,13 +92,11 @@ class PollRequest(msgspec.Struct):
     device_secret: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
-def capabilities_dict(capabilities: Capabilities | None) -> dict[str, object]:
-    if capabilities is None:
-        return {}
-    return {name: value for name, value in msgspec.structs.asdict(capabilities).items() if value is not None}
-
-
 # --- Heartbeats (`host.{host_id}.heartbeat`, POST /api/v1/islands/heartbeat) ---
+
+# A heartbeat from a big server (many GPUs, many running jobs) is a few KiB;
+# four times the usual body limit leaves room without inviting abuse.
+HEARTBEAT_MAX_BODY_BYTES = 64 * 1024
 #
 # The structs declare only what the coordinator keeps. Everything else the
 # agent sends (`cache`, most of `performance_estimates`) is skipped unread.
@@ -117,20 +135,6 @@ class PerformanceEstimates(msgspec.Struct, gc=False):
     supported_runtimes: Annotated[list[ShortText], msgspec.Meta(max_length=32)] | None = None
 
 
-class HeartbeatCapabilities(Capabilities):
-    """Hardware a heartbeat may restate. Not sent by the desktop agent.
-
-    The coordinator's own extension: the simulator sends it so cards show
-    its real CPU and GPU, and phones send it because the heartbeat is the
-    only place they report their model and runtime.
-    """
-
-    device_model: Text | None = None
-    os_version: ShortText | None = None
-    runtime: Label | None = None
-    accelerator: Label | None = None
-
-
 class EnhancedHeartbeat(msgspec.Struct, gc=False):
     """The agent's heartbeat. Every field may be null or absent.
 
@@ -149,7 +153,8 @@ class EnhancedHeartbeat(msgspec.Struct, gc=False):
     active_job_metrics: Annotated[list[ActiveJobMetrics], msgspec.Meta(max_length=256)] | None = None
     performance_estimates: PerformanceEstimates | None = None
     asking_prices: Annotated[dict[ShortText, Price], msgspec.Meta(max_length=128)] | None = None
-    capabilities: HeartbeatCapabilities | None = None
+    # Not sent by the desktop agent; see Capabilities.
+    capabilities: Capabilities | None = None
 
     @property
     def signs_off(self) -> bool:

@@ -49,12 +49,6 @@ class GroupCommit[T, R]:
         self._queue: list[_Pending[T, R]] = []
         self._writing = False
 
-    @property
-    def waiting(self) -> int:
-        """How many items are queued behind the batch being written."""
-        with self._lock:
-            return len(self._queue)
-
     def submit(self, item: T) -> R:
         """Write `item` in the next batch and return its result once that batch committed."""
         pending: _Pending[T, R] = _Pending(item)

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from archipelag.api import NO_NUL_PATTERN
-from islands.agent import Cores, HostId, Label, Megabytes, ShortText, Text
+from islands.agent import Capabilities, Cores, HostId, Label, Megabytes, ShortText, Text
 
 Model = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=NO_NUL_PATTERN)]
 Accelerator = Label
@@ -27,6 +27,17 @@ class MobileDevice(msgspec.Struct):
     accelerator: Accelerator | None = None
     cpu_cores: Cores | None = None
     ram_mb: Megabytes | None = None
+
+    def capabilities(self) -> Capabilities:
+        """The phone as an Island's hardware (its platform is kept apart)."""
+        return Capabilities(
+            device_model=self.model,
+            os_version=self.os_version,
+            runtime=self.runtime,
+            accelerator=self.accelerator,
+            cpu_cores=self.cpu_cores,
+            ram_mb=self.ram_mb,
+        )
 
 
 class MobilePairRequest(msgspec.Struct):

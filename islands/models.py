@@ -1,11 +1,13 @@
 import enum
+import functools
 import logging
+import operator
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psycopg
@@ -15,10 +17,13 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from islands.agent import EnhancedHeartbeat
-from islands.templatetags.island_tags import gigabytes
+from archipelag.secrets import generate_secret, hash_secret
+from islands.agent import Capabilities, EnhancedHeartbeat
+from islands.signals import job_finished
+
+# The one import from an app above this one (listed in pyproject.toml's
+# import contract): the score's bounds and starting value are karma's rules.
 from karma import rules as karma_rules
-from pairing.codes import generate_secret, hash_secret
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -50,12 +55,30 @@ JOB_LEASE_MAX = timedelta(days=7)
 CREDITS_PLACES = Decimal("0.0001")
 MAX_JOB_CREDITS = Decimal("99999999")
 
-# A heartbeat batch identifies Islands by primary key (HTTP, after token
-# auth) or by host_id (NATS, where the subject names the host).
-type IslandKey = uuid.UUID | str
-type HeartbeatIn = tuple[IslandKey, EnhancedHeartbeat, datetime]
-# The HTTP path names the Island by the hash of the token it presented.
-type TokenHeartbeat = tuple[str, EnhancedHeartbeat, datetime]
+# Columns kept by the job ledger and the karma ledger, each changed only by
+# its own UPDATE in the transaction that records the change (see Island.save).
+LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma"})
+# The columns a heartbeat may change; record_heartbeats writes exactly these.
+HEARTBEAT_FIELDS = [
+    "status",
+    "last_heartbeat_at",
+    "offline_after",
+    "metrics",
+    "supported_runtimes",
+    "asking_prices",
+    "agent_version",
+    "gpu_model",
+    "gpu_vram_mb",
+    "cpu_cores",
+    "ram_mb",
+    "region",
+    "device_model",
+    "os_version",
+    "runtime",
+    "accelerator",
+]
+# Of those, the ones every heartbeat replaces whatever they held.
+HEARTBEAT_REPLACES = frozenset({"metrics", "supported_runtimes", "asking_prices"})
 
 
 def hash_token(token: str) -> str | None:
@@ -65,15 +88,11 @@ def hash_token(token: str) -> str | None:
     return hash_secret(token)
 
 
-class TokenHeartbeatOutcome(enum.Enum):
-    """What became of one beat of Island.objects.record_heartbeats_with_tokens."""
-
-    # Written, or older than what is already recorded: either way the Island's row is current.
-    ACCEPTED = "accepted"
-    # No active Island holds this token (unknown, revoked, expired, or removed).
-    UNAUTHORIZED = "unauthorized"
-    # The body names a host other than the token's Island; nothing was written for it.
-    WRONG_HOST = "wrong_host"
+def gigabytes(megabytes: int | None) -> str:
+    """24576 -> "24 GB"; what the agent reports in MB reads better in GB."""
+    if megabytes is None:
+        return ""
+    return f"{round(megabytes / 1024, 1):g} GB"
 
 
 def offline_threshold() -> timedelta:
@@ -81,28 +100,60 @@ def offline_threshold() -> timedelta:
     return timedelta(seconds=settings.ISLAND_OFFLINE_AFTER)
 
 
-@dataclass(frozen=True)
-class AppliedHeartbeat:
-    """One heartbeat that `record_heartbeats` applied, and what it changed."""
-
-    key: IslandKey
-    island: "Island"
-    changes: list["StatusChange"]
+class LedgerFieldWrite(Exception):
+    """A save() that would write a ledger column; those change only through their ledgers."""
 
 
-def _locked(islands: "IslandQuerySet", *also: str) -> list["Island"]:
-    """Lock these Islands' rows for a heartbeat write and read them.
+# --- Heartbeats ------------------------------------------------------------------
 
-    The row locks make the status read here and the write that follows one
-    compare-and-set with respect to the watcher, so a transition is recorded
-    by exactly one of them. Locking in pk order keeps two concurrent batches
-    from deadlocking; NO KEY leaves inserting jobs for these Islands unblocked.
-    Only what a heartbeat reads or may keep is loaded (and the name, which
-    save() checks, and the fields in `also`): loading whole rows was most of
-    a large batch's cost. Every heartbeat replaces the JSON columns.
+
+class HeartbeatOutcome(enum.Enum):
+    """What became of one beat given to Island.objects.record_heartbeats."""
+
+    # Written: the Island's row now holds this beat.
+    ACCEPTED = "accepted"
+    # Older than a beat the Island already has (recorded, or later in the
+    # same batch): nothing written, and nothing wrong with it either.
+    STALE = "stale"
+    # No active Island holds this token (unknown, revoked, expired or
+    # removed), or, over NATS, no active Island has this host id.
+    UNAUTHORIZED = "unauthorized"
+    # The body names a host other than the Island's: nothing written for it.
+    WRONG_HOST = "wrong_host"
+    # The transport could not read the body (it answers why); the Island is
+    # known, and nothing was written.
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """One heartbeat as a transport received it.
+
+    It names its Island by the hash of the API token it came with (HTTP) or
+    by the host id of its subject (NATS), never both. `heartbeat` is None when
+    the transport refused the body and only wants to know whether the token
+    is good, so that an unknown token is told so first, as on every endpoint.
     """
-    kept = (name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
-    return list(islands.only("host_id", "name", *also, *kept).select_for_update(no_key=True).order_by("pk"))
+
+    heartbeat: EnhancedHeartbeat | None
+    received_at: datetime
+    token_hash: str | None = None
+    host_id: str | None = None
+
+
+def newest(earlier: Beat, later: Beat) -> Beat:
+    """Of two beats of one Island, the one that counts: the later received.
+
+    `later` is the one that arrived second; on a tie it wins. The one rule
+    for which heartbeat wins, wherever beats of one Island meet (a batch,
+    the NATS bridge's waiting beats).
+    """
+    return earlier if earlier.received_at > later.received_at else later
+
+
+def _holds_token(token_hashes: str | Iterable[str], now: datetime) -> Q:
+    hashes = [token_hashes] if isinstance(token_hashes, str) else list(token_hashes)
+    return Q(token_hash__in=hashes) & (Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
 
 
 class IslandQuerySet(models.QuerySet["Island"]):
@@ -140,24 +191,19 @@ class IslandQuerySet(models.QuerySet["Island"]):
         """
         return self.active().filter(runtime_capability(runtime))
 
+    def holding_token(self, token_hashes: str | Iterable[str], now: datetime) -> "IslandQuerySet":
+        """Active Islands whose unexpired API token hashes to one of `token_hashes`."""
+        return self.active().filter(_holds_token(token_hashes, now))
 
-class IslandManager(models.Manager["Island"]):
-    def get_queryset(self) -> IslandQuerySet:
-        return IslandQuerySet(self.model, using=self._db)
 
-    def active(self) -> IslandQuerySet:
-        return self.get_queryset().active()
+_IslandManagerBase = models.Manager.from_queryset(IslandQuerySet)
 
-    def owned_by(self, user: "User") -> IslandQuerySet:
-        return self.get_queryset().owned_by(user)
 
-    def can_run(self, runtime: str) -> IslandQuerySet:
-        return self.get_queryset().can_run(runtime)
-
+class IslandManager(_IslandManagerBase["Island"]):
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
 
-    def register_host(self, host_id: str, capabilities: dict[str, Any], version: str | None) -> bool:
+    def register_host(self, host_id: str, capabilities: Capabilities, version: str | None) -> bool:
         """Take the hardware and version a linked host registers with; False if none is linked.
 
         The agent's RegisterHost (NATS `coordinator.hosts.register`) comes at
@@ -165,18 +211,11 @@ class IslandManager(models.Manager["Island"]):
         sends as null keeps its value. One UPDATE, so it needs no row lock of
         its own against a heartbeat batch writing the same row.
         """
-        fields: dict[str, Any] = {}
-        for name in ("gpu_vram_mb", "cpu_cores", "ram_mb"):
-            if capabilities.get(name) is not None:
-                fields[name] = capabilities[name]
-        for name, max_length in (("gpu_model", 128), ("region", 64)):
-            if capabilities.get(name):
-                fields[name] = str(capabilities[name])[:max_length]
+        fields = capabilities.island_fields()
         if version:
-            fields["agent_version"] = version[:64]
-        if not fields:
-            return self.active().filter(host_id=host_id).exists()
-        return bool(self.active().filter(host_id=host_id).update(**fields))
+            fields["agent_version"] = version
+        linked = self.active().filter(host_id=host_id)
+        return bool(linked.update(**fields)) if fields else linked.exists()
 
     def authenticate(self, token: str, now: datetime | None = None) -> "Island | None":
         """The active Island holding this API token, or None.
@@ -189,101 +228,93 @@ class IslandManager(models.Manager["Island"]):
             return None
         return self.holding_token(token_hash, now or timezone.now()).first()
 
-    def holding_token(self, token_hashes: str | Iterable[str], now: datetime) -> IslandQuerySet:
-        """Active Islands whose unexpired API token hashes to one of `token_hashes`."""
-        hashes = [token_hashes] if isinstance(token_hashes, str) else list(token_hashes)
-        return self.active().filter(
-            Q(token_hash__in=hashes) & (Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
-        )
+    def record_heartbeats(self, beats: Sequence[Beat], now: datetime | None = None) -> list[HeartbeatOutcome]:
+        """Apply a batch of heartbeats, from any transport, in one transaction.
 
-    def record_heartbeats(
-        self, beats: Iterable[HeartbeatIn], *, by: Literal["pk", "host_id"] = "pk"
-    ) -> list[AppliedHeartbeat]:
-        """Apply a batch of heartbeats in one transaction; return those applied.
-
-        Each beat is (key, heartbeat, received_at), the key being an Island's
-        pk or, with by="host_id", its host id. The latest beat per Island wins,
-        and a beat older than the Island's recorded one is dropped, so batches
-        may arrive out of order. Beats for unknown or removed Islands are not
-        applied. However many beats there are, this costs one locking SELECT,
-        one UPDATE and, only when some Island changed status, one INSERT.
-        The Islands returned hold only the heartbeat's fields, host_id and
-        name; reading another field costs a query per Island.
+        The one way a heartbeat reaches an Island: the HTTP API's group commit
+        and the NATS bridge both call this, so the rules live here only. The
+        answer has one outcome per beat, in order. Each beat names its Island
+        by token hash or host id; the locking read that finds the Islands is
+        also the token check, so a token revoked before it is refused even
+        when other beats of the batch are written. A body naming another host
+        than its Island's is refused. Of an Island's beats the latest wins, and
+        a beat older than the one recorded is dropped, so batches may arrive
+        out of order. However many beats there are, this costs one locking
+        SELECT, one UPDATE and, only when some Island changed status, one
+        INSERT.
         """
-        latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
-        for key, heartbeat, received_at in beats:
-            if by == "pk":
-                key = key if isinstance(key, uuid.UUID) else uuid.UUID(key)
-            if key not in latest or received_at >= latest[key][1]:
-                latest[key] = (heartbeat, received_at)
-        if not latest:
+        if not beats:
             return []
-        with transaction.atomic():
-            islands = _locked(self.active().filter(**{f"{by}__in": list(latest)}))
-            return self._apply_locked(
-                islands, latest, lambda island: island.pk if by == "pk" else island.host_id
-            )
-
-    def record_heartbeats_with_tokens(
-        self, beats: Sequence[TokenHeartbeat], now: datetime | None = None
-    ) -> list["TokenHeartbeatOutcome"]:
-        """The HTTP heartbeat's batch: the token check folded into the write.
-
-        Each beat is (token hash, heartbeat, received_at); the answer has one
-        outcome per beat, in order. The locking read that finds the Islands
-        is also the token check, so a whole batch costs one SELECT, one
-        UPDATE and, when a status changed, one INSERT, in one transaction, and
-        a token revoked before that read is refused in it, even when other
-        beats of the batch are written. Otherwise as record_heartbeats: the
-        latest beat per Island wins, and an older one is accepted unapplied.
-        """
         now = now or timezone.now()
+        token_hashes = {beat.token_hash for beat in beats if beat.token_hash is not None}
+        host_ids = {beat.host_id for beat in beats if beat.host_id is not None}
         with transaction.atomic():
-            islands = _locked(
-                self.holding_token({token_hash for token_hash, _, _ in beats}, now), "token_hash"
-            )
-            by_token = {island.token_hash: island for island in islands}
-            outcomes: list[TokenHeartbeatOutcome] = []
-            latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]] = {}
-            for token_hash, heartbeat, received_at in beats:
-                island = by_token.get(token_hash)
+            islands = self._lock_for_heartbeats(token_hashes, host_ids, now)
+            by_token = {island.token_hash: island for island in islands if island.token_hash in token_hashes}
+            by_host = {island.host_id: island for island in islands if island.host_id in host_ids}
+            outcomes: list[HeartbeatOutcome] = []
+            winners: dict[uuid.UUID, int] = {}
+            for position, beat in enumerate(beats):
+                island = by_token.get(beat.token_hash) if beat.token_hash is not None else None
+                if island is None and beat.host_id is not None:
+                    island = by_host.get(beat.host_id)
+                heartbeat = beat.heartbeat
                 if island is None:
-                    outcomes.append(TokenHeartbeatOutcome.UNAUTHORIZED)
+                    outcomes.append(HeartbeatOutcome.UNAUTHORIZED)
+                elif heartbeat is None:
+                    outcomes.append(HeartbeatOutcome.UNREADABLE)
                 elif heartbeat.host_id is not None and heartbeat.host_id != island.host_id:
-                    outcomes.append(TokenHeartbeatOutcome.WRONG_HOST)
+                    outcomes.append(HeartbeatOutcome.WRONG_HOST)
                 else:
-                    outcomes.append(TokenHeartbeatOutcome.ACCEPTED)
-                    if island.pk not in latest or received_at >= latest[island.pk][1]:
-                        latest[island.pk] = (heartbeat, received_at)
-            wanted = [island for island in islands if island.pk in latest]
-            self._apply_locked(wanted, latest, lambda island: island.pk)
+                    outcomes.append(HeartbeatOutcome.ACCEPTED)
+                    rival = winners.get(island.pk)
+                    if rival is not None:
+                        loser = rival if newest(beats[rival], beat) is beat else position
+                        outcomes[loser] = HeartbeatOutcome.STALE
+                        position = position if loser == rival else rival
+                    winners[island.pk] = position
+            written: list[Island] = []
+            changes: list[StatusChange] = []
+            threshold = offline_threshold()
+            for island in islands:
+                winner = winners.get(island.pk)
+                if winner is None:
+                    continue
+                beat = beats[winner]
+                assert beat.heartbeat is not None  # only readable beats can win
+                if island.last_heartbeat_at is not None and beat.received_at < island.last_heartbeat_at:
+                    outcomes[winner] = HeartbeatOutcome.STALE
+                    continue
+                changes += island._apply_heartbeat(beat.heartbeat, beat.received_at, threshold)
+                written.append(island)
+            self._write_heartbeat_fields(written)
+            if changes:
+                StatusChange.objects.bulk_create(changes)
         return outcomes
 
-    def _apply_locked(
-        self,
-        islands: Iterable["Island"],
-        latest: dict[IslandKey, tuple[EnhancedHeartbeat, datetime]],
-        key_of: Callable[["Island"], IslandKey],
-    ) -> list[AppliedHeartbeat]:
-        """Apply each Island's latest beat to its locked row, and save them all at once."""
-        threshold = offline_threshold()
-        applied: list[AppliedHeartbeat] = []
-        for island in islands:
-            key = key_of(island)
-            heartbeat, received_at = latest[key]
-            if island.last_heartbeat_at is not None and received_at < island.last_heartbeat_at:
-                continue
-            changes = island.apply_heartbeat(heartbeat, received_at, threshold)
-            applied.append(AppliedHeartbeat(key=key, island=island, changes=changes))
-        if len(applied) == 1:
-            # A plain UPDATE of one row is cheaper to plan than CASE.
-            applied[0].island.save(update_fields=HEARTBEAT_FIELDS)
-        elif applied:
-            self._write_heartbeat_fields([beat.island for beat in applied])
-        changes = [change for beat in applied for change in beat.changes]
-        if changes:
-            StatusChange.objects.bulk_create(changes)
-        return applied
+    def _lock_for_heartbeats(
+        self, token_hashes: set[str], host_ids: set[str], now: datetime
+    ) -> list["Island"]:
+        """Lock and read the Islands a heartbeat batch names.
+
+        The row locks make the status read here and the write that follows one
+        compare-and-set with respect to the watcher, so a transition is recorded
+        by exactly one of them. Locking in pk order keeps two concurrent batches
+        from deadlocking; NO KEY leaves inserting jobs for these Islands unblocked.
+        Only what a heartbeat reads or may keep is loaded (and the name, which
+        save() checks): loading whole rows was most of a large batch's cost.
+        Every heartbeat replaces the JSON columns, so they are not read.
+        """
+        conditions = []
+        if token_hashes:
+            conditions.append(_holds_token(token_hashes, now))
+        if host_ids:
+            conditions.append(Q(host_id__in=host_ids))
+        islands = self.active().filter(functools.reduce(operator.or_, conditions))
+        kept = (name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
+        return list(
+            islands.only("host_id", "name", "token_hash", *kept).select_for_update(no_key=True).order_by("pk")
+        )
 
     def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
         """Save HEARTBEAT_FIELDS of many Islands; on PostgreSQL one UPDATE ... FROM unnest(...).
@@ -299,6 +330,11 @@ class IslandManager(models.Manager["Island"]):
         JSON (encoded here with msgspec, the slow part otherwise), which
         psycopg sends as they are. SQLite keeps bulk_update.
         """
+        if len(islands) <= 1:
+            # A plain UPDATE of one row is cheaper to plan than anything else.
+            for island in islands:
+                island.save(update_fields=HEARTBEAT_FIELDS)
+            return
         connection = connections[self.db]
         if connection.vendor != "postgresql":
             self.bulk_update(islands, HEARTBEAT_FIELDS)
@@ -332,11 +368,7 @@ class IslandManager(models.Manager["Island"]):
 
     def due_offline(self, now: datetime) -> IslandQuerySet:
         """Islands recorded online whose heartbeat deadline has passed, oldest deadline first."""
-        return (
-            self.get_queryset()
-            .filter(status=Island.Status.ONLINE, offline_after__lte=now)
-            .order_by("offline_after")
-        )
+        return self.filter(status=Island.Status.ONLINE, offline_after__lte=now).order_by("offline_after")
 
     def record_silences(self, now: datetime, limit: int = WATCH_BATCH) -> list["StatusChange"]:
         """Record online→offline for Islands that went silent. The watcher's step.
@@ -452,6 +484,9 @@ class Island(models.Model):
     # changes it, in the same transaction as the event it adds.
     karma = models.DecimalField(max_digits=5, decimal_places=2, default=karma_rules.START, editable=False)
 
+    # The ledger columns as loaded (see save()); not a field.
+    _ledger_loaded: dict[str, Any]
+
     objects = IslandManager()
 
     class Meta:
@@ -485,18 +520,67 @@ class Island(models.Model):
         return self.name
 
     def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save, refusing loudly any write of a ledger column (LEDGER_FIELDS).
+
+        Jobs completed and failed, earnings and karma change only by the
+        UPDATE of their own ledgers, in the transaction that records why
+        (Job.objects, KarmaEvent.objects), so `island.karma = 10;
+        island.save()` raises LedgerFieldWrite instead of writing a score no
+        event explains. A full save of an existing Island (a rename, the
+        admin's form) leaves those columns out, so it cannot write back stale
+        values over the ledgers' concurrent changes either. A new Island may
+        be created with any values.
+        """
         if not self.name:
             self.name = self.default_name()
-        if not self._state.adding and kwargs.get("update_fields") is None and not kwargs.get("force_insert"):
-            # A full save (a rename, the admin's form) of an Island loaded
-            # earlier must not write back stale counters or karma over the
-            # ledger's concurrent changes: only their own UPDATEs write them.
-            kwargs["update_fields"] = [
-                field.name
-                for field in self._meta.concrete_fields
-                if not field.primary_key and field.name not in LEDGER_FIELDS
-            ]
+        update_fields = kwargs.get("update_fields")
+        if not self._state.adding and not kwargs.get("force_insert"):
+            if update_fields is None:
+                loaded = getattr(self, "_ledger_loaded", {})
+                changed = sorted(
+                    name for name, value in loaded.items() if self.__dict__.get(name, value) != value
+                )
+                if changed:
+                    raise LedgerFieldWrite(
+                        f"{', '.join(changed)} of an Island change only through their ledgers "
+                        "(Job.objects, KarmaEvent.objects), never through save()"
+                    )
+                kwargs["update_fields"] = [
+                    field.name
+                    for field in self._meta.concrete_fields
+                    if not field.primary_key and field.name not in LEDGER_FIELDS
+                ]
+            elif written := sorted(LEDGER_FIELDS.intersection(update_fields)):
+                raise LedgerFieldWrite(
+                    f"{', '.join(written)} of an Island change only through their ledgers, "
+                    "never through save(update_fields=...)"
+                )
+        adding = self._state.adding
         super().save(*args, **kwargs)
+        if adding:
+            self._remember_ledger()
+
+    @classmethod
+    def from_db(
+        cls, db: str | None, field_names: Collection[str], values: Collection[Any], **kwargs: Any
+    ) -> "Island":
+        island = super().from_db(db, field_names, values, **kwargs)
+        # What the ledger columns held when loaded, so save() can tell a
+        # change to them (refused) from a row that merely carries them.
+        island._remember_ledger()
+        return island
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        super().refresh_from_db(*args, **kwargs)
+        fields = kwargs.get("fields")
+        self._remember_ledger(None if fields is None else set(fields))
+
+    def _remember_ledger(self, only: set[str] | None = None) -> None:
+        remembered = getattr(self, "_ledger_loaded", {})
+        for name in LEDGER_FIELDS:
+            if name in self.__dict__ and (only is None or name in only):
+                remembered[name] = self.__dict__[name]
+        self._ledger_loaded = remembered
 
     def default_name(self) -> str:
         label = self.device_model or self.gpu_model or "Island"
@@ -537,12 +621,12 @@ class Island(models.Model):
             return self.LiveStatus.ONLINE
         return self.LiveStatus.OFFLINE
 
-    def apply_heartbeat(
+    def _apply_heartbeat(
         self, heartbeat: EnhancedHeartbeat, received_at: datetime, threshold: timedelta
     ) -> list["StatusChange"]:
         """Take in one heartbeat, in memory; return the status changes it makes (unsaved).
 
-        Call it through `Island.objects.record_heartbeats`, which locks the row
+        Only `Island.objects.record_heartbeats` calls this: it locks the row
         and saves. A heartbeat arriving after the deadline passed also records
         the silence the watcher has not recorded yet, dated at the deadline,
         so the history is exact whenever the watcher happens to run.
@@ -589,15 +673,13 @@ class Island(models.Model):
             first = min(heartbeat.gpus, key=lambda gpu: gpu.index or 0)
             if first.memory_total_mb is not None:
                 self.gpu_vram_mb = first.memory_total_mb
-        caps = heartbeat.capabilities
-        if caps is None:
-            return
-        for name in ("gpu_vram_mb", "cpu_cores", "ram_mb"):
-            if (value := getattr(caps, name)) is not None:
-                setattr(self, name, value)
-        for name in ("gpu_model", "region", "device_model", "os_version", "runtime", "accelerator"):
-            if value := getattr(caps, name):
-                setattr(self, name, value)
+        if heartbeat.capabilities is not None:
+            self.take_capabilities(heartbeat.capabilities)
+
+    def take_capabilities(self, capabilities: Capabilities) -> None:
+        """Take the hardware an Island reports, in memory; what it leaves out keeps its value."""
+        for name, value in capabilities.island_fields().items():
+            setattr(self, name, value)
 
     def _change(self, from_status: str, to_status: str, reason: str, at: datetime) -> "StatusChange":
         return StatusChange(island=self, at=at, from_status=from_status, to_status=to_status, reason=reason)
@@ -633,35 +715,6 @@ def runtime_capability(runtime: str) -> Q:
     if runtime in MOBILE_RUNTIMES:
         condition |= Q(kind=Island.Kind.MOBILE, runtime=runtime)
     return condition
-
-
-# Columns kept by the job ledger and the karma ledger, each changed only by
-# its own UPDATE in the transaction that records the change (see Island.save).
-LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma"})
-
-# The columns a heartbeat may change; record_heartbeats writes exactly these.
-HEARTBEAT_FIELDS = [
-    "status",
-    "last_heartbeat_at",
-    "offline_after",
-    "metrics",
-    "supported_runtimes",
-    "asking_prices",
-    "agent_version",
-    "gpu_model",
-    "gpu_vram_mb",
-    "cpu_cores",
-    "ram_mb",
-    "region",
-    "device_model",
-    "os_version",
-    "runtime",
-    "accelerator",
-]
-
-
-# Of those, the ones every heartbeat replaces whatever they held.
-HEARTBEAT_REPLACES = frozenset({"metrics", "supported_runtimes", "asking_prices"})
 
 
 class StatusChange(models.Model):
@@ -844,7 +897,7 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     job.count_on_island(target)
-                    _karma_for_job(job.pk, now)
+                    job_finished.send(sender=Job, job_pk=job.pk, now=now)
                     return StatusReport(applied=True, state=target)
                 current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
                 if current != target:
@@ -885,21 +938,9 @@ class JobManager(models.Manager["Job"]):
                 )
                 if won:
                     Island.objects.filter(pk=island_id).update(jobs_failed=F("jobs_failed") + 1)
-                    _karma_for_job(pk, now)
+                    job_finished.send(sender=Job, job_pk=pk, now=now)
                     timed_out.append(job_id)
         return timed_out
-
-
-def _karma_for_job(job_pk: int, now: datetime) -> None:
-    """Apply the karma rule for a job that just reached its terminal state.
-
-    Called inside the transaction that moved the job, so its karma event and
-    its state commit together. The karma app builds on this one, hence the
-    import here rather than at the top.
-    """
-    from karma.models import KarmaEvent
-
-    KarmaEvent.objects.record_job(job_pk, now)
 
 
 class Job(models.Model):

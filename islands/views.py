@@ -19,30 +19,33 @@ from archipelag.api import (
     json_api,
     parse_body,
 )
-from archipelag.htmx import HtmxHttpRequest
-from islands.agent import JOB_ID_PATTERN, EnhancedHeartbeat, JobAssignment, JobStatus
+from archipelag.http import AuthenticatedHtmxRequest, AuthenticatedHttpRequest
+from islands.agent import (
+    HEARTBEAT_MAX_BODY_BYTES,
+    JOB_ID_PATTERN,
+    EnhancedHeartbeat,
+    JobAssignment,
+    JobStatus,
+)
 from islands.forms import RenameIslandForm
 from islands.groupcommit import GroupCommit, GroupCommitFailed
 from islands.models import (
     CREDITS_PLACES,
     MAX_JOB_CREDITS,
+    Beat,
     DispatcherKey,
     DuplicateJob,
+    HeartbeatOutcome,
     Island,
     IslandUnavailable,
     Job,
     JobNotFound,
     JobStateConflict,
-    TokenHeartbeat,
-    TokenHeartbeatOutcome,
     hash_token,
 )
 
 logger = logging.getLogger("archipelag.islands")
 
-# A heartbeat from a big server (many GPUs, many running jobs) is a few KiB;
-# four times the usual API limit leaves room without inviting abuse.
-HEARTBEAT_MAX_BODY_BYTES = 64 * 1024
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 UNAUTHORIZED = "unknown, revoked or expired token: send Authorization: Bearer <token>"
 # An Island polling for work gets at most this many jobs at once.
@@ -55,9 +58,9 @@ _JOB_ID = re.compile(JOB_ID_PATTERN)
 _CREDITS_TEXT = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?")
 
 
-def _island_for(request: HttpRequest, pk: str) -> Island:
+def _island_for(request: AuthenticatedHttpRequest, pk: str) -> Island:
     """One of the signed-in user's active Islands, or 404 (never another user's)."""
-    return get_object_or_404(Island.objects.owned_by(request.user), pk=pk)  # type: ignore[arg-type]
+    return get_object_or_404(Island.objects.owned_by(request.user), pk=pk)
 
 
 def _calling_island(request: HttpRequest) -> Island:
@@ -78,8 +81,8 @@ def _calling_island(request: HttpRequest) -> Island:
 
 # Heartbeats arriving together are written in one transaction; each request
 # still answers only once its own beat is committed (see islands/groupcommit.py).
-heartbeat_commits: GroupCommit[TokenHeartbeat, TokenHeartbeatOutcome] = GroupCommit(
-    lambda beats: Island.objects.record_heartbeats_with_tokens(beats)
+heartbeat_commits: GroupCommit[Beat, HeartbeatOutcome] = GroupCommit(
+    lambda beats: Island.objects.record_heartbeats(beats)
 )
 
 
@@ -89,30 +92,33 @@ def api_heartbeat(request: HttpRequest) -> HttpResponse:
 
     The token is checked by the same locking read that writes the beat, in a
     batch with the heartbeats arriving at the same moment, so a heartbeat
-    costs no query of its own.
+    costs no query of its own. A body that cannot be read goes through the
+    same batch unwritten, so an unknown token is told so first, as on every
+    endpoint.
     """
     received_at = timezone.now()
     token_hash = hash_token(bearer_token(request) or "")
     if token_hash is None:
         raise ApiError(401, UNAUTHORIZED, BEARER_CHALLENGE)
+    refused: ApiError | None = None
+    heartbeat: EnhancedHeartbeat | None = None
     try:
         heartbeat = parse_body(request, EnhancedHeartbeat, HEARTBEAT_MAX_BODY_BYTES)
-    except ApiError:
-        # An unknown token is told so before its body is judged, as on every
-        # endpoint; a query only on this rare path.
-        _calling_island(request)
-        raise
+    except ApiError as exc:
+        refused = exc
     try:
-        outcome = heartbeat_commits.submit((token_hash, heartbeat, received_at))
+        outcome = heartbeat_commits.submit(Beat(heartbeat, received_at, token_hash=token_hash))
     except GroupCommitFailed as exc:
         # Another request led the batch holding this beat, and its write
         # failed; that request logs the error. Ours gets the same answer.
         if isinstance(exc.__cause__, TRANSIENT_DATABASE_ERRORS):
             raise database_unavailable() from None
         raise
-    if outcome is TokenHeartbeatOutcome.UNAUTHORIZED:
+    if outcome is HeartbeatOutcome.UNAUTHORIZED:
         raise ApiError(401, UNAUTHORIZED, BEARER_CHALLENGE)
-    if outcome is TokenHeartbeatOutcome.WRONG_HOST:
+    if refused is not None:
+        raise refused
+    if outcome is HeartbeatOutcome.WRONG_HOST:
         raise ApiError(403, "host_id is not the host of the Island this token belongs to")
     return JsonResponse({"success": True})
 
@@ -237,12 +243,12 @@ def api_jobs(request: HttpRequest) -> HttpResponse:
 
 
 def _render_settings(
-    request: HtmxHttpRequest, extra: dict[str, Any] | None = None, status: int = 200
+    request: AuthenticatedHtmxRequest, extra: dict[str, Any] | None = None, status: int = 200
 ) -> HttpResponse:
     # One query for all the cards: everything a card shows is on the Island
     # row, and statuses are computed against one clock reading.
     context = {
-        "islands": Island.objects.owned_by(request.user),  # type: ignore[arg-type]
+        "islands": Island.objects.owned_by(request.user),
         "now": timezone.now(),
         **(extra or {}),
     }
@@ -251,14 +257,14 @@ def _render_settings(
 
 
 @login_required
-def settings_page(request: HtmxHttpRequest) -> HttpResponse:
+def settings_page(request: AuthenticatedHtmxRequest) -> HttpResponse:
     """ "Your Islands". With htmx (the Refresh button) only the list is rendered."""
     return _render_settings(request)
 
 
 @login_required
 @require_POST
-def rename(request: HtmxHttpRequest, pk: str) -> HttpResponse:
+def rename(request: AuthenticatedHtmxRequest, pk: str) -> HttpResponse:
     island = _island_for(request, pk)
     form = RenameIslandForm(request.POST, instance=island)
     if not form.is_valid():
@@ -273,7 +279,7 @@ def rename(request: HtmxHttpRequest, pk: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def remove(request: HttpRequest, pk: str) -> HttpResponse:
+def remove(request: AuthenticatedHttpRequest, pk: str) -> HttpResponse:
     """Unlink an Island. Its API token stops working at once."""
     island = _island_for(request, pk)
     island.remove()
@@ -282,7 +288,7 @@ def remove(request: HttpRequest, pk: str) -> HttpResponse:
 
 
 @login_required
-def detail(request: HttpRequest, pk: str) -> HttpResponse:
+def detail(request: AuthenticatedHttpRequest, pk: str) -> HttpResponse:
     """One Island: its card's details and its newest karma events, each with its reason."""
     island = _island_for(request, pk)
     events = island.karma_events.order_by("-id")[:KARMA_EVENTS_SHOWN]

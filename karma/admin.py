@@ -1,15 +1,15 @@
 from decimal import Decimal
-from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
-from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
-from archipelag.admin import ReadOnlyInline
+from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, newest_first
+from islands.admin import IslandAdmin
 from islands.models import Island
 from karma.models import MAX_ADJUSTMENT, REASON_MAX_LENGTH, KarmaEvent, UptimeSweep
 
@@ -45,11 +45,13 @@ def adjust_karma(
     modeladmin: admin.ModelAdmin[Island], request: HttpRequest, queryset: QuerySet[Island]
 ) -> TemplateResponse | None:
     """Ask for a change and a reason, then record one admin KarmaEvent per Island."""
+    # The admin lets in only signed-in staff.
+    assert isinstance(request.user, User)
     form = KarmaAdjustmentForm(request.POST if "apply" in request.POST else None)
     if form.is_valid():
         delta, reason = form.cleaned_data["delta"], form.cleaned_data["reason"]
         for island in queryset:
-            KarmaEvent.objects.adjust(island, delta, reason, by=request.user)  # type: ignore[arg-type]
+            KarmaEvent.objects.adjust(island, delta, reason, by=request.user)
         modeladmin.message_user(
             request, f"Adjusted the karma of {len(queryset)} Island(s) by {delta:+}.", messages.SUCCESS
         )
@@ -65,24 +67,32 @@ def adjust_karma(
     return TemplateResponse(request, "admin/karma/adjust_karma.html", context)
 
 
-class NewestEvents(BaseInlineFormSet):  # type: ignore[type-arg]
-    def get_queryset(self) -> QuerySet[Any]:
-        return super().get_queryset()[:INLINE_EVENTS]
-
-
-class KarmaEventInline(ReadOnlyInline[KarmaEvent]):
+class KarmaEventInline(ReadOnlyInline[KarmaEvent, Island]):
     """For IslandAdmin: the Island's newest karma events, read-only."""
 
     model = KarmaEvent
     fk_name = "island"
-    formset = NewestEvents
+    formset = newest_first(INLINE_EVENTS)
     ordering = ["-id"]
     fields = readonly_fields = ("effective_at", "cause", "delta", "score_after", "reason", "created_at")
     verbose_name_plural = f"Karma events (newest {INLINE_EVENTS})"
 
 
+# Islands stand below karma and know nothing of it: karma adds to their admin.
+class IslandWithKarmaAdmin(IslandAdmin):
+    """The Island admin, with the Island's karma events and the manual adjustment."""
+
+    inlines = [*IslandAdmin.inlines, KarmaEventInline]
+    # Karma changes only through events: adjust_karma records one per Island.
+    actions = [*IslandAdmin.actions, adjust_karma]
+
+
+admin.site.unregister(Island)
+admin.site.register(Island, IslandWithKarmaAdmin)
+
+
 @admin.register(KarmaEvent)
-class KarmaEventAdmin(admin.ModelAdmin[KarmaEvent]):
+class KarmaEventAdmin(ReadOnlyAdmin, admin.ModelAdmin[KarmaEvent]):
     """The karma ledger: read-only. Adjustments are made from the Islands list."""
 
     list_display = [
@@ -124,18 +134,9 @@ class KarmaEventAdmin(admin.ModelAdmin[KarmaEvent]):
     def signed_delta(self, obj: KarmaEvent) -> str:
         return f"{obj.delta:+}"
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: KarmaEvent | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: KarmaEvent | None = None) -> bool:
-        return False
-
 
 @admin.register(UptimeSweep)
-class UptimeSweepAdmin(admin.ModelAdmin[UptimeSweep]):
+class UptimeSweepAdmin(ReadOnlyAdmin, admin.ModelAdmin[UptimeSweep]):
     """The days the uptime rule has judged; written by the watcher."""
 
     list_display = ["day", "judged_at", "rewarded"]
@@ -143,12 +144,3 @@ class UptimeSweepAdmin(admin.ModelAdmin[UptimeSweep]):
     search_fields = ["day"]
     date_hierarchy = "day"
     fields = readonly_fields = ("day", "judged_at", "rewarded")
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: UptimeSweep | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: UptimeSweep | None = None) -> bool:
-        return False

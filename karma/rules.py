@@ -49,8 +49,7 @@ JOB_FAILED = Decimal("-2.00")
 JOB_TIMED_OUT = Decimal("-4.00")
 # A cancelled job changes nothing and records no event: cancelling is the
 # consumer's or the coordinator's decision (`host.{id}.cancel`), not the
-# Island's doing, and it neither counts nor pays.
-JOB_CANCELLED = Decimal(0)
+# Island's doing, and it neither counts nor pays (for_job returns None).
 
 # --- Disconnections -----------------------------------------------------------------
 # An incident is a `silence` StatusChange (the Island stopped sending
@@ -167,7 +166,7 @@ def for_job(job_id: str, state: str, assigned_at: datetime, started_at: datetime
         case "timed_out":
             return Change(JOB_TIMED_OUT, f"Job {job_id} timed out: no final state before its lease expired")
         case "cancelled":
-            return None if JOB_CANCELLED == 0 else Change(JOB_CANCELLED, f"Job {job_id} was cancelled")
+            return None
         case _:
             raise ValueError(f"{state!r} is not a terminal job state")
 

@@ -1,4 +1,4 @@
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
@@ -9,6 +9,11 @@ from karma import rules
 
 # Scores of the example Islands in the placement section.
 PLACEMENT_EXAMPLE = (Decimal(100), Decimal(75), Decimal(50), Decimal(20))
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _no_change_unless(change: rules.Change | None) -> Decimal:
+    return Decimal(0) if change is None else change.delta
 
 
 def reference(request: HttpRequest) -> HttpResponse:
@@ -45,7 +50,8 @@ def reference(request: HttpRequest) -> HttpResponse:
             ("Succeeded, started later or never reported its start", rules.JOB_SUCCEEDED_SLOW),
             ("Failed", rules.JOB_FAILED),
             ("Timed out: no final state before the lease expired", rules.JOB_TIMED_OUT),
-            ("Cancelled", rules.JOB_CANCELLED),
+            # No rule: for_job() records nothing for a cancelled job.
+            ("Cancelled", _no_change_unless(rules.for_job("example", "cancelled", _EPOCH, None))),
         ],
         "quick_start": rules.describe_duration(rules.QUICK_START),
         "slow_start": rules.describe_duration(rules.SLOW_START),

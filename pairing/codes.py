@@ -10,7 +10,6 @@ SECRET_KEY): a database dump alone does not reveal live codes, and the hash
 cannot be brute-forced over the small code space without the key.
 """
 
-import hashlib
 import secrets
 
 from django.utils.crypto import salted_hmac
@@ -50,13 +49,3 @@ def normalize_code(raw: str) -> str:
 def hash_code(code: str) -> str:
     """Keyed hash of a canonical code, the only form in which codes are stored."""
     return salted_hmac("archipelag.pairing.code", code, algorithm="sha256").hexdigest()
-
-
-def generate_secret() -> str:
-    """A bearer secret of 256 random bits (device secrets, scan secrets, API tokens)."""
-    return secrets.token_urlsafe(32)
-
-
-def hash_secret(secret: str) -> str:
-    """Hash of a high-entropy secret. No key or stretching is needed at 256 bits."""
-    return hashlib.sha256(secret.encode()).hexdigest()

@@ -1,4 +1,5 @@
 import asyncio
+import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -6,20 +7,28 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict
 from urllib.parse import urlencode
 
+import msgspec
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.core.cache import cache
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
+from archipelag import ratelimit
+from archipelag.secrets import generate_secret, hash_secret
+from islands.agent import Capabilities, HostRegistration
 from islands.mobile import MobileDevice
 from islands.models import Island
-from pairing.codes import generate_code, generate_secret, hash_code, hash_secret
+from pairing import limits
+from pairing.codes import generate_code, hash_code
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
+
+logger = logging.getLogger("archipelag.pairing")
 
 CODE_TTL = timedelta(minutes=10)
 POLL_INTERVAL = timedelta(seconds=5)
@@ -35,6 +44,12 @@ ANNOUNCE_TIMEOUT = 2.0  # seconds
 # Each draw collides with a live code with odds (live codes) / 32**6, so a
 # handful of attempts is only ever exhausted by a broken random source.
 ISSUE_ATTEMPTS = 8
+# Over NATS the agent registers (`coordinator.hosts.register`) and asks for a
+# code (`coordinator.hosts.pairing`) seconds apart, on two subjects that
+# several bridges may handle in either order. A host that is not linked yet
+# has its registration kept this long, for the code it is about to ask for.
+REGISTRATION_TTL = timedelta(hours=1)
+UNKNOWN_CODE = "That code is unknown or was already used."
 
 type CodeState = Literal["live", "used", "retired", "expired"]
 
@@ -45,6 +60,9 @@ class PairingError(Exception):
 
 class CodeNotFound(PairingError):
     """Unknown, already used or superseded: one answer, so guessers learn nothing."""
+
+    def __init__(self, message: str = UNKNOWN_CODE):
+        super().__init__(message)
 
 
 class CodeExpired(PairingError):
@@ -59,6 +77,19 @@ class HostAlreadyLinked(PairingError):
 
 class BadDeviceSecret(PairingError):
     pass
+
+
+class IssueRefused(PairingError):
+    """No code for now: a limit is reached, or its counters are out of reach.
+
+    The message (safe to show, the same over HTTP and NATS) says what to
+    wait; `status` is the HTTP answer (429 or 503) and `retry_after` the wait.
+    """
+
+    def __init__(self, message: str, status: int, retry_after: int):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
 
 
 class PollTooFast(PairingError):
@@ -164,15 +195,37 @@ class ExpiringCode(models.Model):
         if state == "expired":
             raise CodeExpired("That code has expired.")
         if state != "live":
-            raise CodeNotFound("That code is unknown or was already used.")
+            raise CodeNotFound()
+
+    def _claim(self, now: datetime, **fields: Any) -> None:
+        """Mark this code used, with `fields`, if it is still live; raise if not.
+
+        One conditional UPDATE whose row count decides the winner among any
+        number of racing callers: only a live code is updated. Call it in the
+        transaction that does what the code was for, so a redemption that
+        fails afterwards leaves the code unused.
+        """
+        live = type(self)._default_manager.filter(pk=self.pk, used_at__isnull=True, retired_at__isnull=True)
+        if not live.filter(expires_at__gt=now).update(used_at=now, **fields):
+            raise CodeExpired("That code has expired.") if self.expires_at <= now else CodeNotFound()
 
 
-class Capabilities(TypedDict, total=False):
-    gpu_model: str | None
-    gpu_vram_mb: int | None
-    cpu_cores: int | None
-    ram_mb: int | None
-    region: str | None
+def pair_url() -> str:
+    """Where a person types a desktop code; the Island shows it with the code."""
+    return settings.PUBLIC_URL + reverse("pairing:pair")
+
+
+def _registration_key(host_id: str) -> str:
+    return f"nats-register:{host_id}"
+
+
+def _merged(registered: HostRegistration | None, requested: Capabilities) -> Capabilities:
+    """The hardware a host asked for a code with, over what it registered with: the request wins."""
+    if registered is None or registered.capabilities is None:
+        return requested
+    return msgspec.convert(
+        {**msgspec.to_builtins(registered.capabilities), **msgspec.to_builtins(requested)}, Capabilities
+    )
 
 
 class PollAnswer(TypedDict, total=False):
@@ -188,63 +241,151 @@ class IssuedCode:
     code: str
     device_secret: str
 
+    @property
+    def pair_url(self) -> str:
+        return pair_url()
 
-class PairingCodeManager(models.Manager["PairingCode"]):
-    def get_queryset(self) -> CodeQuerySet["PairingCode"]:
-        return CodeQuerySet(self.model, using=self._db)
 
-    def find(self, code: str) -> "PairingCode | None":
-        return self.get_queryset().find(code)
+_CodeManagerBase = models.Manager.from_queryset(CodeQuerySet)
 
-    def issue(
+
+class PairingCodeManager(_CodeManagerBase["PairingCode"]):
+    def request(
+        self,
+        registration: HostRegistration,
+        *,
+        channel: "PairingCode.Channel",
+        ip: str | None = None,
+        now: datetime | None = None,
+    ) -> IssuedCode:
+        """A host asks for a code, over HTTP or NATS: the one way a code is issued.
+
+        In this order: a host that is already linked hears so before any
+        limit is counted (the agent stops asking once told "already paired");
+        then the channel's limits (per address over HTTP; per host and for
+        the whole service over NATS, which gives no address; see
+        pairing/limits.py), counted whether or not a code follows; then, over
+        NATS, the hardware the host registered with is merged in; then the
+        code is drawn. Raises HostAlreadyLinked or IssueRefused.
+        """
+        now = now or timezone.now()
+        host_id = registration.host_id
+        linked = Island.objects.linked_host(host_id)
+        if linked is not None:
+            raise HostAlreadyLinked(linked)
+        by_http = channel == PairingCode.Channel.HTTP
+        buckets = limits.issue_buckets(ip=ip or "") if by_http else limits.nats_issue_buckets(host_id=host_id)
+        try:
+            ratelimit.check_and_hit(buckets, now)
+        except ratelimit.RateLimited as exc:
+            logger.warning(
+                "event=rate_limited action=issue_code channel=%s host_id=%s ip=%s limit=%s",
+                channel,
+                host_id,
+                ip,
+                exc.limit.name,
+            )
+            raise IssueRefused(
+                f"too many pairing requests from {exc.limit.per}; retry in {exc.wait_words}",
+                429,
+                exc.retry_after,
+            ) from None
+        except ratelimit.Unavailable as exc:
+            # Closed: every code issued uncounted would be one more live code to guess.
+            raise IssueRefused(
+                f"pairing is unavailable for a moment; retry in {exc.wait_words}", 503, exc.retry_after
+            ) from None
+        capabilities = registration.capabilities or Capabilities()
+        registered = None if by_http else self._registration(host_id)
+        issued = self._issue(
+            host_id=host_id,
+            capabilities=_merged(registered, capabilities),
+            version=registration.version or (registered.version if registered else None),
+            ip=ip,
+            channel=channel,
+            now=now,
+        )
+        if not by_http and registered is None:
+            # The registration may have been handled (by another bridge, or
+            # another thread of this one) between the read above and the
+            # code's insert, too late to find the code. Once the code is
+            # committed, whichever comes second sees the other.
+            registered = self._registration(host_id)
+            if registered is not None:
+                PairingCode.objects.filter(pk=issued.row.pk).update(
+                    capabilities=msgspec.to_builtins(_merged(registered, capabilities)),
+                    agent_version=registration.version or registered.version or "",
+                )
+        logger.info("event=code_issued channel=%s host_id=%s ip=%s", channel, host_id, ip)
+        return issued
+
+    def register(self, registration: HostRegistration, now: datetime | None = None) -> bool:
+        """A host's RegisterHost; True if it went to a linked Island.
+
+        A linked Island takes the hardware at once. For a host not linked yet
+        it is kept for the code the host is about to ask for: in the shared
+        cache (Redis in production, so every bridge sees it) and on any live
+        code it already has, for when the pairing request was handled first.
+        """
+        now = now or timezone.now()
+        capabilities = registration.capabilities or Capabilities()
+        if Island.objects.register_host(registration.host_id, capabilities, registration.version):
+            return True
+        cache.set(
+            _registration_key(registration.host_id),
+            msgspec.json.encode(registration),
+            timeout=int(REGISTRATION_TTL.total_seconds()),
+        )
+        self.live(now).filter(host_id=registration.host_id).update(
+            capabilities=msgspec.to_builtins(capabilities), agent_version=registration.version or ""
+        )
+        return False
+
+    def _registration(self, host_id: str) -> HostRegistration | None:
+        """What the host registered with over NATS lately, if it is not linked."""
+        cached = cache.get(_registration_key(host_id))
+        return None if cached is None else msgspec.json.decode(cached, type=HostRegistration)
+
+    def _issue(
         self,
         *,
         host_id: str,
-        capabilities: Capabilities | None = None,
-        version: str | None = None,
-        requested_ip: str | None = None,
+        capabilities: Capabilities,
+        version: str | None,
+        ip: str | None,
         channel: "PairingCode.Channel",
-        now: datetime | None = None,
+        now: datetime,
     ) -> IssuedCode:
-        """Draw a code for a host that is not linked yet, retiring its earlier codes.
+        """Draw a code for a host, retiring its earlier codes.
 
         Codes asked for over NATS get no device secret: the real agent never
         polls, it learns nothing more until it is restarted.
         """
-        now = now or timezone.now()
-        linked = Island.objects.linked_host(host_id)
-        if linked is not None:
-            raise HostAlreadyLinked(linked)
         device_secret = generate_secret() if channel == PairingCode.Channel.HTTP else ""
         row = PairingCode(
             host_id=host_id,
-            capabilities=dict(capabilities or {}),
-            agent_version=(version or "")[:64],
-            requested_ip=requested_ip,
+            capabilities=msgspec.to_builtins(capabilities),
+            agent_version=version or "",
+            requested_ip=ip,
             channel=channel,
             device_secret_hash=hash_secret(device_secret) if device_secret else "",
         )
         with transaction.atomic():
-            self.get_queryset().unused().filter(host_id=host_id).update(retired_at=now)
-            code = self.get_queryset().insert_with_fresh_code(row, now)
+            self.unused().filter(host_id=host_id).update(retired_at=now)
+            code = self.insert_with_fresh_code(row, now)
         return IssuedCode(row=row, code=code, device_secret=device_secret)
 
-    def take_registration(
-        self, host_id: str, capabilities: Capabilities, version: str | None, now: datetime | None = None
-    ) -> int:
-        """Give the host's live codes the hardware it registered with; return how many.
-
-        Over NATS the agent's register and pairing request travel on two
-        subjects, and with several bridges they may be handled in either
-        order; a register handled second still reaches the code /pair shows.
-        """
+    def lookup(self, code: str, now: datetime | None = None) -> "PairingCode":
+        """The live code a person typed, for a host not linked yet; raises PairingError."""
         now = now or timezone.now()
-        return (
-            self.get_queryset()
-            .live(now)
-            .filter(host_id=host_id)
-            .update(capabilities=dict(capabilities), agent_version=(version or "")[:64])
-        )
+        row = self.find(code)
+        if row is None:
+            raise CodeNotFound()
+        row.check_redeemable(now)
+        linked = Island.objects.linked_host(row.host_id)
+        if linked is not None:
+            raise HostAlreadyLinked(linked)
+        return row
 
     def poll(self, host_id: str, device_secret: str, now: datetime | None = None) -> PollAnswer:
         """What a device polling with its secret learns; the token is handed out once."""
@@ -283,9 +424,6 @@ class PairingCodeManager(models.Manager["PairingCode"]):
             return {"status": "expired"}
         return {"status": "pending", "expires_in_seconds": row.expires_in_seconds(now)}
 
-    def prune(self, now: datetime, keep: timedelta) -> int:
-        return self.get_queryset().prune(now, keep)
-
 
 class PairingCode(ExpiringCode):
     """A code an Island asked for, to be typed by a signed-in user at /pair."""
@@ -319,34 +457,23 @@ class PairingCode(ExpiringCode):
     def redeem(self, user: "User", now: datetime | None = None) -> Island:
         """Link the Island to `user`. Exactly one of any number of racing callers wins.
 
-        The conditional UPDATE decides the winner by its row count; the Island
-        is created in the same transaction, so a failed link writes nothing.
+        The claim (a conditional UPDATE) decides the winner by its row count;
+        the Island is created in the same transaction, so a failed link writes
+        nothing.
         """
         now = now or timezone.now()
-        self.check_redeemable(now)
-        caps = self.capabilities
+        island = Island(
+            owner=user,
+            host_id=self.host_id,
+            kind=Island.Kind.DESKTOP,
+            agent_version=self.agent_version,
+            paired_at=now,
+        )
+        island.take_capabilities(msgspec.convert(self.capabilities, Capabilities))
         try:
             with transaction.atomic():
-                won = (
-                    PairingCode.objects.get_queryset()
-                    .live(now)
-                    .filter(pk=self.pk)
-                    .update(used_at=now, used_by=user)
-                )
-                if not won:
-                    raise CodeNotFound("That code is unknown or was already used.")
-                island = Island.objects.create(
-                    owner=user,
-                    host_id=self.host_id,
-                    kind=Island.Kind.DESKTOP,
-                    gpu_model=(caps.get("gpu_model") or "")[:128],
-                    gpu_vram_mb=caps.get("gpu_vram_mb"),
-                    cpu_cores=caps.get("cpu_cores"),
-                    ram_mb=caps.get("ram_mb"),
-                    region=(caps.get("region") or "")[:64],
-                    agent_version=self.agent_version,
-                    paired_at=now,
-                )
+                self._claim(now, used_by=user)
+                island.save(force_insert=True)
                 PairingCode.objects.filter(pk=self.pk).update(island=island)
         except IntegrityError:
             # Another account linked this host between lookup and confirm.
@@ -444,12 +571,9 @@ class MobilePairing:
     token: str
 
 
-class MobilePairingSessionManager(models.Manager["MobilePairingSession"]):
-    def get_queryset(self) -> CodeQuerySet["MobilePairingSession"]:
-        return CodeQuerySet(self.model, using=self._db)
-
+class MobilePairingSessionManager(_CodeManagerBase["MobilePairingSession"]):
     def owned_by(self, user: "User") -> CodeQuerySet["MobilePairingSession"]:
-        return self.get_queryset().filter(owner=user)
+        return self.filter(owner=user)
 
     def open(self, owner: "User", now: datetime | None = None) -> OpenedSession:
         """Open a session for `owner`, retiring their earlier unused ones.
@@ -463,10 +587,10 @@ class MobilePairingSessionManager(models.Manager["MobilePairingSession"]):
         secret = generate_secret()
         row = MobilePairingSession(owner=owner, scan_secret_hash=hash_secret(secret))
         with transaction.atomic():
-            earlier = self.get_queryset().unused().filter(owner=owner)
+            earlier = self.unused().filter(owner=owner)
             still_live = list(earlier.filter(expires_at__gt=now))
             earlier.update(retired_at=now)
-            code = self.get_queryset().insert_with_fresh_code(row, now)
+            code = self.insert_with_fresh_code(row, now)
             for session in still_live:
                 session.retired_at = now
                 session.announce(now)
@@ -485,19 +609,16 @@ class MobilePairingSessionManager(models.Manager["MobilePairingSession"]):
         """Redeem the session a phone names by its canonical code or its scan secret."""
         now = now or timezone.now()
         if code is not None:
-            session = self.get_queryset().find(code)
+            session = self.find(code)
             via = MobilePairingSession.Method.CODE
         elif secret is not None:
-            session = self.get_queryset().filter(scan_secret_hash=hash_secret(secret)).first()
+            session = self.filter(scan_secret_hash=hash_secret(secret)).first()
             via = MobilePairingSession.Method.SECRET
         else:
             raise ValueError("a code or a secret is needed")
         if session is None:
-            raise CodeNotFound("That code is unknown or was already used.")
+            raise CodeNotFound()
         return session.redeem(host_id=host_id, device=device, via=via, ip=ip, now=now)
-
-    def prune(self, now: datetime, keep: timedelta) -> int:
-        return self.get_queryset().prune(now, keep)
 
 
 class MobilePairingSession(ExpiringCode):
@@ -588,22 +709,14 @@ class MobilePairingSession(ExpiringCode):
     ) -> MobilePairing:
         """Link the phone to the session's owner and issue its 30-day token.
 
-        The conditional UPDATE decides the one winner among racing callers; the
-        Island is created or updated in the same transaction, so a refused
-        pairing leaves the session unused and writes nothing.
+        The claim (a conditional UPDATE) decides the one winner among racing
+        callers; the Island is created or updated in the same transaction, so
+        a refused pairing leaves the session unused and writes nothing.
         """
         now = now or timezone.now()
-        self.check_redeemable(now)
         try:
             with transaction.atomic():
-                won = (
-                    MobilePairingSession.objects.get_queryset()
-                    .live(now)
-                    .filter(pk=self.pk)
-                    .update(used_at=now, redeemed_via=via, redeemed_ip=ip)
-                )
-                if not won:
-                    raise CodeNotFound("That code is unknown or was already used.")
+                self._claim(now, redeemed_via=via, redeemed_ip=ip)
                 island = self._link_phone(host_id, device, now)
                 token = island.issue_token(now)
                 MobilePairingSession.objects.filter(pk=self.pk).update(island=island)
@@ -632,12 +745,7 @@ class MobilePairingSession(ExpiringCode):
         if island is None:
             island = Island(owner_id=self.owner_id, host_id=host_id, kind=Island.Kind.MOBILE, paired_at=now)
         island.platform = device.platform
-        island.device_model = device.model
-        island.os_version = device.os_version or ""
-        island.runtime = device.runtime
-        island.accelerator = (device.accelerator or "").lower()
-        island.cpu_cores = device.cpu_cores
-        island.ram_mb = device.ram_mb
+        island.take_capabilities(device.capabilities())
         # An existing Island gets only its device fields written, so whatever
         # else is kept on it (name, history, status) is left as it is.
         island.save(update_fields=None if new else PHONE_FIELDS)

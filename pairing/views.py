@@ -4,7 +4,6 @@ from datetime import datetime
 from typing import Any
 
 import segno
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -14,21 +13,22 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from archipelag.api import ApiError, client_ip, json_api, parse_body
-from archipelag.htmx import HtmxHttpRequest
-from islands.agent import PairingRequest, PollRequest, capabilities_dict
+from archipelag import ratelimit
+from archipelag.api import ApiError, client_ip, json_api, parse_body, retry_later
+from archipelag.http import AuthenticatedHtmxRequest
+from islands.agent import HostRegistration, PollRequest
 from islands.mobile import MobilePairRequest
 from islands.models import Island
-from pairing import ratelimit
+from pairing import limits
 from pairing.codes import MalformedCode, normalize_code
 from pairing.forms import PairCodeForm
 from pairing.models import (
     POLL_INTERVAL,
     BadDeviceSecret,
     CodeExpired,
-    CodeNotFound,
     HostAlreadyLinked,
     HostIdTaken,
+    IssueRefused,
     MobilePairingSession,
     PairingCode,
     PairingError,
@@ -40,57 +40,28 @@ from pairing.models import (
 logger = logging.getLogger("archipelag.pairing")
 
 
-def pair_url() -> str:
-    return settings.PUBLIC_URL + reverse("pairing:pair")
-
-
 # --- The Island's side: JSON API -------------------------------------------
-
-
-def _api_unavailable(what: str, exc: ratelimit.Unavailable, instead: str = "") -> ApiError:
-    return ApiError(
-        503,
-        f"{what} is unavailable for a moment; {instead}retry in {exc.wait_words}",
-        {"Retry-After": str(exc.retry_after)},
-    )
 
 
 @json_api
 def api_pairing(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
-    body = parse_body(request, PairingRequest)
-    ip = client_ip(request)
+    body = parse_body(request, HostRegistration)
     try:
-        ratelimit.check_and_hit(ratelimit.issue_buckets(ip=ip), now)
-    except ratelimit.RateLimited as exc:
-        logger.warning("event=rate_limited action=issue_code ip=%s limit=%s", ip, exc.limit.name)
-        raise ApiError(
-            429,
-            f"too many pairing requests from this address; retry in {exc.wait_words}",
-            {"Retry-After": str(exc.retry_after)},
-        ) from None
-    except ratelimit.Unavailable as exc:
-        # Every code issued uncounted would be one more live code to guess.
-        raise _api_unavailable("pairing", exc) from None
-    try:
-        issued = PairingCode.objects.issue(
-            host_id=body.host_id,
-            capabilities=capabilities_dict(body.capabilities),  # type: ignore[arg-type]
-            version=body.version,
-            requested_ip=ip,
-            channel=PairingCode.Channel.HTTP,
-            now=now,
+        issued = PairingCode.objects.request(
+            body, channel=PairingCode.Channel.HTTP, ip=client_ip(request), now=now
         )
     except HostAlreadyLinked:
         # The real agent matches this exact lowercase text.
         raise ApiError(409, "already paired") from None
-    logger.info("event=code_issued channel=http host_id=%s ip=%s", body.host_id, ip)
+    except IssueRefused as exc:
+        raise retry_later(exc.status, str(exc), exc.retry_after) from None
     return JsonResponse(
         {
             "success": True,
             "code": issued.code,
             "expires_in_seconds": issued.row.expires_in_seconds(now),
-            "pair_url": pair_url(),
+            "pair_url": issued.pair_url,
             "device_secret": issued.device_secret,
             "poll_interval_seconds": int(POLL_INTERVAL.total_seconds()),
         },
@@ -106,8 +77,7 @@ def api_pairing_poll(request: HttpRequest) -> HttpResponse:
     except BadDeviceSecret as exc:
         raise ApiError(401, str(exc)) from None
     except PollTooFast:
-        interval = int(POLL_INTERVAL.total_seconds())
-        raise ApiError(429, "slow_down", {"Retry-After": str(interval)}) from None
+        raise retry_later(429, "slow_down", int(POLL_INTERVAL.total_seconds())) from None
     except TokenAlreadyCollected as exc:
         raise ApiError(410, str(exc)) from None
     if answer["status"] == "paired":
@@ -118,7 +88,9 @@ def api_pairing_poll(request: HttpRequest) -> HttpResponse:
 # --- The person's side: /pair ------------------------------------------------
 
 
-def _render_step(request: HtmxHttpRequest, context: dict[str, Any], status: int = 200) -> HttpResponse:
+def _render_step(
+    request: AuthenticatedHtmxRequest, context: dict[str, Any], status: int = 200
+) -> HttpResponse:
     # One view serves the whole page and, for htmx, just the step that changes.
     template = "pairing/pair.html#step" if request.htmx else "pairing/pair.html"
     response = render(request, template, context, status=status)
@@ -127,7 +99,9 @@ def _render_step(request: HtmxHttpRequest, context: dict[str, Any], status: int 
     return response
 
 
-def _limited(request: HtmxHttpRequest, form: PairCodeForm, exc: ratelimit.RateLimited) -> HttpResponse:
+def _limited(
+    request: AuthenticatedHtmxRequest, form: PairCodeForm, exc: ratelimit.RateLimited
+) -> HttpResponse:
     logger.warning(
         "event=rate_limited action=redeem_code user_id=%s ip=%s limit=%s",
         request.user.pk,
@@ -138,22 +112,26 @@ def _limited(request: HtmxHttpRequest, form: PairCodeForm, exc: ratelimit.RateLi
     return _render_step(request, {"form": form, "error": error, "retry_after": exc.retry_after}, status=429)
 
 
-def _unavailable(request: HtmxHttpRequest, form: PairCodeForm, exc: ratelimit.Unavailable) -> HttpResponse:
+def _unavailable(
+    request: AuthenticatedHtmxRequest, form: PairCodeForm, exc: ratelimit.Unavailable
+) -> HttpResponse:
     """The wrong-code counters are out of reach: typed codes wait rather than go uncounted."""
     error = f"Linking Islands is unavailable for a moment. Try again in {exc.wait_words}."
     return _render_step(request, {"form": form, "error": error, "retry_after": exc.retry_after}, status=503)
 
 
-def _failed(request: HtmxHttpRequest, form: PairCodeForm, exc: PairingError, now: datetime) -> HttpResponse:
+def _failed(
+    request: AuthenticatedHtmxRequest, form: PairCodeForm, exc: PairingError, now: datetime
+) -> HttpResponse:
     """A wrong or expired code: count it against the limits and say what happened."""
     try:
-        ratelimit.hit(ratelimit.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
+        ratelimit.hit(limits.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
     except ratelimit.Unavailable as unavailable:
         return _unavailable(request, form, unavailable)
     return _render_step(request, {"form": form, "error": str(exc)}, status=400)
 
 
-def _linked_elsewhere(request: HtmxHttpRequest, form: PairCodeForm, island: Island) -> HttpResponse:
+def _linked_elsewhere(request: AuthenticatedHtmxRequest, form: PairCodeForm, island: Island) -> HttpResponse:
     if island.owner_id == request.user.pk:
         error = f"This Island is already linked to your account as “{island.name}”."
     else:
@@ -164,21 +142,14 @@ def _linked_elsewhere(request: HtmxHttpRequest, form: PairCodeForm, island: Isla
     return _render_step(request, {"form": form, "error": error}, status=409)
 
 
-def _lookup(request: HttpRequest, form: PairCodeForm, now: datetime) -> PairingCode:
+def _lookup(request: AuthenticatedHtmxRequest, form: PairCodeForm, now: datetime) -> PairingCode:
     """The live code the form names; raises PairingError or RateLimited."""
-    ratelimit.check(ratelimit.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
-    row = PairingCode.objects.find(form.cleaned_data["code"])
-    if row is None:
-        raise CodeNotFound("That code is unknown or was already used.")
-    row.check_redeemable(now)
-    linked = Island.objects.linked_host(row.host_id)
-    if linked is not None:
-        raise HostAlreadyLinked(linked)
-    return row
+    ratelimit.check(limits.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
+    return PairingCode.objects.lookup(form.cleaned_data["code"], now)
 
 
 @login_required
-def pair(request: HtmxHttpRequest) -> HttpResponse:
+def pair(request: AuthenticatedHtmxRequest) -> HttpResponse:
     """Step one: type the code. Step two: see what it links, and confirm."""
     if request.method != "POST":
         return _render_step(request, {"form": PairCodeForm()})
@@ -201,14 +172,14 @@ def pair(request: HtmxHttpRequest) -> HttpResponse:
 
 @login_required
 @require_POST
-def confirm(request: HtmxHttpRequest) -> HttpResponse:
+def confirm(request: AuthenticatedHtmxRequest) -> HttpResponse:
     now = timezone.now()
     form = PairCodeForm(request.POST)
     if not form.is_valid():
         return _render_step(request, {"form": form}, status=400)
     try:
         row = _lookup(request, form, now)
-        island = row.redeem(request.user, now)  # type: ignore[arg-type]
+        island = row.redeem(request.user, now)
     except ratelimit.RateLimited as exc:
         return _limited(request, form, exc)
     except ratelimit.Unavailable as exc:
@@ -233,11 +204,19 @@ def confirm(request: HtmxHttpRequest) -> HttpResponse:
 # --- Mobile pairing: the phone's side ------------------------------------------
 
 
+def _typed_codes_unavailable(exc: ratelimit.Unavailable) -> ApiError:
+    return retry_later(
+        503,
+        f"pairing by typed code is unavailable for a moment; scan the QR code, or retry in {exc.wait_words}",
+        exc.retry_after,
+    )
+
+
 def _count_mobile_failure(buckets: list[ratelimit.Bucket], now: datetime, fail_open: bool) -> None:
     try:
         ratelimit.hit(buckets, now, fail_open=fail_open)
     except ratelimit.Unavailable as exc:
-        raise _api_unavailable("pairing by typed code", exc, "scan the QR code, or ") from None
+        raise _typed_codes_unavailable(exc) from None
 
 
 @json_api
@@ -254,9 +233,9 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
             raise ApiError(400, f"invalid code: {exc}") from None
     ip = client_ip(request)
     by_code = code is not None
-    buckets = ratelimit.mobile_redeem_buckets(ip=ip, by_code=by_code)
+    buckets = limits.mobile_redeem_buckets(ip=ip, by_code=by_code)
     # Without its counters a typed code waits (it can be guessed); a scanned
-    # secret (256 random bits) pairs uncounted. See pairing/ratelimit.py.
+    # secret (256 random bits) pairs uncounted. See archipelag/ratelimit.py.
     fail_open = not by_code
     try:
         # Refused before the code is looked at: past a limit even the right code
@@ -264,13 +243,11 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
         ratelimit.check(buckets, now, fail_open=fail_open)
     except ratelimit.RateLimited as exc:
         logger.warning("event=rate_limited action=mobile_redeem ip=%s limit=%s", ip, exc.limit.name)
-        raise ApiError(
-            429,
-            f"too many wrong codes from this address; retry in {exc.wait_words}",
-            {"Retry-After": str(exc.retry_after)},
+        raise retry_later(
+            429, f"too many wrong codes from this address; retry in {exc.wait_words}", exc.retry_after
         ) from None
     except ratelimit.Unavailable as exc:
-        raise _api_unavailable("pairing by typed code", exc, "scan the QR code, or ") from None
+        raise _typed_codes_unavailable(exc) from None
     try:
         paired = MobilePairingSession.objects.redeem(
             code=code, secret=body.secret, host_id=body.host_id, device=body.device, ip=ip, now=now
@@ -319,7 +296,7 @@ def _qr_data_uri(payload: str) -> str:
 @login_required
 @require_http_methods(["GET", "POST"])
 @never_cache
-def pair_mobile(request: HtmxHttpRequest) -> HttpResponse:
+def pair_mobile(request: AuthenticatedHtmxRequest) -> HttpResponse:
     """Open a pairing session and show its QR code, code and countdown.
 
     Every load opens a fresh session: the code and secret exist in plain text
@@ -328,7 +305,7 @@ def pair_mobile(request: HtmxHttpRequest) -> HttpResponse:
     """
     now = timezone.now()
     template = "pairing/pair_mobile.html#session" if request.htmx else "pairing/pair_mobile.html"
-    buckets = ratelimit.mobile_open_buckets(user_id=request.user.pk)  # type: ignore[arg-type]
+    buckets = limits.mobile_open_buckets(user_id=request.user.pk)
     try:
         # Fails open: opening retires the account's earlier session, so the
         # number of live mobile codes does not depend on this count.
@@ -338,7 +315,7 @@ def pair_mobile(request: HtmxHttpRequest) -> HttpResponse:
         response = render(request, template, {"error": error}, status=429)
         response["Retry-After"] = str(exc.retry_after)
         return response
-    opened = MobilePairingSession.objects.open(request.user, now)  # type: ignore[arg-type]
+    opened = MobilePairingSession.objects.open(request.user, now)
     session = opened.row
     expires_in = session.expires_in_seconds(now)
     context = {

@@ -6,6 +6,7 @@ which turns every such skip into a failure, so CI runs every test.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import msgspec
 import pytest
 import pytest_asyncio
 from channels.layers import get_channel_layer
@@ -25,6 +27,7 @@ from django.core.cache import cache
 from django.db import connection
 from django.test import Client
 
+from islands.agent import Capabilities, HostRegistration
 from pairing.models import IssuedCode, PairingCode
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -160,6 +163,12 @@ def race(callables: list[Callable[[], object]]) -> None:
     assert errors == []
 
 
+def admin_column(listing: str, name: str) -> list[str]:
+    """The text of each row's cell in one column of an admin changelist page, in order."""
+    cells = re.findall(rf'<td class="field-{name}(?: [^"]*)?"[^>]*>(.*?)</td>', listing, flags=re.S)
+    return [re.sub(r"<[^>]+>", "", cell).strip() for cell in cells]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -290,11 +299,16 @@ CAPABILITIES = {
 def issue_code(db: None) -> Callable[..., IssuedCode]:
     """Build a pairing code as an Island would have asked for it over HTTP."""
 
-    def build(host_id: str = HOST_ID, **kwargs: Any) -> IssuedCode:
-        kwargs.setdefault("capabilities", CAPABILITIES)
-        kwargs.setdefault("version", "0.5.0")
-        kwargs.setdefault("requested_ip", "203.0.113.7")
-        kwargs.setdefault("channel", PairingCode.Channel.HTTP)
-        return PairingCode.objects.issue(host_id=host_id, **kwargs)
+    def build(
+        host_id: str = HOST_ID,
+        *,
+        capabilities: dict[str, Any] = CAPABILITIES,
+        version: str | None = "0.5.0",
+        ip: str = "203.0.113.7",
+        channel: PairingCode.Channel = PairingCode.Channel.HTTP,
+        **kwargs: Any,
+    ) -> IssuedCode:
+        registration = HostRegistration(host_id, msgspec.convert(capabilities, Capabilities), version)
+        return PairingCode.objects.request(registration, channel=channel, ip=ip, **kwargs)
 
     return build

@@ -4,18 +4,13 @@ from typing import TYPE_CHECKING
 
 from django import template
 
+from islands.models import gigabytes
+
 if TYPE_CHECKING:
     from islands.models import Island
 
 register = template.Library()
-
-
-@register.filter
-def gigabytes(megabytes: int | None) -> str:
-    """24576 -> "24 GB"; what the agent reports in MB reads better in GB."""
-    if megabytes is None:
-        return ""
-    return f"{round(megabytes / 1024, 1):g} GB"
+register.filter("gigabytes", gigabytes)
 
 
 @register.filter

@@ -30,11 +30,12 @@ import pytest
 from django.conf import settings
 from django.test import Client
 
-from islands.bridge import Subjects
+from archipelag.nats import Subjects
 from islands.models import Island, Job, StatusChange
-from islands.simulator import Client as ApiClient
 from karma.models import KarmaEvent
 from pairing.models import MobilePairingSession
+from simulator.desktop import Client as ApiClient
+from tests.bridge.test_nats import Agent
 from tests.faults.conftest import (
     backends,
     bridge_counters,
@@ -46,7 +47,6 @@ from tests.faults.conftest import (
     waiting_on_a_lock,
 )
 from tests.islands.conftest import MINIMAL_HEARTBEAT, make_island
-from tests.islands.test_bridge_nats import Agent
 from tests.pairing.conftest import IPHONE, MOBILE_PAIR
 
 DROPS = ["restart", "terminate"]

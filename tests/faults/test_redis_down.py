@@ -20,8 +20,8 @@ import zxingcpp
 from PIL import Image
 
 from islands.models import Island
-from islands.simulator import Client as ApiClient
 from pairing.models import MobilePairingSession
+from simulator.desktop import Client as ApiClient
 from tests.conftest import login_browser
 from tests.pairing.conftest import IPHONE, MOBILE_PAIR, PHONE_HOST_ID, PIXEL
 

@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
+import msgspec
 import pytest
 from django.contrib.auth.models import User
 from django.contrib.sessions.models import Session
@@ -34,9 +35,10 @@ from django.test import Client
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
 
+from islands.agent import Capabilities, HostRegistration
 from islands.models import DispatcherKey, Island, Job, StatusChange
 from karma.models import KarmaEvent, UptimeSweep
-from pairing.models import Capabilities, MobilePairingSession, OpenedSession, PairingCode
+from pairing.models import MobilePairingSession, OpenedSession, PairingCode
 from tests.conftest import CAPABILITIES
 from tests.islands.conftest import make_island
 
@@ -119,11 +121,10 @@ def world(alice: User, bob: User) -> World:
 
     device_secrets = {}
     for host_id in (PENDING_HOST, REDEEMED_HOST, COLLECTED_HOST):
-        issued = PairingCode.objects.issue(
-            host_id=host_id,
-            capabilities=cast(Capabilities, CAPABILITIES),
-            version="0.5.0",
+        issued = PairingCode.objects.request(
+            HostRegistration(host_id, msgspec.convert(CAPABILITIES, Capabilities), "0.5.0"),
             channel=PairingCode.Channel.HTTP,
+            ip="203.0.113.7",
         )
         device_secrets[host_id] = issued.device_secret
         if host_id != PENDING_HOST:

@@ -29,10 +29,9 @@ from islands.agent import (
     Capabilities,
     EnhancedHeartbeat,
     GpuMetrics,
-    HeartbeatCapabilities,
+    HostRegistration,
     JobAssignment,
     JobStatus,
-    PairingRequest,
     PerformanceEstimates,
     PollRequest,
     SystemMetrics,
@@ -40,7 +39,7 @@ from islands.agent import (
 from islands.mobile import MobileDevice, MobilePairRequest
 
 STRUCTS: list[type[msgspec.Struct]] = [
-    PairingRequest,
+    HostRegistration,
     PollRequest,
     Capabilities,
     EnhancedHeartbeat,
@@ -48,7 +47,6 @@ STRUCTS: list[type[msgspec.Struct]] = [
     GpuMetrics,
     ActiveJobMetrics,
     PerformanceEstimates,
-    HeartbeatCapabilities,
     JobStatus,
     JobAssignment,
     MobilePairRequest,

@@ -20,9 +20,10 @@ from django.db import models
 from hypothesis import given
 from hypothesis import strategies as st
 
+from archipelag.secrets import hash_secret
 from islands.models import HEARTBEAT_FIELDS, LEDGER_FIELDS, Island, Job, StatusChange
 from karma.models import KarmaEvent
-from pairing.codes import ALPHABET, hash_code, hash_secret
+from pairing.codes import ALPHABET, hash_code
 from pairing.models import PHONE_FIELDS, MobilePairingSession, PairingCode
 from tests.conftest import CAPABILITIES, HOST_ID
 from tests.fuzz import strategies as fuzz

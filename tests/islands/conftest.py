@@ -1,17 +1,18 @@
-"""Builders for Islands that are paired and hold an API token."""
+"""Builders for Islands that are paired and hold an API token, and their heartbeats."""
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 
-from islands.agent import REFERENCE_HEARTBEAT
-from islands.models import Island
+from islands.agent import REFERENCE_HEARTBEAT, EnhancedHeartbeat
+from islands.models import Beat, HeartbeatOutcome, Island
 from tests.conftest import HOST_ID
 
 # A fixed instant to travel to; tests move the clock from here.
@@ -20,6 +21,19 @@ T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 # The real agent's full heartbeat, verbatim from the agent reference.
 AGENT_HEARTBEAT: dict[str, Any] = {**copy.deepcopy(REFERENCE_HEARTBEAT), "host_id": HOST_ID}
 MINIMAL_HEARTBEAT = {"host_id": HOST_ID, "status": "online", "active_jobs": 0, "timestamp": 100}
+
+
+def beat(
+    islands: Island | Iterable[Island], at: datetime, status: str = "online", **fields: Any
+) -> list[HeartbeatOutcome]:
+    """One heartbeat of each Island, received at `at`, through the method every transport calls.
+
+    Named by host id, as the NATS bridge names them; `fields` go into the
+    body (`{"status": status, **fields}`). HTTP heartbeats: `send_heartbeat`.
+    """
+    heartbeat = msgspec.convert({"status": status, **fields}, EnhancedHeartbeat)
+    batch = [islands] if isinstance(islands, Island) else list(islands)
+    return Island.objects.record_heartbeats([Beat(heartbeat, at, host_id=island.host_id) for island in batch])
 
 
 def make_island(owner: User, host_id: str = HOST_ID, **fields: Any) -> Island:
@@ -48,8 +62,8 @@ def post_json(client: Client, url: str, payload: Any, token: str | None = None, 
 
 
 @pytest.fixture
-def beat(client: Client, token: str) -> Callable[..., Any]:
-    """Send a heartbeat as Alice's Island (the agent's full one unless told otherwise)."""
+def send_heartbeat(client: Client, token: str) -> Callable[..., Any]:
+    """POST a heartbeat as Alice's Island (the agent's full one unless told otherwise)."""
 
     def send(payload: Any = None, token: str | None = token) -> Any:
         return post_json(

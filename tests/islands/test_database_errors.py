@@ -23,7 +23,7 @@ def dropped(*args, **kwargs):
 
 
 def test_a_heartbeat_whose_connection_drops_gets_a_json_503(client, token, monkeypatch, caplog):
-    monkeypatch.setattr(Island.objects, "record_heartbeats_with_tokens", dropped)
+    monkeypatch.setattr(Island.objects, "record_heartbeats", dropped)
     with caplog.at_level(logging.ERROR):
         response = post_json(client, "/api/v1/islands/heartbeat", MINIMAL_HEARTBEAT, token)
     assert response.status_code == 503
@@ -55,7 +55,7 @@ def test_other_database_errors_stay_server_errors(client, token, monkeypatch):
     def broken(*args, **kwargs):
         raise IntegrityError("duplicate key")
 
-    monkeypatch.setattr(Island.objects, "record_heartbeats_with_tokens", broken)
+    monkeypatch.setattr(Island.objects, "record_heartbeats", broken)
     client.raise_request_exception = False
     response = post_json(client, "/api/v1/islands/heartbeat", MINIMAL_HEARTBEAT, token)
     assert response.status_code == 500

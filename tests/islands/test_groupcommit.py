@@ -12,14 +12,14 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
+from archipelag.secrets import hash_secret
 from islands import views
 from islands.agent import EnhancedHeartbeat
 from islands.groupcommit import GroupCommit, GroupCommitFailed
-from islands.models import Island, StatusChange, TokenHeartbeatOutcome
-from pairing.codes import hash_secret
+from islands.models import Beat, HeartbeatOutcome, Island, StatusChange
 from tests.islands.conftest import MINIMAL_HEARTBEAT, T0, make_island, post_json
 
-Outcome = TokenHeartbeatOutcome
+Outcome = HeartbeatOutcome
 HEARTBEAT = "/api/v1/islands/heartbeat"
 
 
@@ -28,6 +28,12 @@ def wait_until(condition, seconds=10.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+def queued(commits: GroupCommit[Any, Any]) -> int:
+    """How many items wait behind the batch being written. The queue is private: tests peek."""
+    with commits._lock:
+        return len(commits._queue)
 
 
 def in_threads(function, arguments):
@@ -87,14 +93,14 @@ def test_items_arriving_during_a_write_share_the_next_batch_and_get_their_own_re
     first, first_result = in_threads(commits.submit, [1])
     wait_until(lambda: len(writer.batches) == 1)
     others, results = in_threads(commits.submit, list(range(2, 12)))
-    wait_until(lambda: commits.waiting == 10)
+    wait_until(lambda: queued(commits) == 10)
     writer.gate.set()
     for thread in first + others:
         thread.join(10)
     assert first_result == [10]
     assert results == [n * 10 for n in range(2, 12)]
     assert [sorted(batch) for batch in writer.batches] == [[1], list(range(2, 12))]
-    assert commits.waiting == 0
+    assert queued(commits) == 0
 
 
 def test_a_request_waits_for_the_commit_of_its_own_batch():
@@ -115,7 +121,7 @@ def test_a_failed_batch_fails_every_request_in_it_and_the_next_batch_still_runs(
     first, _ = in_threads(commits.submit, [1])
     wait_until(lambda: len(writer.batches) == 1)
     doomed, results = in_threads(commits.submit, [2, 3, 4])
-    wait_until(lambda: commits.waiting == 3)
+    wait_until(lambda: queued(commits) == 3)
     writer.gate.set()
     for thread in first + doomed:
         thread.join(10)
@@ -131,7 +137,7 @@ def test_a_queue_longer_than_a_batch_is_written_in_several():
     first, _ = in_threads(commits.submit, [0])
     wait_until(lambda: len(writer.batches) == 1)
     others, results = in_threads(commits.submit, list(range(1, 11)))
-    wait_until(lambda: commits.waiting == 10)
+    wait_until(lambda: queued(commits) == 10)
     writer.gate.set()
     for thread in first + others:
         thread.join(10)
@@ -151,8 +157,12 @@ def statements(queries):
     return [kind for kind in kinds if kind in {"SELECT", "UPDATE", "INSERT", "DELETE"}]
 
 
-def beat(payload=None):
+def heartbeat(payload=None):
     return msgspec.convert(payload or {"status": "online"}, EnhancedHeartbeat)
+
+
+def by_token(token, heartbeat, at):
+    return Beat(heartbeat, at, token_hash=hash_secret(token))
 
 
 def test_one_batch_sorts_out_good_revoked_expired_and_misaddressed_beats(alice, bob):
@@ -166,16 +176,16 @@ def test_one_batch_sorts_out_good_revoked_expired_and_misaddressed_beats(alice, 
     other = make_island(bob, "other-host-0001")
     other_token = other.issue_token()
     batch = [
-        (hash_secret(good_token), beat({"host_id": "good-host-0001", "agent_version": "1"}), T0),
-        (hash_secret(removed_token), beat(), T0),
-        (hash_secret(phone_token), beat(), T0),
-        (hash_secret(other_token), beat({"host_id": "good-host-0001"}), T0),
-        (hash_secret(good_token), beat({"agent_version": "2"}), T0 + timedelta(seconds=1)),
+        by_token(good_token, heartbeat({"host_id": "good-host-0001", "agent_version": "1"}), T0),
+        by_token(removed_token, heartbeat(), T0),
+        by_token(phone_token, heartbeat(), T0),
+        by_token(other_token, heartbeat({"host_id": "good-host-0001"}), T0),
+        by_token(good_token, heartbeat({"agent_version": "2"}), T0 + timedelta(seconds=1)),
     ]
     with CaptureQueriesContext(connection) as queries:
-        outcomes = Island.objects.record_heartbeats_with_tokens(batch, now=T0)
+        outcomes = Island.objects.record_heartbeats(batch, now=T0)
     assert outcomes == [
-        Outcome.ACCEPTED,
+        Outcome.STALE,  # the same Island's later beat in the batch wins
         Outcome.UNAUTHORIZED,
         Outcome.UNAUTHORIZED,
         Outcome.WRONG_HOST,
@@ -192,9 +202,9 @@ def test_one_batch_sorts_out_good_revoked_expired_and_misaddressed_beats(alice, 
 def test_a_batch_costs_the_same_for_two_tokens_or_two_hundred(alice):
     def queries_for(count, prefix):
         islands = [make_island(alice, f"{prefix}-{n:08d}") for n in range(count)]
-        batch = [(hash_secret(island.issue_token()), beat(), T0) for island in islands]
+        batch = [by_token(island.issue_token(), heartbeat(), T0) for island in islands]
         with CaptureQueriesContext(connection) as queries:
-            outcomes = Island.objects.record_heartbeats_with_tokens(batch, now=T0)
+            outcomes = Island.objects.record_heartbeats(batch, now=T0)
         assert outcomes == [Outcome.ACCEPTED] * count
         return len(queries.captured_queries)
 
@@ -209,7 +219,7 @@ def test_a_batch_costs_the_same_for_two_tokens_or_two_hundred(alice):
 def test_concurrent_heartbeats_share_a_batch_and_a_revoked_token_in_it_gets_401(postgres, alice, monkeypatch):
     islands = [make_island(alice, f"batch-host-{n:04d}") for n in range(12)]
     tokens = [island.issue_token() for island in islands]
-    real_write = Island.objects.record_heartbeats_with_tokens
+    real_write = Island.objects.record_heartbeats
     gate = threading.Event()
     batches = []
 
@@ -236,7 +246,7 @@ def test_concurrent_heartbeats_share_a_batch_and_a_revoked_token_in_it_gets_401(
         [wrong_host],
     )
     revoked, revoked_status = in_threads(send, [tokens[5]])
-    wait_until(lambda: commits.waiting == 11)
+    wait_until(lambda: queued(commits) == 11)
     gate.set()
     for thread in plug + threads + wrong + revoked:
         thread.join(10)

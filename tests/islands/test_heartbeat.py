@@ -9,9 +9,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from islands.agent import EnhancedHeartbeat
-from islands.models import Island, StatusChange
+from islands.models import Beat, HeartbeatOutcome, Island, StatusChange, hash_token
 from tests.conftest import HOST_ID
-from tests.islands.conftest import AGENT_HEARTBEAT, MINIMAL_HEARTBEAT, T0, make_island, post_json
+from tests.islands.conftest import AGENT_HEARTBEAT, MINIMAL_HEARTBEAT, T0, beat, make_island, post_json
+
+Outcome = HeartbeatOutcome
 
 HEARTBEAT = "/api/v1/islands/heartbeat"
 Status = Island.Status
@@ -26,15 +28,16 @@ def changes(island):
 
 
 def decoded(payload=None):
-    return msgspec.convert(payload or MINIMAL_HEARTBEAT, EnhancedHeartbeat)
+    """A decoded heartbeat; the minimal one, naming no host, unless told otherwise."""
+    return msgspec.convert(payload or {**MINIMAL_HEARTBEAT, "host_id": None}, EnhancedHeartbeat)
 
 
 # --- What a heartbeat records ----------------------------------------------------
 
 
-def test_the_agents_full_heartbeat_is_recorded(beat, island):
+def test_the_agents_full_heartbeat_is_recorded(send_heartbeat, island):
     with time_machine.travel(T0, tick=False):
-        response = beat()
+        response = send_heartbeat()
     assert response.status_code == 200
     assert response.json() == {"success": True}
     island.refresh_from_db()
@@ -58,15 +61,15 @@ def test_the_agents_full_heartbeat_is_recorded(beat, island):
     assert changes(island) == [(Status.OFFLINE, Status.ONLINE, Reason.FIRST_HEARTBEAT, T0)]
 
 
-def test_the_minimal_heartbeat_is_enough(beat, island):
-    assert beat(MINIMAL_HEARTBEAT).status_code == 200
+def test_the_minimal_heartbeat_is_enough(send_heartbeat, island):
+    assert send_heartbeat(MINIMAL_HEARTBEAT).status_code == 200
     island.refresh_from_db()
     assert island.status == Status.ONLINE
     assert island.metrics["active_jobs"] == 0
     assert island.ram_mb == 65536  # nothing reported, the paired value stays
 
 
-def test_optional_fields_may_be_null_or_absent(beat, island):
+def test_optional_fields_may_be_null_or_absent(send_heartbeat, island):
     nulls = dict.fromkeys(
         [
             "host_id",
@@ -82,24 +85,24 @@ def test_optional_fields_may_be_null_or_absent(beat, island):
             "capabilities",
         ]
     )
-    assert beat(nulls).status_code == 200
-    assert beat({}).status_code == 200
-    assert beat({"system": {"cpu_percent": None}, "gpus": [{"index": None}]}).status_code == 200
+    assert send_heartbeat(nulls).status_code == 200
+    assert send_heartbeat({}).status_code == 200
+    assert send_heartbeat({"system": {"cpu_percent": None}, "gpus": [{"index": None}]}).status_code == 200
     island.refresh_from_db()
     assert island.status_at(island.last_heartbeat_at) == Live.ONLINE
 
 
-def test_unknown_fields_are_ignored(beat, island):
+def test_unknown_fields_are_ignored(send_heartbeat, island):
     payload = {**AGENT_HEARTBEAT, "battery": {"level": 80}, "system": {"cpu_percent": 3, "npu": "yes"}}
-    assert beat(payload).status_code == 200
+    assert send_heartbeat(payload).status_code == 200
     island.refresh_from_db()
     assert island.metrics["system"] == {"cpu_percent": 3}
     assert "battery" not in island.metrics
 
 
-def test_a_heartbeat_replaces_the_previous_picture(beat, island):
-    beat()
-    beat({**MINIMAL_HEARTBEAT, "active_jobs": 0})
+def test_a_heartbeat_replaces_the_previous_picture(send_heartbeat, island):
+    send_heartbeat()
+    send_heartbeat({**MINIMAL_HEARTBEAT, "active_jobs": 0})
     island.refresh_from_db()
     assert island.metrics["gpus"] == []
     assert island.metrics["active_job_metrics"] == []
@@ -109,8 +112,8 @@ def test_a_heartbeat_replaces_the_previous_picture(beat, island):
     assert island.agent_version == "0.4.0"
 
 
-def test_the_capabilities_extension_restates_hardware(beat, island):
-    beat(
+def test_the_capabilities_extension_restates_hardware(send_heartbeat, island):
+    send_heartbeat(
         {
             **MINIMAL_HEARTBEAT,
             "capabilities": {
@@ -146,18 +149,18 @@ def test_a_phone_reports_its_model_and_runtime(client, alice):
 # --- Online, offline, signed off -------------------------------------------------
 
 
-def test_an_island_is_online_until_the_threshold_and_offline_after(beat, island):
+def test_an_island_is_online_until_the_threshold_and_offline_after(send_heartbeat, island):
     with time_machine.travel(T0, tick=False):
-        beat()
+        send_heartbeat()
     island.refresh_from_db()
     assert island.status_at(T0 + timedelta(seconds=44.9)) == Live.ONLINE
     assert island.status_at(T0 + timedelta(seconds=45.1)) == Live.OFFLINE
 
 
-def test_the_threshold_is_a_setting(beat, island, settings):
+def test_the_threshold_is_a_setting(send_heartbeat, island, settings):
     settings.ISLAND_OFFLINE_AFTER = 20
     with time_machine.travel(T0, tick=False):
-        beat()
+        send_heartbeat()
     island.refresh_from_db()
     assert island.offline_after == T0 + timedelta(seconds=20)
     assert island.status_at(T0 + timedelta(seconds=19.9)) == Live.ONLINE
@@ -169,11 +172,11 @@ def test_an_island_that_never_beat_is_offline(island):
     assert island.status_changes.count() == 0
 
 
-def test_a_graceful_sign_off_shows_offline_at_once(beat, island):
+def test_a_graceful_sign_off_shows_offline_at_once(send_heartbeat, island):
     with time_machine.travel(T0, tick=False):
-        beat()
+        send_heartbeat()
     with time_machine.travel(T0 + timedelta(seconds=5), tick=False):
-        assert beat({**AGENT_HEARTBEAT, "status": "offline", "active_jobs": 0}).status_code == 200
+        assert send_heartbeat({**AGENT_HEARTBEAT, "status": "offline", "active_jobs": 0}).status_code == 200
     island.refresh_from_db()
     assert island.status == Status.SIGNED_OFF
     assert island.status_at(T0 + timedelta(seconds=5)) == Live.SIGNED_OFF
@@ -188,20 +191,20 @@ def test_a_graceful_sign_off_shows_offline_at_once(beat, island):
     assert not Island.objects.due_offline(T0 + timedelta(hours=1)).exists()
 
 
-def test_a_repeated_sign_off_is_recorded_once(beat, island):
-    beat()
-    beat({"status": "offline"})
-    beat({"status": "offline"})
+def test_a_repeated_sign_off_is_recorded_once(send_heartbeat, island):
+    send_heartbeat()
+    send_heartbeat({"status": "offline"})
+    send_heartbeat({"status": "offline"})
     assert [reason for *_, reason, _ in changes(island)] == [Reason.FIRST_HEARTBEAT, Reason.GRACEFUL]
 
 
-def test_a_heartbeat_after_a_sign_off_records_the_return(beat, island):
+def test_a_heartbeat_after_a_sign_off_records_the_return(send_heartbeat, island):
     with time_machine.travel(T0, tick=False):
-        beat()
+        send_heartbeat()
     with time_machine.travel(T0 + timedelta(seconds=10), tick=False):
-        beat({"status": "offline"})
+        send_heartbeat({"status": "offline"})
     with time_machine.travel(T0 + timedelta(minutes=5), tick=False):
-        beat()
+        send_heartbeat()
     island.refresh_from_db()
     assert island.status_at(T0 + timedelta(minutes=5)) == Live.ONLINE
     assert changes(island)[-1] == (
@@ -212,12 +215,12 @@ def test_a_heartbeat_after_a_sign_off_records_the_return(beat, island):
     )
 
 
-def test_a_late_heartbeat_records_the_silence_and_the_return(beat, island):
+def test_a_late_heartbeat_records_the_silence_and_the_return(send_heartbeat, island):
     """Even if no watcher ran, the history says exactly when the Island was silent."""
     with time_machine.travel(T0, tick=False):
-        beat()
+        send_heartbeat()
     with time_machine.travel(T0 + timedelta(seconds=100), tick=False):
-        beat()
+        send_heartbeat()
     assert changes(island) == [
         (Status.OFFLINE, Status.ONLINE, Reason.FIRST_HEARTBEAT, T0),
         (Status.ONLINE, Status.OFFLINE, Reason.SILENCE, T0 + timedelta(seconds=45)),
@@ -225,20 +228,20 @@ def test_a_late_heartbeat_records_the_silence_and_the_return(beat, island):
     ]
 
 
-def test_a_heartbeat_just_in_time_records_nothing(beat, island):
+def test_a_heartbeat_just_in_time_records_nothing(send_heartbeat, island):
     with time_machine.travel(T0, tick=False):
-        beat()
+        send_heartbeat()
     with time_machine.travel(T0 + timedelta(seconds=44.9), tick=False):
-        beat()
+        send_heartbeat()
     assert len(changes(island)) == 1
 
 
-def test_a_heartbeat_after_the_watcher_records_only_the_return(beat, island):
+def test_a_heartbeat_after_the_watcher_records_only_the_return(send_heartbeat, island):
     with time_machine.travel(T0, tick=False):
-        beat()
+        send_heartbeat()
     assert len(Island.objects.record_silences(T0 + timedelta(seconds=50))) == 1
     with time_machine.travel(T0 + timedelta(seconds=60), tick=False):
-        beat()
+        send_heartbeat()
     assert [reason for *_, reason, _ in changes(island)] == [
         Reason.FIRST_HEARTBEAT,
         Reason.SILENCE,
@@ -246,10 +249,10 @@ def test_a_heartbeat_after_the_watcher_records_only_the_return(beat, island):
     ]
 
 
-def test_a_suspended_island_keeps_reporting_but_shows_suspended(beat, island):
+def test_a_suspended_island_keeps_reporting_but_shows_suspended(send_heartbeat, island):
     Island.objects.filter(pk=island.pk).update(suspended_at=T0)
     with time_machine.travel(T0, tick=False):
-        assert beat().status_code == 200
+        assert send_heartbeat().status_code == 200
     island.refresh_from_db()
     assert island.last_heartbeat_at == T0
     assert island.status_at(T0) == Live.SUSPENDED
@@ -291,9 +294,9 @@ def test_the_bearer_scheme_is_case_insensitive(client, island, token):
     assert response.status_code == 200
 
 
-def test_a_removed_islands_token_gets_401(beat, island):
+def test_a_removed_islands_token_gets_401(send_heartbeat, island):
     island.remove()
-    response = beat()
+    response = send_heartbeat()
     assert response.status_code == 401
     island.refresh_from_db()
     assert island.last_heartbeat_at is None
@@ -309,9 +312,9 @@ def test_an_expired_phone_token_gets_401(client, alice):
         assert post_json(client, HEARTBEAT, {"status": "online"}, token).status_code == 200
 
 
-def test_an_island_cannot_beat_for_another_host(beat, island, bob):
+def test_an_island_cannot_beat_for_another_host(send_heartbeat, island, bob):
     other = make_island(bob, "bob-host-00000001")
-    response = beat({**AGENT_HEARTBEAT, "host_id": other.host_id})
+    response = send_heartbeat({**AGENT_HEARTBEAT, "host_id": other.host_id})
     assert response.status_code == 403
     assert Island.objects.filter(last_heartbeat_at__isnull=False).count() == 0
     assert StatusChange.objects.count() == 0
@@ -370,8 +373,8 @@ def test_only_post_is_allowed(client, token):
         (b'{"agent_version": "caf\xe9"}', "not valid JSON: it is not UTF-8"),
     ],
 )
-def test_an_invalid_heartbeat_gets_400_and_writes_nothing(beat, island, body, message):
-    response = beat(body)
+def test_an_invalid_heartbeat_gets_400_and_writes_nothing(send_heartbeat, island, body, message):
+    response = send_heartbeat(body)
     assert response.status_code == 400, response.content
     assert response.json()["success"] is False
     assert message in response.json()["error"]
@@ -381,19 +384,19 @@ def test_an_invalid_heartbeat_gets_400_and_writes_nothing(beat, island, body, me
     assert StatusChange.objects.count() == 0
 
 
-def test_a_heartbeat_over_the_size_limit_gets_413_and_writes_nothing(beat, island):
+def test_a_heartbeat_over_the_size_limit_gets_413_and_writes_nothing(send_heartbeat, island):
     padding = "x" * (64 * 1024)
-    response = beat({**AGENT_HEARTBEAT, "padding": padding})
+    response = send_heartbeat({**AGENT_HEARTBEAT, "padding": padding})
     assert response.status_code == 413
     assert response.json()["error"] == "body too large: at most 65536 bytes"
     island.refresh_from_db()
     assert island.last_heartbeat_at is None
 
 
-def test_a_big_servers_heartbeat_fits(beat, island):
+def test_a_big_servers_heartbeat_fits(send_heartbeat, island):
     gpus = [{**AGENT_HEARTBEAT["gpus"][0], "index": n} for n in range(16)]
     jobs = [{**AGENT_HEARTBEAT["active_job_metrics"][0], "job_id": f"job-{n}"} for n in range(64)]
-    assert beat({**AGENT_HEARTBEAT, "gpus": gpus, "active_job_metrics": jobs}).status_code == 200
+    assert send_heartbeat({**AGENT_HEARTBEAT, "gpus": gpus, "active_job_metrics": jobs}).status_code == 200
     island.refresh_from_db()
     assert len(island.metrics["active_job_metrics"]) == 64
 
@@ -401,13 +404,13 @@ def test_a_big_servers_heartbeat_fits(beat, island):
 # --- Cost: nothing grows with history -------------------------------------------
 
 
-def test_a_heartbeat_costs_the_same_with_a_long_history(beat, island):
+def test_a_heartbeat_costs_the_same_with_a_long_history(send_heartbeat, island):
     def queries_for_one_beat():
         with CaptureQueriesContext(connection) as queries:
-            assert beat().status_code == 200
+            assert send_heartbeat().status_code == 200
         return [query["sql"] for query in queries.captured_queries]
 
-    beat()
+    send_heartbeat()
     early = queries_for_one_beat()
     StatusChange.objects.bulk_create(
         StatusChange(
@@ -427,7 +430,11 @@ def test_a_heartbeat_costs_the_same_with_a_long_history(beat, island):
     assert len(work) == 2, work
 
 
-# --- record_heartbeats, the method the NATS bridge shares --------------------------
+# --- record_heartbeats, the one method every transport calls -----------------------
+
+
+def by_host(host_id, heartbeat, at):
+    return Beat(heartbeat, at, host_id=host_id)
 
 
 def test_a_batch_by_host_id_applies_the_latest_beat_per_island(alice, bob):
@@ -438,14 +445,19 @@ def test_a_batch_by_host_id_applies_the_latest_beat_per_island(alice, bob):
     older = decoded({"agent_version": "1.0"})
     newer = decoded({"agent_version": "2.0"})
     batch = [
-        ("host-aaaaaaaa", newer, T0 + timedelta(seconds=2)),
-        ("host-aaaaaaaa", older, T0 + timedelta(seconds=1)),
-        ("host-bbbbbbbb", older, T0),
-        ("host-cccccccc", newer, T0),
-        ("never-paired-host", newer, T0),
+        by_host("host-aaaaaaaa", newer, T0 + timedelta(seconds=2)),
+        by_host("host-aaaaaaaa", older, T0 + timedelta(seconds=1)),
+        by_host("host-bbbbbbbb", older, T0),
+        by_host("host-cccccccc", newer, T0),
+        by_host("never-paired-host", newer, T0),
     ]
-    applied = Island.objects.record_heartbeats(batch, by="host_id")
-    assert sorted(beat.key for beat in applied) == ["host-aaaaaaaa", "host-bbbbbbbb"]
+    assert Island.objects.record_heartbeats(batch) == [
+        Outcome.ACCEPTED,
+        Outcome.STALE,
+        Outcome.ACCEPTED,
+        Outcome.UNAUTHORIZED,
+        Outcome.UNAUTHORIZED,
+    ]
     first.refresh_from_db()
     second.refresh_from_db()
     assert first.agent_version == "2.0"
@@ -455,18 +467,29 @@ def test_a_batch_by_host_id_applies_the_latest_beat_per_island(alice, bob):
     assert gone.last_heartbeat_at is None
 
 
-def test_a_batch_by_pk_takes_uuids_or_strings(island):
-    applied = Island.objects.record_heartbeats([(str(island.pk), decoded(), T0)])
-    assert [beat.key for beat in applied] == [island.pk]
-    assert [change.reason for change in applied[0].changes] == [Reason.FIRST_HEARTBEAT]
+def test_one_batch_takes_beats_named_by_token_and_by_host_id(alice, bob):
+    """The HTTP and NATS transports feed the same method; a batch may mix them."""
+    by_token = make_island(alice, "token-host-0001")
+    token = by_token.issue_token()
+    named = make_island(bob, "named-host-0001")
+    batch = [
+        Beat(decoded(), T0, token_hash=hash_token(token)),
+        by_host("named-host-0001", decoded(), T0),
+        by_host("named-host-0001", decoded({"host_id": "token-host-0001"}), T0),
+    ]
+    assert Island.objects.record_heartbeats(batch) == [Outcome.ACCEPTED, Outcome.ACCEPTED, Outcome.WRONG_HOST]
+    assert set(StatusChange.objects.values_list("island", "reason")) == {
+        (by_token.pk, Reason.FIRST_HEARTBEAT),
+        (named.pk, Reason.FIRST_HEARTBEAT),
+    }
 
 
 def test_a_beat_older_than_the_recorded_one_is_not_applied(island):
-    Island.objects.record_heartbeats([(island.pk, decoded({"agent_version": "new"}), T0)])
-    applied = Island.objects.record_heartbeats(
-        [(island.pk, decoded({"agent_version": "old"}), T0 - timedelta(seconds=1))]
+    Island.objects.record_heartbeats([by_host(island.host_id, decoded({"agent_version": "new"}), T0)])
+    outcomes = Island.objects.record_heartbeats(
+        [by_host(island.host_id, decoded({"agent_version": "old"}), T0 - timedelta(seconds=1))]
     )
-    assert applied == []
+    assert outcomes == [Outcome.STALE]
     island.refresh_from_db()
     assert island.agent_version == "new"
     assert island.last_heartbeat_at == T0
@@ -477,10 +500,8 @@ def test_a_batch_costs_the_same_for_two_islands_or_two_hundred(alice):
         hosts = [f"{prefix}-{n:08d}" for n in range(count)]
         Island.objects.bulk_create(Island(owner=alice, host_id=host, name=host) for host in hosts)
         with CaptureQueriesContext(connection) as queries:
-            applied = Island.objects.record_heartbeats(
-                [(host, decoded(), T0) for host in hosts], by="host_id"
-            )
-        assert len(applied) == count
+            outcomes = Island.objects.record_heartbeats([by_host(host, decoded(), T0) for host in hosts])
+        assert outcomes == [Outcome.ACCEPTED] * count
         return len(queries.captured_queries)
 
     assert queries_for(2, "small") == queries_for(200, "large")
@@ -494,15 +515,15 @@ def test_a_batch_writes_nothing_when_empty(db):
     assert queries.captured_queries == []
 
 
-def test_host_id_in_the_body_matching_the_token_is_fine(beat, island):
-    assert beat({**MINIMAL_HEARTBEAT, "host_id": HOST_ID}).status_code == 200
+def test_host_id_in_the_body_matching_the_token_is_fine(send_heartbeat, island):
+    assert send_heartbeat({**MINIMAL_HEARTBEAT, "host_id": HOST_ID}).status_code == 200
 
 
 def test_routing_can_ask_for_online_islands_that_can_run_a_runtime(alice):
     up = make_island(alice, "desktop-up-0001")
     make_island(alice, "desktop-down-001")
     phone = make_island(alice, "phone-up-000001", kind=Island.Kind.MOBILE, runtime="coreml")
-    Island.objects.record_heartbeats([(up.pk, decoded(), T0), (phone.pk, decoded(), T0)])
+    beat([up, phone], T0)
     now = T0 + timedelta(seconds=10)
     assert list(Island.objects.can_run("container").online(now)) == [up]
     assert list(Island.objects.can_run("coreml").online(now)) == [phone]

@@ -13,7 +13,7 @@ from django.core.management import call_command
 from django.db import connection
 from django.db.models import Count, Q, Sum
 
-from islands.management.commands.watch_islands import Command as Watcher
+from archipelag.management.commands.watch_islands import Command as Watcher
 from islands.models import DispatcherKey, Island, Job, JobStateConflict
 from tests.islands.conftest import T0, make_island, post_json
 

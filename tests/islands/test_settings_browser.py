@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 
 from islands.models import Island
-from islands.simulator import Client
+from simulator.desktop import Client
 from tests.conftest import login_browser
 from tests.islands.conftest import make_island
 

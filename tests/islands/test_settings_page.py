@@ -2,15 +2,13 @@ import re
 from datetime import timedelta
 from decimal import Decimal
 
-import msgspec
 import pytest
 import time_machine
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from islands.agent import EnhancedHeartbeat
 from islands.models import Island
-from tests.islands.conftest import T0, make_island
+from tests.islands.conftest import T0, beat, make_island
 
 
 def test_settings_requires_login(client, db):
@@ -89,11 +87,6 @@ def field(card_html, label):
     match = re.search(rf"<dt>{re.escape(label)}</dt>\s*<dd([^>]*)>(.*?)</dd>", card_html, re.S)
     assert match, f"no {label!r} field"
     return match.group(1), " ".join(re.sub(r"<[^>]+>", " ", match.group(2)).split())
-
-
-def beat(island, at, status="online"):
-    heartbeat = msgspec.convert({"status": status}, EnhancedHeartbeat)
-    Island.objects.record_heartbeats([(island.pk, heartbeat, at)])
 
 
 def page_at(client, when, **headers):

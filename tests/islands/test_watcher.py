@@ -3,25 +3,18 @@
 import itertools
 from datetime import timedelta
 
-import msgspec
 import pytest
 from django.core.management import call_command
 from django.db import InterfaceError, OperationalError
 
+from archipelag.management.commands.watch_islands import Command, Step
 from islands.agent import EnhancedHeartbeat
-from islands.management.commands.watch_islands import Command, Step
-from islands.models import Island, StatusChange
+from islands.models import Beat, Island, StatusChange, hash_token
 from tests.conftest import race
-from tests.islands.conftest import T0, make_island
+from tests.islands.conftest import T0, beat, make_island
 
 Status = Island.Status
 Reason = StatusChange.Reason
-ONLINE = msgspec.convert({"status": "online"}, EnhancedHeartbeat)
-OFFLINE = msgspec.convert({"status": "offline"}, EnhancedHeartbeat)
-
-
-def beat_at(island, at, heartbeat=ONLINE):
-    Island.objects.record_heartbeats([(island.pk, heartbeat, at)])
 
 
 def step(now):
@@ -29,7 +22,7 @@ def step(now):
 
 
 def test_a_silent_island_is_recorded_offline_at_its_deadline(island):
-    beat_at(island, T0)
+    beat(island, T0)
     assert step(T0 + timedelta(seconds=44.9)).silences == 0
     island.refresh_from_db()
     assert island.status == Status.ONLINE
@@ -48,42 +41,42 @@ def test_a_silent_island_is_recorded_offline_at_its_deadline(island):
 
 
 def test_a_second_step_records_nothing_more(island):
-    beat_at(island, T0)
+    beat(island, T0)
     step(T0 + timedelta(minutes=1))
     assert step(T0 + timedelta(minutes=2)).silences == 0
     assert island.status_changes.filter(reason=Reason.SILENCE).count() == 1
 
 
 def test_signed_off_and_never_seen_islands_are_left_alone(island, alice):
-    beat_at(island, T0)
-    beat_at(island, T0 + timedelta(seconds=1), OFFLINE)
+    beat(island, T0)
+    beat(island, T0 + timedelta(seconds=1), "offline")
     make_island(alice, "quiet-host-0001")
     assert step(T0 + timedelta(hours=1)).silences == 0
     assert StatusChange.objects.filter(reason=Reason.SILENCE).count() == 0
 
 
 def test_a_heartbeat_in_time_keeps_the_island_online(island):
-    beat_at(island, T0)
-    beat_at(island, T0 + timedelta(seconds=40))
+    beat(island, T0)
+    beat(island, T0 + timedelta(seconds=40))
     assert step(T0 + timedelta(seconds=60)).silences == 0
     assert step(T0 + timedelta(seconds=85.1)).silences == 1
 
 
 def test_the_watcher_uses_the_threshold_setting(island, settings):
     settings.ISLAND_OFFLINE_AFTER = 120
-    beat_at(island, T0)
+    beat(island, T0)
     assert step(T0 + timedelta(seconds=119.9)).silences == 0
     assert step(T0 + timedelta(seconds=120.1)).silences == 1
 
 
 def test_removed_islands_that_were_online_are_recorded_too(island):
-    beat_at(island, T0)
+    beat(island, T0)
     island.remove()
     assert step(T0 + timedelta(minutes=1)).silences == 1
 
 
 def test_the_command_can_run_one_step(island):
-    beat_at(island, T0 - timedelta(minutes=5))
+    beat(island, T0 - timedelta(minutes=5))
     call_command("watch_islands", "--once")
     island.refresh_from_db()
     assert island.status == Status.OFFLINE
@@ -115,7 +108,7 @@ def test_the_loop_outlives_database_errors_of_either_kind(monkeypatch, caplog):
 @pytest.mark.django_db(transaction=True)
 def test_watchers_running_at_once_record_each_silence_once(postgres, alice):
     islands = [make_island(alice, f"host-{n:08d}") for n in range(60)]
-    Island.objects.record_heartbeats([(island.pk, ONLINE, T0) for island in islands])
+    beat(islands, T0)
     now = T0 + timedelta(minutes=1)
 
     race([lambda: step(now) for _ in range(6)])
@@ -128,15 +121,21 @@ def test_watchers_running_at_once_record_each_silence_once(postgres, alice):
 def test_heartbeats_racing_watchers_leave_a_consistent_history(postgres, alice):
     """Whoever wins each race, every recorded transition starts where the last one ended."""
     islands = [make_island(alice, f"host-{n:08d}") for n in range(40)]
-    Island.objects.record_heartbeats([(island.pk, ONLINE, T0) for island in islands])
+    tokens = [island.issue_token() for island in islands]
+    beat(islands, T0)
     late = T0 + timedelta(seconds=50)
 
     def heartbeats():
+        # One at a time, named by host id, as the NATS bridge names them.
         for island in islands:
-            Island.objects.record_heartbeats([(island.pk, ONLINE, late)])
+            beat(island, late)
 
     def batch():
-        Island.objects.record_heartbeats([(island.host_id, ONLINE, late) for island in islands], by="host_id")
+        # All at once, named by token, as the HTTP group commit names them.
+        online = EnhancedHeartbeat(status="online")
+        Island.objects.record_heartbeats(
+            [Beat(online, late, token_hash=hash_token(token)) for token in tokens]
+        )
 
     race([lambda: step(late), heartbeats, lambda: step(late), batch, lambda: step(late)])
 

@@ -3,20 +3,15 @@
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-import msgspec
 import pytest
 from django.contrib.auth.models import User
 
-from islands.agent import EnhancedHeartbeat
-from islands.management.commands.watch_islands import Command as Watcher
+from archipelag.management.commands.watch_islands import Command as Watcher
 from islands.models import Island, Job
 from karma.models import KarmaEvent
-from tests.islands.conftest import T0, make_island
+from tests.islands.conftest import T0, beat, make_island
 
-__all__ = ["T0", "make_island"]
-
-ONLINE = msgspec.convert({"status": "online"}, EnhancedHeartbeat)
-SIGN_OFF = msgspec.convert({"status": "offline"}, EnhancedHeartbeat)
+__all__ = ["T0", "beat", "make_island"]
 
 
 @pytest.fixture
@@ -25,12 +20,8 @@ def island(alice: User) -> Island:
     return make_island(alice)
 
 
-def beat(island: Island, at: datetime, heartbeat: EnhancedHeartbeat = ONLINE) -> None:
-    Island.objects.record_heartbeats([(island.pk, heartbeat, at)])
-
-
 def sign_off(island: Island, at: datetime) -> None:
-    beat(island, at, SIGN_OFF)
+    beat(island, at, "offline")
 
 
 def beat_through(island: Island, start: datetime, end: datetime, every: timedelta) -> None:

@@ -10,7 +10,6 @@ from islands.models import Island, Job, JobStateConflict
 from karma.models import KarmaEvent, UptimeSweep
 from tests.conftest import race
 from tests.karma.conftest import (
-    ONLINE,
     T0,
     assert_ledger_adds_up,
     beat,
@@ -26,7 +25,7 @@ Cause = KarmaEvent.Cause
 
 def test_watchers_at_once_charge_each_disconnection_step_once(postgres, alice):
     islands = [make_island(alice, f"host-{n:08d}") for n in range(20)]
-    Island.objects.record_heartbeats([(island.pk, ONLINE, T0) for island in islands])
+    beat(islands, T0)
     silent_at = T0 + timedelta(seconds=45)
 
     race([lambda: watch(silent_at + timedelta(minutes=50)) for _ in range(6)])

@@ -9,26 +9,12 @@ from django.contrib.auth.models import User
 
 from islands.mobile import MobileDevice
 from pairing.models import MobilePairingSession, OpenedSession
+from simulator.phone import DEVICES
 
 PHONE_HOST_ID = "8c1f4a2e-6b7d-4e0f-9a3b-2d5c7e9f1a4b"
-IPHONE: dict[str, Any] = {
-    "platform": "ios",
-    "model": "iPhone 15 Pro",
-    "os_version": "18.1",
-    "runtime": "coreml",
-    "accelerator": "ane",
-    "cpu_cores": 6,
-    "ram_mb": 8192,
-}
-PIXEL: dict[str, Any] = {
-    "platform": "android",
-    "model": "Pixel 8",
-    "os_version": "15",
-    "runtime": "onnx",
-    "accelerator": "nnapi",
-    "cpu_cores": 9,
-    "ram_mb": 8192,
-}
+# What the app reports about an iPhone and a Pixel: the simulator's phones.
+IPHONE: dict[str, Any] = DEVICES["ios"]
+PIXEL: dict[str, Any] = DEVICES["android"]
 MOBILE_PAIR = "/api/v1/mobile/pair"
 
 

@@ -3,6 +3,7 @@ from datetime import timedelta
 
 import pytest
 import time_machine
+from django.core.cache import cache
 from django.utils import timezone
 
 from islands.models import Island
@@ -273,6 +274,21 @@ def test_code_issuance_is_limited_per_address(api, db):
     assert PairingCode.objects.filter(host_id="host-9999-limit").count() == 0
     # Another address is not affected.
     assert post(api, PAIRING, {"host_id": "host-9999-limit"}, REMOTE_ADDR="198.51.100.1").status_code == 201
+
+
+def test_a_linked_host_hears_already_paired_before_any_limit_and_is_not_counted(api, alice):
+    """The agent stops asking once told "already paired"; a 429 would keep it asking."""
+    Island.objects.create(owner=alice, host_id=HOST_ID)
+    start = timezone.now().replace(minute=0, second=0, microsecond=0)
+    with time_machine.travel(start, tick=False):
+        for n in range(60):
+            request_code(api, host_id=f"host-{n:04d}-limit")
+        for _ in range(3):
+            response = post(api, PAIRING, {"host_id": HOST_ID})
+            assert (response.status_code, response.json()["error"]) == (409, "already paired")
+        # The linked host's requests took nothing from the address's budget: it is spent, not overspent.
+        assert cache.get(f"rl:issue-ip-hour:127.0.0.1:{int(start.timestamp() // 3600)}") == 60
+    assert PairingCode.objects.filter(host_id=HOST_ID).count() == 0
 
 
 # --- Bodies no JSON encoder would produce (found by tests/fuzz) -------------------

@@ -62,7 +62,7 @@ def test_two_codes_for_one_host_racing_link_it_once(postgres, issue_code, django
     first = issue_code()
     # Skip the retirement of the first code to set up the worst case.
     second_row = PairingCode(host_id=first.row.host_id, channel=PairingCode.Channel.NATS)
-    second_code = PairingCode.objects.get_queryset().insert_with_fresh_code(second_row, second_row.created_at)
+    second_code = PairingCode.objects.insert_with_fresh_code(second_row, second_row.created_at)
     users = [django_user_model.objects.create_user(f"racer{n}") for n in range(20)]
 
     def redeem(user, code):

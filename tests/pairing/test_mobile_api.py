@@ -8,8 +8,9 @@ import pytest
 import time_machine
 from django.test import Client
 
+from archipelag import ratelimit
 from islands.models import MOBILE_TOKEN_TTL, Island
-from pairing import ratelimit
+from pairing import limits
 from pairing.models import MobilePairingSession
 from tests.conftest import HOST_ID
 from tests.pairing.conftest import IPHONE, MOBILE_PAIR, PHONE_HOST_ID, PIXEL, pair_phone
@@ -300,7 +301,7 @@ def test_the_global_budget_stops_codes_from_everywhere_but_not_scanned_secrets(
     client, alice, open_session, monkeypatch
 ):
     monkeypatch.setattr(
-        ratelimit, "MOBILE_REDEEM_GLOBAL", (ratelimit.Limit("mobile-redeem-global-day", 3, 86400),)
+        limits, "MOBILE_REDEEM_GLOBAL", (ratelimit.Limit("mobile-redeem-global-day", 3, 86400),)
     )
     opened = open_session(alice)
     for n in range(3):

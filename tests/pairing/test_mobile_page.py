@@ -9,13 +9,14 @@ from urllib.parse import parse_qs, urlsplit
 import time_machine
 import zxingcpp
 from django.core.management import call_command
-from django.test import Client
 from django.utils import timezone
 from PIL import Image
 
+from archipelag.secrets import hash_secret
 from islands.models import Island
-from pairing.codes import hash_code, hash_secret
+from pairing.codes import hash_code
 from pairing.models import MobilePairingSession
+from tests.conftest import admin_column as column
 from tests.pairing.conftest import pair_phone
 
 QR_IMG = re.compile(r'<img class="qr" src="data:image/png;base64,([^"]+)"')
@@ -226,14 +227,12 @@ def test_the_pair_page_points_to_mobile_pairing(alice_client):
     assert 'href="/pair/mobile"' in alice_client.get("/pair").content.decode()
 
 
-def test_the_admin_lists_sessions_without_their_secrets(alice, open_session):
-    from django.contrib.auth.models import User
-
+def test_the_admin_lists_sessions_without_their_secrets(alice, open_session, admin_client):
     opened = open_session(alice)
-    admin = Client()
-    admin.force_login(User.objects.create_superuser("root", "root@example.org", "pw"))
+    admin = admin_client
     listing = admin.get("/admin/pairing/mobilepairingsession/").content.decode()
-    assert "alice" in listing and "live" in listing
+    assert column(listing, "owner") == ["alice"]
+    assert column(listing, "state") == ["live"]
     page = admin.get(f"/admin/pairing/mobilepairingsession/{opened.row.pk}/change/").content.decode()
     assert f"{opened.row.scan_secret_hash[:8]}…" in page
     for secret in (opened.code, opened.secret, opened.row.code_hash, opened.row.scan_secret_hash):

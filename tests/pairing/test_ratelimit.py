@@ -6,9 +6,10 @@ import time_machine
 from django.core.cache import cache
 from django.test import Client
 
+from archipelag import ratelimit
+from archipelag.ratelimit import Limit
 from islands.models import Island
-from pairing import ratelimit
-from pairing.ratelimit import Limit
+from pairing import limits
 
 # 10:00 UTC starts a 15-minute and an hourly window, 14 hours before the
 # daily window ends, which makes every wait easy to state.
@@ -76,7 +77,7 @@ def test_thirty_failures_an_hour_lock_an_address_for_every_account(django_user_m
 
 
 def test_the_global_daily_budget_stops_everyone(alice_client, bob_client, monkeypatch, db):
-    monkeypatch.setattr(ratelimit, "REDEEM_GLOBAL", (Limit("redeem-global-day", 3, 86400),))
+    monkeypatch.setattr(limits, "REDEEM_GLOBAL", (Limit("redeem-global-day", 3, 86400),))
     with time_machine.travel(START, tick=False):
         fail(alice_client, 2, ip="192.0.2.1")
         fail(bob_client, 1, ip="192.0.2.2")
@@ -115,7 +116,7 @@ def test_x_forwarded_for_is_used_behind_a_configured_proxy(alice_client, setting
 
 def test_counters_are_exact_under_concurrent_hits(redis_url):
     """Many processes share Redis; INCR must not lose updates."""
-    buckets = ratelimit.redeem_buckets(ip="192.0.2.77")
+    buckets = limits.redeem_buckets(ip="192.0.2.77")
     barrier = threading.Barrier(20)
 
     def worker():

@@ -2,7 +2,7 @@
 
 The rate-limit counters live in the shared cache. Here the cache is a real
 Redis client pointed at a port where nothing listens, as when Redis is
-restarting, so these run on every machine. The policy (pairing/ratelimit.py):
+restarting, so these run on every machine. The policy (archipelag/ratelimit.py):
 what bounds the odds of guessing a code (typed codes, issuing codes) waits
 with a 503; what does not (scanned 256-bit secrets, opening a session) goes
 ahead uncounted. The live event to the page is best-effort and bounded in
@@ -20,8 +20,8 @@ from channels.layers import get_channel_layer
 from django.core.cache import cache
 from redis.exceptions import ResponseError
 
-from islands import bridge
-from islands.agent import PairingRequest
+from archipelag import nats as bridge
+from islands.agent import HostRegistration
 from islands.models import Island
 from pairing.models import MobilePairingSession, PairingCode
 from tests.conftest import HOST_ID, _free_port
@@ -101,16 +101,22 @@ def test_islands_get_no_code_over_http(client, db, redis_down):
 
 
 def test_islands_get_no_code_over_nats(db, redis_down):
-    request = msgspec.json.decode(b'{"host_id": "%s"}' % HOST_ID.encode(), type=PairingRequest)
-    outcome, answer = bridge.issue_code(request)
+    request = msgspec.json.decode(b'{"host_id": "%s"}' % HOST_ID.encode(), type=HostRegistration)
+    outcome, answer = bridge.request_code(request)
     assert outcome == "unavailable"
     assert answer == {"success": False, "error": "pairing is unavailable for a moment; retry in 30 seconds"}
     assert not PairingCode.objects.exists()
 
 
+@pytest.fixture
+def issued_before(issue_code):
+    """A live code, issued while Redis still answered (listed before `redis_down`)."""
+    return issue_code()
+
+
 @pytest.mark.parametrize("url", ["/pair", "/pair/confirm"])
-def test_the_pair_page_asks_to_try_again_for_a_typed_code(alice_client, issue_code, redis_down, url):
-    issued = issue_code()
+def test_the_pair_page_asks_to_try_again_for_a_typed_code(alice_client, issued_before, redis_down, url):
+    issued = issued_before
     response = alice_client.post(url, {"code": issued.code})
     assert response.status_code == 503
     assert response["Retry-After"] == "30"

@@ -26,7 +26,7 @@ import nats
 import pytest
 from django.utils import timezone
 
-from islands.bridge import Bridge, Subjects
+from archipelag.nats import Bridge, Subjects
 from islands.models import Island, Job
 from pairing.models import PairingCode
 from tests.conftest import BASE_DIR, CAPABILITIES, HOST_ID, _free_port, _test_database_url

@@ -16,8 +16,8 @@ import pytest
 from django.test import Client
 
 from islands.models import Island, Job, StatusChange
-from islands.simulator import SIMULATOR_VERSION, IslandSimulator, State, TokenRevoked
 from pairing.models import PairingCode
+from simulator.desktop import SIMULATOR_VERSION, IslandSimulator, State, TokenRevoked
 from tests.islands.conftest import make_island
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent

@@ -4,12 +4,8 @@ Counters live in Django's default cache: Redis in production, so every
 process shares them and INCR keeps them exact under concurrency; local
 memory with the embedded default. Windows are aligned to the clock
 (a 15-minute window runs :00-:15, :15-:30, ...), which makes the wait
-before the next attempt easy to state exactly.
-
-Only failed redemptions are counted, and a request over any limit is
-refused before the code is even looked at, so a guesser who hits a limit
-cannot keep trying even with the right code.
-docs/security.md turns these numbers into odds of guessing a live code.
+before the next attempt easy to state exactly. What is limited, and by how
+much, is each caller's business (pairing/limits.py).
 
 When the cache cannot be reached (Redis restarting, out of memory), a
 counter can be neither read nor written. Each caller then says what the
@@ -35,7 +31,7 @@ from datetime import datetime
 from django.core.cache import cache
 from redis.exceptions import RedisError
 
-logger = logging.getLogger("archipelag.pairing")
+logger = logging.getLogger("archipelag.ratelimit")
 
 # What Django's Redis cache raises when Redis is down, refuses a write (out
 # of memory) or times out: redis-py wraps socket errors in these.
@@ -49,45 +45,11 @@ class Limit:
     name: str
     max_hits: int
     period_seconds: int
+    # Whose attempts it counts, for messages: "this address", "all Islands".
+    per: str = ""
 
     def describe(self) -> str:
         return f"{self.max_hits} per {_period_words(self.period_seconds)}"
-
-
-# Failed redemptions of desktop codes at /pair, per signed-in account.
-REDEEM_PER_ACCOUNT = (
-    Limit("redeem-account-15m", 5, 15 * 60),
-    Limit("redeem-account-day", 20, 24 * 3600),
-)
-# Failed redemptions from one address, whoever is signed in.
-REDEEM_PER_IP = (Limit("redeem-ip-hour", 30, 3600),)
-# All failed redemptions on the service in a day. This caps what a botnet
-# with many accounts and addresses can try; reaching it pauses redemption
-# for everyone until the window ends, which is the price of that cap.
-REDEEM_GLOBAL = (Limit("redeem-global-day", 10_000, 24 * 3600),)
-# Codes issued to one address. An Island asks once per start; a rack of
-# machines behind one NAT address still fits comfortably.
-ISSUE_PER_IP = (Limit("issue-ip-hour", 60, 3600),)
-# Codes asked for over NATS, where no address is known and all Islands
-# share one credential. Per host: the agent asks once per start, so ten an
-# hour covers a person restarting it while troubleshooting. On the whole
-# service: a code lives 10 minutes, so at most twice this budget (a burst on
-# each side of a window boundary) can be live at once, whoever asks; that is
-# what bounds the odds of guessing a code in docs/security.md.
-ISSUE_PER_HOST = (Limit("issue-host-hour", 10, 3600),)
-ISSUE_NATS_GLOBAL = (Limit("issue-nats-global-10m", 300, 600),)
-
-# Mobile codes are their own namespace with their own budgets, so the odds
-# of guessing one can be stated apart from desktop codes (docs/security.md).
-# Failed mobile redemptions from one address: typed codes and scanned
-# secrets alike, so an address cannot hammer either door.
-MOBILE_REDEEM_PER_IP = (Limit("mobile-redeem-ip-hour", 30, 3600),)
-# All failed mobile *code* redemptions on the service in a day. Secrets are
-# not counted here: 256 random bits cannot be guessed, and a guesser who
-# drains the budget with codes must not stop people scanning QR codes.
-MOBILE_REDEEM_GLOBAL = (Limit("mobile-redeem-global-day", 10_000, 24 * 3600),)
-# Mobile pairing sessions one account opens (each load of /pair/mobile).
-MOBILE_OPEN_PER_ACCOUNT = (Limit("mobile-open-account-hour", 30, 3600),)
 
 
 class Unavailable(Exception):
@@ -140,36 +102,6 @@ def _window(limit: Limit, now: datetime) -> tuple[str, int]:
 
 def _key(limit: Limit, ident: str, window: str) -> str:
     return f"rl:{limit.name}:{ident}:{window}"
-
-
-def redeem_buckets(*, ip: str, user_id: int | None = None) -> list[Bucket]:
-    buckets: list[Bucket] = []
-    if user_id is not None:
-        buckets += [(limit, str(user_id)) for limit in REDEEM_PER_ACCOUNT]
-    buckets += [(limit, ip) for limit in REDEEM_PER_IP]
-    buckets += [(limit, "all") for limit in REDEEM_GLOBAL]
-    return buckets
-
-
-def issue_buckets(*, ip: str) -> list[Bucket]:
-    return [(limit, ip) for limit in ISSUE_PER_IP]
-
-
-def nats_issue_buckets(*, host_id: str) -> list[Bucket]:
-    buckets: list[Bucket] = [(limit, host_id) for limit in ISSUE_PER_HOST]
-    buckets += [(limit, "all") for limit in ISSUE_NATS_GLOBAL]
-    return buckets
-
-
-def mobile_redeem_buckets(*, ip: str, by_code: bool) -> list[Bucket]:
-    buckets: list[Bucket] = [(limit, ip) for limit in MOBILE_REDEEM_PER_IP]
-    if by_code:
-        buckets += [(limit, "all") for limit in MOBILE_REDEEM_GLOBAL]
-    return buckets
-
-
-def mobile_open_buckets(*, user_id: int) -> list[Bucket]:
-    return [(limit, str(user_id)) for limit in MOBILE_OPEN_PER_ACCOUNT]
 
 
 def _unavailable(buckets: list[Bucket], exc: Exception, fail_open: bool) -> None:

@@ -10,8 +10,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from islands.models import Island
-from islands.phone import PhoneSimulator, Scan, parse_scan
 from pairing.models import MobilePairingSession
+from simulator.phone import PhoneSimulator, Scan, parse_scan
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 

@@ -20,9 +20,9 @@ from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from archipelag.management.commands.watch_islands import Command as Watcher
 from islands.agent import EnhancedHeartbeat
-from islands.management.commands.watch_islands import Command as Watcher
-from islands.models import Island, Job
+from islands.models import Beat, Island, Job
 from karma import rules
 from karma.models import KarmaEvent, UptimeSweep
 from karma.templatetags.karma_tags import points, signed
@@ -135,7 +135,7 @@ class Command(BaseCommand):
         for at, _, action in sorted(timeline, key=lambda item: (item[0], item[1])):
             match action:
                 case ("beat",):
-                    Island.objects.record_heartbeats([(island.pk, ONLINE, at)])
+                    Island.objects.record_heartbeats([Beat(ONLINE, at, host_id=island.host_id)])
                 case ("assign", job_id):
                     Job.objects.assign(
                         island=island,

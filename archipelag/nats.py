@@ -1,19 +1,22 @@
 """The NATS bridge: the coordinator's side of the real Island agent's subjects.
 
-The desktop and server agent talks to the coordinator only over NATS
-(pairing, registration, heartbeats, job states, lease renewals, pings). The
-bridge subscribes to those subjects and calls the same model methods as the
-HTTP API, so the two paths cannot drift apart. `manage.py nats_bridge` runs
-it; docs/security.md says what a holder of the shared NATS credential can
-and cannot do through it.
+The NATS twin of asgi.py: the one module that knows every app's handlers
+for what arrives over NATS. The desktop and server agent talks to the
+coordinator only over NATS (pairing, registration, heartbeats, job states,
+lease renewals, pings). The bridge subscribes to those subjects, decodes
+and checks what arrives, and calls the same model methods as the HTTP API,
+so the two paths cannot drift apart: it translates, the models decide.
+`manage.py nats_bridge` runs it; docs/security.md says what a holder of the
+shared NATS credential can and cannot do through it.
 
 - Every subscription joins one queue group, so any number of bridges share
   the load: NATS hands each message to one of them.
 - The ORM is synchronous, so database work runs in a small thread pool and
   the event loop only decodes, checks and routes messages.
-- Heartbeats are written in batches: the latest per host waits in memory
-  until `batch_size` hosts have beaten or `flush_interval` has passed, then
-  one `record_heartbeats` call (one transaction) writes them all.
+- Heartbeats are written in batches: one per host (the one
+  `islands.models.newest` keeps) waits in memory until `batch_size` hosts
+  have beaten or `flush_interval` has passed, then one `record_heartbeats`
+  call (one transaction) writes them all.
 - Input never stops the bridge: a message that is too large, not JSON, of
   the wrong shape or on a subject naming no valid host is counted, logged
   (at most once per kind every few seconds) and skipped.
@@ -32,12 +35,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Literal, Protocol, TypedDict, cast
+from typing import Any, Literal, Protocol, TypedDict
 from urllib.parse import urlsplit
 
 import msgspec
-from django.core.cache import cache
 from django.db import close_old_connections
 from django.utils import timezone
 from nats.aio.client import Client as NATS
@@ -45,21 +46,17 @@ from nats.aio.client import Server
 from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, SlowConsumerError
 
-from archipelag.api import DEFAULT_MAX_BODY_BYTES, TRANSIENT_DATABASE_ERRORS, InvalidBody, decode_json
+from archipelag.api import DEFAULT_MAX_BODY_BYTES, TRANSIENT_DATABASE_ERRORS, InvalidBody, decode_body
 from islands.agent import (
+    HEARTBEAT_MAX_BODY_BYTES,
     HOST_ID_PATTERN,
     EnhancedHeartbeat,
+    HostRegistration,
     JobStatus,
     LeaseRenewal,
-    PairingRequest,
-    RegisterHost,
-    capabilities_dict,
 )
-from islands.models import Island, Job, JobNotFound, JobStateConflict
-from islands.views import HEARTBEAT_MAX_BODY_BYTES
-from pairing import ratelimit
-from pairing.models import Capabilities, HostAlreadyLinked, PairingCode
-from pairing.views import pair_url
+from islands.models import Beat, HeartbeatOutcome, Island, Job, JobNotFound, JobStateConflict, newest
+from pairing.models import HostAlreadyLinked, IssueRefused, PairingCode
 
 logger = logging.getLogger("archipelag.bridge")
 
@@ -78,9 +75,6 @@ MAX_PENDING_HOSTS = 200_000
 # Heartbeat batches written at once (each in a transaction of its own).
 WRITERS = 2
 STATS_INTERVAL = 60.0  # seconds
-# The agent's pairing request and registration come once per start, seconds
-# apart; the registration waits this long for the pairing request.
-REGISTRATION_TTL = timedelta(hours=1)
 # Waits between connection attempts: doubling from the first to the last,
 # each drawn at random between half and all of it so a fleet of bridges
 # does not knock on a restarted server at the same instant.
@@ -99,7 +93,6 @@ STATUS_RETRY_FIRST = 0.5  # seconds
 
 _HOST_ID = re.compile(HOST_ID_PATTERN)
 
-type Heartbeat = tuple[str, EnhancedHeartbeat, datetime]
 type StatusOutcome = Literal["applied", "repeat", "conflict", "unknown_job", "unknown_host"]
 type LeaseOutcome = Literal["extended", "refused", "unknown_job", "unknown_host"]
 
@@ -155,85 +148,31 @@ class Subjects:
 # --- What each message does to the database (sync; run in the thread pool) --------
 
 
-def _registration_key(host_id: str) -> str:
-    return f"nats-register:{host_id}"
-
-
-def take_registration(host_id: str, capabilities: Capabilities, version: str | None) -> bool:
-    """Record a host's RegisterHost; True if it went to a linked Island.
-
-    A linked Island takes the hardware at once. For a host not linked yet it
-    is kept for the code the host is about to ask for: in the shared cache
-    (Redis in production, so every bridge sees it) and on any live code it
-    already has, for when the pairing request was handled first.
-    """
-    if Island.objects.register_host(host_id, dict(capabilities), version):
-        return True
-    cache.set(
-        _registration_key(host_id),
-        {"capabilities": dict(capabilities), "version": version},
-        timeout=int(REGISTRATION_TTL.total_seconds()),
-    )
-    PairingCode.objects.take_registration(host_id, capabilities, version)
-    return False
-
-
-def issue_code(request: PairingRequest) -> tuple[str, PairingAnswer]:
-    """Answer a pairing request as the HTTP API would; return (outcome, answer).
-
-    A linked host hears "already paired" before any limit is counted, so an
-    agent that lost its state always learns to stop asking. Issuing is
-    limited per host and on the whole service, because NATS gives no address
-    to count by (pairing/ratelimit.py).
-    """
-    now = timezone.now()
-    host_id = request.host_id
-    if Island.objects.linked_host(host_id) is not None:
-        return "already_paired", {"success": False, "error": "already paired"}
+def request_code(registration: HostRegistration) -> tuple[str, PairingAnswer]:
+    """Answer a pairing request as the HTTP API would; return (outcome, answer)."""
     try:
-        ratelimit.check_and_hit(ratelimit.nats_issue_buckets(host_id=host_id), now)
-    except ratelimit.RateLimited as exc:
-        logger.warning(
-            "event=rate_limited action=issue_code channel=nats host_id=%s limit=%s", host_id, exc.limit.name
-        )
-        who = "this Island" if exc.limit in ratelimit.ISSUE_PER_HOST else "all Islands"
-        return "rate_limited", {
-            "success": False,
-            "error": f"too many pairing requests from {who}; retry in {exc.wait_words}",
-        }
-    except ratelimit.Unavailable as exc:
-        # Closed, as over HTTP: an uncounted code is one more live code to guess.
-        return "unavailable", {
-            "success": False,
-            "error": f"pairing is unavailable for a moment; retry in {exc.wait_words}",
-        }
-    registered = cache.get(_registration_key(host_id)) or {}
-    # What the request itself says wins over what the host registered with.
-    capabilities = cast(
-        Capabilities, {**registered.get("capabilities", {}), **capabilities_dict(request.capabilities)}
-    )
-    try:
-        issued = PairingCode.objects.issue(
-            host_id=host_id,
-            capabilities=capabilities,
-            version=request.version or registered.get("version"),
-            channel=PairingCode.Channel.NATS,
-            now=now,
-        )
+        issued = PairingCode.objects.request(registration, channel=PairingCode.Channel.NATS)
     except HostAlreadyLinked:
+        # The agent matches this exact lowercase text and stops asking.
         return "already_paired", {"success": False, "error": "already paired"}
-    logger.info("event=code_issued channel=nats host_id=%s", host_id)
+    except IssueRefused as exc:
+        return "rate_limited" if exc.status == 429 else "unavailable", {"success": False, "error": str(exc)}
     return "issued", {
         "success": True,
         "code": issued.code,
-        "expires_in_seconds": issued.row.expires_in_seconds(now),
-        "pair_url": pair_url(),
+        "expires_in_seconds": issued.row.expires_in_seconds(timezone.now()),
+        "pair_url": issued.pair_url,
     }
 
 
-def record_heartbeats(beats: list[Heartbeat]) -> int:
-    """Write one batch in one transaction; return how many were applied."""
-    return len(Island.objects.record_heartbeats(beats, by="host_id"))
+def register(registration: HostRegistration) -> bool:
+    """A host's RegisterHost; True if it went to a linked Island."""
+    return PairingCode.objects.register(registration)
+
+
+def record_heartbeats(beats: list[Beat]) -> list[HeartbeatOutcome]:
+    """Write one batch in one transaction; one outcome per beat."""
+    return Island.objects.record_heartbeats(beats)
 
 
 def apply_job_status(host_id: str, status: JobStatus) -> StatusOutcome:
@@ -342,7 +281,7 @@ class Bridge:
         # Threads for the writers, and two more so pairing and job states
         # never wait behind heartbeat batches.
         self._executor = ThreadPoolExecutor(writers + 2, thread_name_prefix="bridge-db")
-        self._pending: dict[str, tuple[EnhancedHeartbeat, datetime]] = {}
+        self._pending: dict[str, Beat] = {}
         self._subscriptions: list[Subscription] = []
         self._last_warned: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -352,8 +291,7 @@ class Bridge:
         self._heartbeat_decoder = msgspec.json.Decoder(EnhancedHeartbeat)
         self._status_decoder = msgspec.json.Decoder(JobStatus)
         self._lease_decoder = msgspec.json.Decoder(LeaseRenewal)
-        self._pairing_decoder = msgspec.json.Decoder(PairingRequest)
-        self._register_decoder = msgspec.json.Decoder(RegisterHost)
+        self._registration_decoder = msgspec.json.Decoder(HostRegistration)
         self._encoder = msgspec.json.Encoder()
 
     # --- Running and stopping ---
@@ -534,16 +472,11 @@ class Bridge:
     def _decode[T](
         self, decoder: msgspec.json.Decoder[T], msg: Message, kind: str, max_bytes: int
     ) -> T | None:
-        if len(msg.data) > max_bytes:
-            self.reject(f"{kind}_too_large", msg.subject, f"{len(msg.data)} bytes, at most {max_bytes}")
-            return None
-        if not msg.data.strip():
-            self.reject(f"{kind}_malformed", msg.subject, "body is empty")
-            return None
         try:
-            return decode_json(msg.data, decoder)
+            return decode_body(msg.data, decoder, max_bytes)
         except InvalidBody as exc:
-            self.reject(f"{kind}_malformed", msg.subject, str(exc))
+            problem = "too_large" if exc.status == 413 else "malformed"
+            self.reject(f"{kind}_{problem}", msg.subject, str(exc))
             return None
 
     async def _reply(self, msg: Message, answer: PairingAnswer) -> None:
@@ -561,23 +494,17 @@ class Bridge:
             # Nobody would see the code: not worth drawing one.
             self.reject("pairing_without_reply", msg.subject, "a pairing request needs a reply subject")
             return
-        if len(msg.data) > DEFAULT_MAX_BODY_BYTES:
-            self.reject("pairing_too_large", msg.subject, f"{len(msg.data)} bytes")
-            await self._reply(
-                msg, {"success": False, "error": f"body too large: at most {DEFAULT_MAX_BODY_BYTES} bytes"}
-            )
-            return
         try:
-            request = decode_json(msg.data, self._pairing_decoder)
+            registration = decode_body(msg.data, self._registration_decoder)
         except InvalidBody as exc:
-            error = str(exc) if msg.data.strip() else "body is empty: send a JSON object"
-            self.reject("pairing_malformed", msg.subject, error)
-            await self._reply(msg, {"success": False, "error": error})
+            problem = "too_large" if exc.status == 413 else "malformed"
+            self.reject(f"pairing_{problem}", msg.subject, str(exc))
+            await self._reply(msg, {"success": False, "error": str(exc)})
             return
         try:
-            outcome, answer = await self._db(issue_code, request)
+            outcome, answer = await self._db(request_code, registration)
         except Exception:
-            logger.exception("event=pairing_failed host_id=%s", request.host_id)
+            logger.exception("event=pairing_failed host_id=%s", registration.host_id)
             outcome, answer = (
                 "failed",
                 {"success": False, "error": "the coordinator could not issue a code; try again later"},
@@ -587,14 +514,11 @@ class Bridge:
 
     async def on_register(self, msg: Message) -> None:
         self.counters["registrations"] += 1
-        registration = self._decode(self._register_decoder, msg, "register", DEFAULT_MAX_BODY_BYTES)
+        registration = self._decode(self._registration_decoder, msg, "register", DEFAULT_MAX_BODY_BYTES)
         if registration is None:
             return
-        capabilities = cast(Capabilities, capabilities_dict(registration.capabilities))
         try:
-            linked = await self._db(
-                take_registration, registration.host_id, capabilities, registration.version
-            )
+            linked = await self._db(register, registration)
         except Exception:
             self.counters["register_failed"] += 1
             logger.exception("event=register_failed host_id=%s", registration.host_id)
@@ -611,21 +535,21 @@ class Bridge:
         heartbeat = self._decode(self._heartbeat_decoder, msg, "heartbeat", HEARTBEAT_MAX_BODY_BYTES)
         if heartbeat is None:
             return
-        if heartbeat.host_id is not None and heartbeat.host_id != host_id:
-            # One host speaking for another: a bug or a forgery. Neither counts.
-            self.reject("heartbeat_host_mismatch", msg.subject, f"body names host_id {heartbeat.host_id!r}")
-            return
-        self.enqueue_heartbeat(host_id, heartbeat, received_at)
+        self.enqueue_heartbeat(Beat(heartbeat, received_at, host_id=host_id))
 
-    def enqueue_heartbeat(self, host_id: str, heartbeat: EnhancedHeartbeat, received_at: datetime) -> None:
-        if host_id in self._pending:
-            # Latest per host wins: the older beat would be overwritten in the same write.
+    def enqueue_heartbeat(self, beat: Beat) -> None:
+        host_id = beat.host_id
+        assert host_id is not None
+        waiting = self._pending.get(host_id)
+        if waiting is not None:
+            # One beat per host waits: the one the write would keep anyway.
             self.counters["heartbeats_superseded"] += 1
+            beat = newest(waiting, beat)
         elif len(self._pending) >= MAX_PENDING_HOSTS:
             self.counters["heartbeats_dropped_backlog"] += 1
             self.warn("backlog", "event=heartbeat_backlog_full hosts=%d", len(self._pending))
             return
-        self._pending[host_id] = (heartbeat, received_at)
+        self._pending[host_id] = beat
         if self._has_beats is not None and self._batch_full is not None:
             self._has_beats.set()
             if len(self._pending) >= self.batch_size:
@@ -713,7 +637,7 @@ class Bridge:
         slots = asyncio.Semaphore(self.writers)
         in_flight: set[asyncio.Task[bool]] = set()
 
-        async def write(batch: list[Heartbeat]) -> bool:
+        async def write(batch: list[Beat]) -> bool:
             try:
                 return await self.write(batch)
             finally:
@@ -743,34 +667,45 @@ class Bridge:
                     logger.error("event=heartbeats_lost_at_stop count=%d", len(self._pending))
                 return
 
-    def take_batch(self) -> list[Heartbeat]:
+    def take_batch(self) -> list[Beat]:
         """Take up to MAX_BATCH waiting heartbeats, oldest host first."""
         assert self._has_beats is not None and self._batch_full is not None
         hosts = list(itertools.islice(self._pending, MAX_BATCH))
-        batch = [(host_id, *self._pending.pop(host_id)) for host_id in hosts]
+        batch = [self._pending.pop(host_id) for host_id in hosts]
         if not self._pending:
             self._has_beats.clear()
         if len(self._pending) < self.batch_size:
             self._batch_full.clear()
         return batch
 
-    async def write(self, batch: list[Heartbeat]) -> bool:
+    async def write(self, batch: list[Beat]) -> bool:
         """Write one batch in one transaction; False (and the beats back in line) if the database failed."""
         assert self._has_beats is not None
         try:
-            applied = await self._db(record_heartbeats, batch)
+            outcomes = await self._db(record_heartbeats, batch)
         except Exception:
             logger.exception("event=heartbeat_batch_failed size=%d; retrying", len(batch))
             self.counters["heartbeat_batches_failed"] += 1
-            # Put them back unless the same host beat again meanwhile.
-            for host_id, heartbeat, received_at in batch:
-                self._pending.setdefault(host_id, (heartbeat, received_at))
+            # Put them back, keeping a newer beat the same host sent meanwhile.
+            for beat in batch:
+                assert beat.host_id is not None
+                waiting = self._pending.get(beat.host_id)
+                self._pending[beat.host_id] = beat if waiting is None else newest(beat, waiting)
             self._has_beats.set()
             await asyncio.sleep(1.0)
             return False
         self.counters["heartbeat_batches"] += 1
-        self.counters["heartbeats_applied"] += applied
+        tally = Counter(outcomes)
+        self.counters["heartbeats_applied"] += tally[HeartbeatOutcome.ACCEPTED]
         # Unknown, unlinked or removed hosts, and the rare beat older than
         # one already recorded: counted, never written.
-        self.counters["heartbeats_not_applied"] += len(batch) - applied
+        self.counters["heartbeats_not_applied"] += len(batch) - tally[HeartbeatOutcome.ACCEPTED]
+        if wrong := tally[HeartbeatOutcome.WRONG_HOST]:
+            # One host speaking for another: a bug or a forgery. Neither counts.
+            self.counters["rejected_heartbeat_host_mismatch"] += wrong
+            self.warn(
+                "heartbeat_host_mismatch",
+                "event=nats_message_rejected kind=heartbeat_host_mismatch count=%d",
+                wrong,
+            )
         return True

@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from islands.bridge import BATCH_SIZE, FLUSH_INTERVAL, QUEUE_GROUP, STATS_INTERVAL, WRITERS, Bridge, redact
+from archipelag.nats import BATCH_SIZE, FLUSH_INTERVAL, QUEUE_GROUP, STATS_INTERVAL, WRITERS, Bridge, redact
 
 
 class Command(BaseCommand):

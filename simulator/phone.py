@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from django.core.management.base import CommandError
 
-from islands.simulator import DEFAULT_STATE_PATH, Client, CoordinatorError, State
+from simulator.desktop import DEFAULT_STATE_PATH, Client, CoordinatorError, State
 
 DEFAULT_PHONE_STATE_PATH = Path.home() / ".island" / "phone.json"
 SCAN_PATH = "/pair/mobile/scan"

@@ -5,14 +5,14 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from islands.phone import run_phone_command
-from islands.simulator import (
+from simulator.desktop import (
     DEFAULT_INTERVAL,
     DEFAULT_STATE_PATH,
     CoordinatorError,
     IslandSimulator,
     stop_on_sigterm,
 )
+from simulator.phone import run_phone_command
 
 
 class Command(BaseCommand):
