@@ -12,7 +12,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import msgspec
 from django.conf import settings
@@ -42,11 +42,20 @@ NO_NUL_PATTERN = r"^[^\x00]*\Z"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None):
+    """An answer other than success: `status`, the `error` text, headers, and any fields beside them."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        headers: dict[str, str] | None = None,
+        fields: dict[str, Any] | None = None,
+    ):
         super().__init__(error)
         self.status = status
         self.error = error
         self.headers = headers or {}
+        self.fields = fields or {}
 
 
 def retry_later(status: int, error: str, retry_after: int) -> ApiError:
@@ -62,8 +71,10 @@ def database_unavailable() -> ApiError:
     )
 
 
-def error_response(status: int, error: str, headers: dict[str, str] | None = None) -> JsonResponse:
-    response = JsonResponse({"success": False, "error": error}, status=status)
+def error_response(
+    status: int, error: str, headers: dict[str, str] | None = None, fields: dict[str, Any] | None = None
+) -> JsonResponse:
+    response = JsonResponse({"success": False, "error": error, **(fields or {})}, status=status)
     for name, value in (headers or {}).items():
         response[name] = value
     return response
@@ -176,8 +187,12 @@ def bearer_token(request: HttpRequest) -> str | None:
 type View = Callable[..., HttpResponse]
 
 
-def json_api(view: View) -> View:
-    """Mark a view as a JSON API endpoint that only accepts POST.
+@overload
+def json_api(view: View) -> View: ...
+@overload
+def json_api(*, methods: tuple[str, ...]) -> Callable[[View], View]: ...
+def json_api(view: View | None = None, *, methods: tuple[str, ...] = ("POST",)) -> Any:
+    """Mark a view as a JSON API endpoint answering `methods` (POST unless told otherwise).
 
     It is exempt from CSRF because no API endpoint reads the session cookie:
     callers prove who they are with a token or a secret in the body. An
@@ -185,18 +200,22 @@ def json_api(view: View) -> View:
     so does a transient database error (503), which the caller may retry:
     its transaction rolled back, so nothing of the request was written.
     """
+    allowed = ", ".join(methods)
 
-    @functools.wraps(view)
-    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.method != "POST":
-            return error_response(405, "method not allowed: use POST", {"Allow": "POST"})
-        try:
-            return view(request, *args, **kwargs)
-        except ApiError as exc:
-            return error_response(exc.status, exc.error, exc.headers)
-        except TRANSIENT_DATABASE_ERRORS:
-            logger.exception("event=database_unavailable path=%s", request.path)
-            unavailable = database_unavailable()
-            return error_response(unavailable.status, unavailable.error, unavailable.headers)
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                return error_response(405, f"method not allowed: use {allowed}", {"Allow": allowed})
+            try:
+                return view(request, *args, **kwargs)
+            except ApiError as exc:
+                return error_response(exc.status, exc.error, exc.headers, exc.fields)
+            except TRANSIENT_DATABASE_ERRORS:
+                logger.exception("event=database_unavailable path=%s", request.path)
+                unavailable = database_unavailable()
+                return error_response(unavailable.status, unavailable.error, unavailable.headers)
 
-    return csrf_exempt(wrapper)
+        return csrf_exempt(wrapper)
+
+    return decorate if view is None else decorate(view)

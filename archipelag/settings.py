@@ -8,6 +8,7 @@ PUBLIC_URL; see README.md and docs/deploy.md.
 """
 
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -202,6 +203,10 @@ NATS_URL = env_str("NATS_URL", "nats://127.0.0.1:4222")
 # many seconds. The agent beats every 10 s, so the default allows three
 # missed beats plus a margin for network and scheduling delays.
 ISLAND_OFFLINE_AFTER = env_int("ISLAND_OFFLINE_AFTER", 45)
+
+# What an Island asks per job when its heartbeats name no price for the
+# workload and no `_default` (credits, as a decimal string).
+DEFAULT_ASK = Decimal(env_str("DEFAULT_ASK", "1"))
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -11,7 +11,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, newest_first
-from islands.models import DispatcherKey, Island, IslandQuerySet, Job, StatusChange
+from islands.models import ELIGIBILITY, DispatcherKey, Island, IslandQuerySet, Job, JobSpec, StatusChange
 
 # The Island page shows the newest rows of its history; the full lists are
 # one click away, filtered to the Island.
@@ -116,6 +116,12 @@ class IslandAdmin(admin.ModelAdmin[Island]):
         "metrics",
         "supported_runtimes",
         "asking_prices",
+        # What placement reads: from how it paired and from its heartbeats.
+        "transport",
+        "runtimes",
+        "capacity",
+        "may_work",
+        "jobs_running",
     ]
     exclude = ["token_hash"]
     # karma/admin.py adds the Island's karma events and the adjustment action.
@@ -167,6 +173,8 @@ class IslandAdmin(admin.ModelAdmin[Island]):
 
 
 class JobAddForm(forms.ModelForm[Job]):
+    """Give a job to a named Island for a fixed amount, as the dispatcher's explicit form does."""
+
     lease_seconds = forms.IntegerField(
         min_value=1,
         max_value=7 * 24 * 3600,
@@ -178,11 +186,26 @@ class JobAddForm(forms.ModelForm[Job]):
         model = Job
         fields = ["job_id", "island", "workload", "credits"]
 
-    def clean_island(self) -> Island:
-        island: Island = self.cleaned_data["island"]
-        if island.suspended_at is not None:
-            raise forms.ValidationError("This Island is suspended and gets no new jobs.")
-        return island
+    def spec(self) -> JobSpec:
+        data = self.cleaned_data
+        return JobSpec(
+            job_id=data["job_id"],
+            workload=data["workload"],
+            lease=timedelta(seconds=data["lease_seconds"]),
+            budget=data["credits"],
+            credits=data["credits"],
+        )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        island: Island | None = data.get("island")
+        if island is not None and not self.errors:
+            # The rules placement applies (ELIGIBILITY), said here as a form error.
+            counts = Island.objects.filter(pk=island.pk).exclusions(self.spec(), timezone.now())
+            failed = [rule for rule in ELIGIBILITY if counts[rule.name]]
+            if failed:
+                raise forms.ValidationError(f"This Island cannot take the job: {failed[0].refusal}.")
+        return data
 
 
 @admin.register(Job)
@@ -222,14 +245,9 @@ class JobAdmin(admin.ModelAdmin[Job]):
 
     def save_model(self, request: HttpRequest, obj: Job, form: Any, change: bool) -> None:
         # The same method the dispatcher's endpoint calls.
-        job = Job.objects.assign(
-            island=obj.island,
-            job_id=obj.job_id,
-            workload=obj.workload,
-            credits=obj.credits,
-            lease=timedelta(seconds=form.cleaned_data["lease_seconds"]),
-        )
-        obj.pk, obj.credits = job.pk, job.credits
+        assert obj.island is not None  # a required field of the add form
+        job = Job.objects.submit(form.spec(), island=obj.island)
+        obj.pk, obj.credits, obj.state = job.pk, job.credits, job.state
         obj.assigned_at, obj.lease_expires_at = job.assigned_at, job.lease_expires_at
 
     def has_change_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:

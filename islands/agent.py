@@ -133,6 +133,14 @@ class ActiveJobMetrics(msgspec.Struct, omit_defaults=True, gc=False):
 
 class PerformanceEstimates(msgspec.Struct, gc=False):
     supported_runtimes: Annotated[list[ShortText], msgspec.Meta(max_length=32)] | None = None
+    # How many jobs it runs at once: the agent's max(1, min(cores / 2, RAM / 2 GiB)).
+    max_concurrent_containers: Annotated[int, msgspec.Meta(ge=0, le=4096)] | None = None
+
+
+# A phone's thermal state, as iOS (ProcessInfo.ThermalState) and Android
+# (PowerManager thermal status, mapped) name it. Work is taken only while it
+# is nominal or fair.
+type ThermalState = Literal["nominal", "fair", "serious", "critical"]
 
 
 class EnhancedHeartbeat(msgspec.Struct, gc=False):
@@ -155,10 +163,22 @@ class EnhancedHeartbeat(msgspec.Struct, gc=False):
     asking_prices: Annotated[dict[ShortText, Price], msgspec.Meta(max_length=128)] | None = None
     # Not sent by the desktop agent; see Capabilities.
     capabilities: Capabilities | None = None
+    # Phones: the coordinator's extension (docs/api.md). A phone takes work
+    # only while charging or above 20 % battery, and thermally comfortable.
+    battery_percent: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    charging: bool | None = None
+    thermal_state: ThermalState | None = None
 
     @property
     def signs_off(self) -> bool:
         return self.status == "offline"
+
+    @property
+    def may_work(self) -> bool:
+        """What this heartbeat says about taking work: only a phone's battery and heat say no."""
+        if self.battery_percent is not None and self.battery_percent <= 20 and not self.charging:
+            return False
+        return self.thermal_state not in ("serious", "critical")
 
     def metrics(self) -> dict[str, Any]:
         """The live metrics kept on the Island: bounded by the struct's limits."""
@@ -168,6 +188,11 @@ class EnhancedHeartbeat(msgspec.Struct, gc=False):
             "system": msgspec.to_builtins(self.system) if self.system else None,
             "gpus": msgspec.to_builtins(self.gpus or []),
             "active_job_metrics": msgspec.to_builtins(self.active_job_metrics or []),
+            **{
+                name: value
+                for name in ("battery_percent", "charging", "thermal_state")
+                if (value := getattr(self, name)) is not None
+            },
         }
 
 
@@ -198,19 +223,97 @@ class LeaseRenewal(msgspec.Struct):
 # --- The dispatcher's side (POST /api/v1/jobs) -----------------------------------
 
 
-class JobAssignment(msgspec.Struct):
-    """The dispatcher records a job it gave an Island. `credits` is a decimal string or number.
+# The runtimes the agent knows (its AssignJob `runtime_type`), and phones' CoreML.
+type Runtime = Literal["container", "wasm", "onnx", "llmcpp", "diffusers", "coreml"]
+# A workload names what runs (its image, model or module), e.g. "llm-chat";
+# Islands price by it (asking_prices), so it is a key of their JSON.
+Workload = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")]
+# Where an artefact comes from: an https or http URL, or what the agent takes
+# instead (an OCI reference, a path it resolves); bounded and free of NUL.
+Artefact = Annotated[str, msgspec.Meta(min_length=1, max_length=2048, pattern=NO_NUL_PATTERN)]
+Digest = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL_PATTERN)]
+TaskType = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL_PATTERN)]
+# Credits as the dispatcher sends them: a decimal string or a JSON number.
+# Not decoded as a Decimal: Decimal() also reads "2_5" as 25, " 2.5\n",
+# "1e3" and digits of other scripts, and an amount of money is no place for
+# that leniency. islands.views checks the text and converts it.
+type Credits = str | int | float
 
-    Not decoded as a Decimal: Decimal() also reads "2_5" as 25, " 2.5\n",
-    "1e3" and digits of other scripts, and an amount of money is no place
-    for that leniency. The view checks the text and converts it.
+
+class Requirements(msgspec.Struct, forbid_unknown_fields=True):
+    """What an Island must have to take a job; each left out asks nothing."""
+
+    min_vram_mb: Megabytes | None = None
+    # Compared case-insensitively with the Island's region; never matches an
+    # Island whose region is unknown or "auto".
+    region: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL_PATTERN)] | None = None
+    platform: Literal["desktop", "ios", "android"] | None = None
+
+
+class Artefacts(msgspec.Struct, omit_defaults=True):
+    """What the agent needs to run a job, under the agent's own names (its AssignJob)."""
+
+    container_image: Artefact | None = None
+    image_digest: Digest | None = None
+    wasm_url: Artefact | None = None
+    wasm_hash: Digest | None = None
+    model_url: Artefact | None = None
+    model_hash: Digest | None = None
+    model_context_size: Annotated[int, msgspec.Meta(ge=1, le=2**32 - 1)] | None = None
+    model_temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    onnx_model_url: Artefact | None = None
+    onnx_model_hash: Digest | None = None
+    onnx_task_type: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=NO_NUL_PATTERN)] | None
+    ) = None
+    sandbox_tier: Literal["restricted", "standard", "elevated"] | None = None
+    pipeline_config: dict[str, Any] | None = None
+    expert_config: dict[str, Any] | None = None
+    speculative_config: dict[str, Any] | None = None
+    training_config: dict[str, Any] | None = None
+
+
+# What each runtime cannot run without (the agent fails such a job on the
+# Island, which would cost the Island karma for the dispatcher's mistake).
+# A container job without an image runs the agent's default image.
+RUNTIME_NEEDS: dict[str, str] = {
+    "wasm": "wasm_url",
+    "onnx": "onnx_model_url",
+    "llmcpp": "model_url",
+    "diffusers": "model_url",
+    "coreml": "model_url",
+}
+ARTEFACT_FIELDS: tuple[str, ...] = Artefacts.__struct_fields__
+
+
+class JobSubmission(Artefacts, kw_only=True):
+    """Body of POST /api/v1/jobs: a job for the coordinator to place (or, with island_id, to give).
+
+    The artefact fields (Artefacts) sit at the top level, as in the agent's
+    AssignJob. `budget` is the most the job may pay; without an `island_id`
+    it is required. With an `island_id`, `credits` (the older form) names the
+    amount and is also the budget.
     """
 
     job_id: JobId
-    island_id: uuid.UUID
-    workload: Text
-    credits: str | int | float
+    workload: Workload
     lease_seconds: Annotated[int, msgspec.Meta(ge=1, le=7 * 24 * 3600)]
+    runtime: Runtime = "container"
+    # Any JSON; the view bounds its encoded size (JOB_INPUT_MAX_BYTES).
+    input: Any = None
+    budget: Credits | None = None
+    requirements: Requirements | None = None
+    island_id: uuid.UUID | None = None
+    credits: Credits | None = None
+
+    def artefacts(self) -> Artefacts:
+        return Artefacts(**{name: getattr(self, name) for name in ARTEFACT_FIELDS})
+
+
+# A job's input may be this large, encoded as JSON.
+JOB_INPUT_MAX_BYTES = 64 * 1024
+# The whole body: the input, the artefacts and the rest.
+JOB_SUBMISSION_MAX_BYTES = 128 * 1024
 
 
 # The agent's full EnhancedHeartbeat, verbatim from the agent reference: the

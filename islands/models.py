@@ -2,19 +2,22 @@ import enum
 import functools
 import logging
 import operator
+import random
+import re
 import uuid
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psycopg
 from django.conf import settings
 from django.db import IntegrityError, connections, models, transaction
-from django.db.models import F, Q
-from django.db.models.functions import Coalesce
+from django.db.models import Case, Count, DecimalField, F, FloatField, Q, Value, When
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from archipelag.secrets import generate_secret, hash_secret
@@ -34,12 +37,12 @@ logger = logging.getLogger("archipelag.islands")
 # and pair again when one runs out, as the public app does.
 MOBILE_TOKEN_TTL = timedelta(days=30)
 TOKEN_PREFIX = "isl_"  # noqa: S105 (a prefix, not a secret)
-# Which cargo runtimes an Island can run, until Islands report it themselves
-# in heartbeats (supported_runtimes; see runtime_capability): desktops and
-# servers run containers and WASM; a phone runs the one runtime its app
+# What a desktop or server runs when its heartbeats do not say (the agent
+# itself always reports these two); a phone runs the one runtime its app
 # reported when pairing, CoreML on iOS and ONNX on Android.
-DESKTOP_RUNTIMES = frozenset({"container", "wasm"})
-MOBILE_RUNTIMES = frozenset({"coreml", "onnx"})
+DESKTOP_RUNTIMES = ("container", "wasm")
+# A runtime name kept in Island.runtimes: what the agent reports, lower case.
+RUNTIME_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 # How many overdue Islands (and jobs) one watcher step handles; the next
 # step continues where it stopped.
 WATCH_BATCH = 500
@@ -57,7 +60,7 @@ MAX_JOB_CREDITS = Decimal("99999999")
 
 # Columns kept by the job ledger and the karma ledger, each changed only by
 # its own UPDATE in the transaction that records the change (see Island.save).
-LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma"})
+LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma", "jobs_running"})
 # The columns a heartbeat may change; record_heartbeats writes exactly these.
 HEARTBEAT_FIELDS = [
     "status",
@@ -66,6 +69,9 @@ HEARTBEAT_FIELDS = [
     "metrics",
     "supported_runtimes",
     "asking_prices",
+    "runtimes",
+    "capacity",
+    "may_work",
     "agent_version",
     "gpu_model",
     "gpu_vram_mb",
@@ -78,7 +84,11 @@ HEARTBEAT_FIELDS = [
     "accelerator",
 ]
 # Of those, the ones every heartbeat replaces whatever they held.
-HEARTBEAT_REPLACES = frozenset({"metrics", "supported_runtimes", "asking_prices"})
+HEARTBEAT_REPLACES = frozenset(
+    {"metrics", "supported_runtimes", "asking_prices", "runtimes", "capacity", "may_work"}
+)
+# What Island.runtimes is derived from.
+RUNTIME_SOURCES = frozenset({"kind", "runtime", "supported_runtimes"})
 
 
 def hash_token(token: str) -> str | None:
@@ -187,13 +197,43 @@ class IslandQuerySet(models.QuerySet["Island"]):
     def can_run(self, runtime: str) -> "IslandQuerySet":
         """Active Islands able to run cargos built for `runtime`, online or not.
 
-        Routing combines this with online status, e.g. `.can_run("coreml").online()`.
+        Placement combines this with its other rules (see ELIGIBILITY).
         """
-        return self.active().filter(runtime_capability(runtime))
+        return self.active().filter(runtimes__contains=f" {runtime.lower()} ")
 
     def holding_token(self, token_hashes: str | Iterable[str], now: datetime) -> "IslandQuerySet":
         """Active Islands whose unexpired API token hashes to one of `token_hashes`."""
         return self.active().filter(_holds_token(token_hashes, now))
+
+    def placeable(self, spec: "JobSpec", now: datetime) -> "IslandQuerySet":
+        """Active Islands that pass every rule of ELIGIBILITY for `spec` now, with their ask."""
+        islands = self.active().annotate(**{ASK: ask_for(spec.workload)})
+        for rule in ELIGIBILITY:
+            islands = islands.filter(rule.passes(spec, now))
+        return islands
+
+    def exclusions(self, spec: "JobSpec", now: datetime) -> dict[str, int]:
+        """How many active Islands each rule keeps from `spec`, each counted under the first it fails."""
+        first_failed = Case(
+            *(
+                When(~condition, then=Value(rule.name))
+                for rule in ELIGIBILITY
+                if (condition := rule.passes(spec, now))
+            ),
+            default=Value(""),
+        )
+        counts = dict.fromkeys((rule.name for rule in ELIGIBILITY), 0)
+        rows = (
+            self.active()
+            .annotate(**{ASK: ask_for(spec.workload)}, excluded_by=first_failed)
+            .values("excluded_by")
+            .annotate(islands=Count("pk"))
+            .order_by()
+        )
+        for row in rows:
+            if row["excluded_by"]:
+                counts[row["excluded_by"]] = row["islands"]
+        return counts
 
 
 _IslandManagerBase = models.Manager.from_queryset(IslandQuerySet)
@@ -313,7 +353,9 @@ class IslandManager(_IslandManagerBase["Island"]):
         islands = self.active().filter(functools.reduce(operator.or_, conditions))
         kept = (name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
         return list(
-            islands.only("host_id", "name", "token_hash", *kept).select_for_update(no_key=True).order_by("pk")
+            islands.only("host_id", "name", "token_hash", "kind", *kept)
+            .select_for_update(no_key=True)
+            .order_by("pk")
         )
 
     def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
@@ -366,6 +408,98 @@ class IslandManager(_IslandManagerBase["Island"]):
                 columns,
             )
 
+    # --- Placement (ELIGIBILITY, the draw; docs/dispatch.md) -------------------------------
+
+    def reserve(self, island: "Island", spec: "JobSpec", now: datetime) -> "Seat":
+        """A slot on a named Island that may take `spec`; IslandIneligible with the first rule it fails."""
+        fields = ("pk", "host_id", "transport", ASK)
+        row = self.placeable(spec, now).filter(pk=island.pk).select_for_update(no_key=True).values(*fields)
+        found = next(iter(row[:1]), None)
+        taken = found is not None and self.filter(pk=island.pk, jobs_running__lt=F("capacity")).update(
+            jobs_running=F("jobs_running") + 1
+        )
+        if not taken:
+            counts = self.filter(pk=island.pk).exclusions(spec, now)
+            first = next((rule for rule in ELIGIBILITY if counts[rule.name]), RULES["capacity"])
+            raise IslandIneligible(first)
+        assert found is not None
+        return Seat(found["pk"], found["host_id"], found["transport"], found[ASK])
+
+    def draw(
+        self, spec: "JobSpec", now: datetime, rng: random.Random, exclude: Iterable[Any] = ()
+    ) -> "Seat | None":
+        """Draw an eligible Island for `spec`, each with a chance in proportion to its weight; reserve a slot.
+
+        The draw is a race of exponential clocks (docs/dispatch.md): each
+        Island's next turn falls at `draw_next` in a shared virtual time, a
+        turn coming at rate `placement_weight(karma)`; the eligible Island
+        whose turn falls first takes the job, and draws its next turn. The
+        Islands in line are read in turn order from an index, so a draw costs
+        a few rows, not the fleet. An Island whose turn fell behind the
+        draw's clock (it was away, or could not take the jobs placed
+        meanwhile) draws a fresh turn first, so it is neither owed jobs nor
+        owes them. Each Island's chance is exactly its weight's share among
+        those eligible. The walk locks its winner (FOR NO KEY UPDATE), and
+        PostgreSQL re-checks the winner's rules once locked, so concurrent
+        draws never put an Island past its capacity.
+        """
+        clock = DrawClock.now()
+        candidates = self.placeable(spec, now).exclude(pk__in=list(exclude))
+        fields = ("pk", "host_id", "transport", "karma", "draw_next", ASK)
+        full: list[Any] = []
+        for _ in range(10_000):  # each pass refreshes a turn or takes a seat
+            walk = candidates.exclude(pk__in=full).order_by("draw_next")
+            row = next(iter(walk.select_for_update(no_key=True).values(*fields)[:1]), None)
+            if row is None:
+                return None
+            turn = row["draw_next"]
+            if turn < clock:
+                self._refresh_turns(clock, rng)
+                continue
+            won = self.filter(pk=row["pk"], jobs_running__lt=F("capacity")).update(
+                jobs_running=F("jobs_running") + 1,
+                draw_consumed=turn,
+                draw_next=turn + rng.expovariate(1.0) / _weight(row["karma"]),
+            )
+            if not won:
+                # Filled since the walk read it (only where rows are not locked).
+                full.append(row["pk"])
+                if len(full) >= DRAW_TRIES:
+                    return None
+                continue
+            DrawClock.objects.filter(pk=1, time__lt=turn).update(time=turn)
+            return Seat(row["pk"], row["host_id"], row["transport"], row[ASK])
+        raise RuntimeError("the draw did not settle")  # pragma: no cover
+
+    def _refresh_turns(self, clock: float, rng: random.Random) -> int:
+        """Give the Islands whose turn fell behind `clock` (or never came) a fresh one, oldest first."""
+        behind = (
+            self.filter(status=Island.Status.ONLINE, removed_at__isnull=True, suspended_at__isnull=True)
+            .filter(draw_next__lt=clock)
+            .order_by("draw_next")
+            .select_for_update(no_key=True, skip_locked=True)
+            .values_list("pk", "karma")[:REFRESH_BATCH]
+        )
+        turns = [(pk, clock + rng.expovariate(1.0) / _weight(karma)) for pk, karma in behind]
+        if turns:
+            self.filter(pk__in=[pk for pk, _ in turns]).update(
+                draw_next=Case(
+                    *(When(pk=pk, then=Value(turn)) for pk, turn in turns), output_field=FloatField()
+                )
+            )
+        return len(turns)
+
+    def refresh_turns(self, rng: random.Random | None = None) -> int:
+        """The watcher's step: fresh turns for every Island behind the draw's clock, a batch at a time."""
+        clock = DrawClock.now()
+        refreshed = 0
+        while True:
+            with transaction.atomic():
+                batch = self._refresh_turns(clock, rng or _DRAW)
+            refreshed += batch
+            if batch < REFRESH_BATCH:
+                return refreshed
+
     def due_offline(self, now: datetime) -> IslandQuerySet:
         """Islands recorded online whose heartbeat deadline has passed, oldest deadline first."""
         return self.filter(status=Island.Status.ONLINE, offline_after__lte=now).order_by("offline_after")
@@ -407,6 +541,12 @@ class Island(models.Model):
     class Platform(models.TextChoices):
         IOS = "ios", "iOS"
         ANDROID = "android", "Android"
+
+    class Transport(models.TextChoices):
+        """How jobs reach it: published on its NATS subject, or handed out when it polls."""
+
+        HTTP = "http", "HTTP API"
+        NATS = "nats", "NATS"
 
     class Status(models.TextChoices):
         """The status last recorded, for the watcher's compare-and-set."""
@@ -474,6 +614,25 @@ class Island(models.Model):
     supported_runtimes = models.JSONField(default=list, blank=True)
     asking_prices = models.JSONField(default=dict, blank=True)
 
+    # What placement reads (ELIGIBILITY), kept from heartbeats and pairing.
+    # How it paired, so how jobs reach it: over NATS for the agent, by its
+    # polls for the simulator and phones.
+    transport = models.CharField(max_length=8, choices=Transport.choices, default=Transport.HTTP)
+    # The runtimes it can run, each between spaces (" container wasm "), so
+    # that "runs onnx" is one `LIKE '% onnx %'` on every database. Derived
+    # from supported_runtimes (desktops) or runtime (phones) in save() and
+    # by heartbeats; see runtimes_text().
+    runtimes = models.CharField(max_length=1100, default=" container wasm ", editable=False)
+    # How many jobs it runs at once (the agent's max_concurrent_containers).
+    capacity = models.PositiveIntegerField(default=1)
+    # False while a phone's latest heartbeat says its battery or heat forbid work.
+    may_work = models.BooleanField(default=True)
+    # The draw's clocks, in its virtual time (docs/dispatch.md): when this
+    # Island's next turn falls, and the turn it last took.
+    # A new Island's turn is behind any clock (the clock starts at 0): it draws one first.
+    draw_next = models.FloatField(default=-1.0, editable=False)
+    draw_consumed = models.FloatField(null=True, blank=True, editable=False)
+
     # Derived from the job ledger (Job), changed in the same transaction as
     # the job whose terminal state they count.
     jobs_completed = models.PositiveIntegerField(default=0)
@@ -483,6 +642,9 @@ class Island(models.Model):
     # the row so the cards read it without a join. Only KarmaEvent.objects
     # changes it, in the same transaction as the event it adds.
     karma = models.DecimalField(max_digits=5, decimal_places=2, default=karma_rules.START, editable=False)
+    # Jobs placed on it that have not ended, changed with them (JobManager):
+    # placement counts it against `capacity` before deciding.
+    jobs_running = models.PositiveIntegerField(default=0, editable=False)
 
     # The ledger columns as loaded (see save()); not a field.
     _ledger_loaded: dict[str, Any]
@@ -514,6 +676,14 @@ class Island(models.Model):
                 condition=Q(status="online"),
                 name="island_due_offline_idx",
             ),
+            # Serves the draw (Island.objects.draw): the Islands recorded
+            # online and placeable, in the order their turns fall. Partial, so
+            # the offline fleet costs the walk nothing.
+            models.Index(
+                fields=["draw_next"],
+                condition=Q(status="online", removed_at__isnull=True, suspended_at__isnull=True),
+                name="island_draw_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -534,6 +704,13 @@ class Island(models.Model):
         if not self.name:
             self.name = self.default_name()
         update_fields = kwargs.get("update_fields")
+        if (
+            not RUNTIME_SOURCES & self.get_deferred_fields()
+            and (runtimes := self.runtimes_text()) != self.runtimes
+        ):
+            self.runtimes = runtimes
+            if update_fields is not None:
+                kwargs["update_fields"] = update_fields = [*update_fields, "runtimes"]
         if not self._state.adding and not kwargs.get("force_insert"):
             if update_fields is None:
                 loaded = getattr(self, "_ledger_loaded", {})
@@ -581,6 +758,15 @@ class Island(models.Model):
             if name in self.__dict__ and (only is None or name in only):
                 remembered[name] = self.__dict__[name]
         self._ledger_loaded = remembered
+
+    def runtimes_text(self) -> str:
+        """What `runtimes` holds: the runtimes it reported (desktops) or paired with (phones)."""
+        if self.kind == self.Kind.MOBILE:
+            names = [self.runtime]
+        else:
+            names = list(self.supported_runtimes or DESKTOP_RUNTIMES)
+        kept = sorted({name.lower() for name in names if name and RUNTIME_NAME.fullmatch(name.lower())})
+        return f" {' '.join(kept)} " if kept else " "
 
     def default_name(self) -> str:
         label = self.device_model or self.gpu_model or "Island"
@@ -663,6 +849,10 @@ class Island(models.Model):
         if heartbeat.agent_version:
             self.agent_version = heartbeat.agent_version
         self._take_hardware(heartbeat)
+        self.runtimes = self.runtimes_text()
+        concurrent = estimates.max_concurrent_containers if estimates else None
+        self.capacity = max(1, concurrent or 1)
+        self.may_work = heartbeat.may_work
         return changes
 
     def _take_hardware(self, heartbeat: EnhancedHeartbeat) -> None:
@@ -700,21 +890,6 @@ class Island(models.Model):
         if self.ram_mb:
             parts.append(f"{gigabytes(self.ram_mb)} RAM")
         return " · ".join(parts) or "Not reported yet"
-
-
-def runtime_capability(runtime: str) -> Q:
-    """The condition for an Island to run `runtime`; it matches nothing for an unknown one.
-
-    A separate Q so that, once heartbeats carry supported_runtimes, what an
-    Island reports can be OR-ed in here without touching the callers.
-    """
-    runtime = runtime.lower()
-    condition = Q(pk__in=[])
-    if runtime in DESKTOP_RUNTIMES:
-        condition |= Q(kind=Island.Kind.DESKTOP)
-    if runtime in MOBILE_RUNTIMES:
-        condition |= Q(kind=Island.Kind.MOBILE, runtime=runtime)
-    return condition
 
 
 class StatusChange(models.Model):
@@ -770,6 +945,13 @@ class JobNotFound(JobError):
     """No such job for this Island: unknown, or another Island's (one answer for both)."""
 
 
+class JobMoved(JobError):
+    """The job was this Island's once, and has moved on: re-placed after a timeout, or ended."""
+
+    def __init__(self, job_id: str):
+        super().__init__(f"job {job_id} is no longer this Island's: it was given to another or ended")
+
+
 class JobStateConflict(JobError):
     def __init__(self, job_id: str, state: str):
         super().__init__(f"job {job_id} already ended as {state}")
@@ -782,8 +964,20 @@ class DuplicateJob(JobError):
         self.existing = existing
 
 
-class IslandUnavailable(JobError):
-    pass
+class IslandIneligible(JobError):
+    """The Island named for a job may not take it; `rule` is the first rule it fails."""
+
+    def __init__(self, rule: "Rule"):
+        super().__init__(f"this Island cannot take the job: {rule.refusal}")
+        self.rule = rule
+
+
+class NoEligibleIsland(JobError):
+    """No Island may take the job now; `reasons` counts the Islands each rule excluded."""
+
+    def __init__(self, reasons: dict[str, int]):
+        super().__init__("no eligible island")
+        self.reasons = reasons
 
 
 @dataclass(frozen=True)
@@ -794,7 +988,242 @@ class StatusReport:
     state: "Job.State"
 
 
+# --- Placement: which Islands may take a job, and the draw among them -------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job as a dispatcher describes it, before it has an Island."""
+
+    job_id: str
+    workload: str
+    lease: timedelta
+    budget: Decimal
+    runtime: str = "container"
+    input: Any = None
+    min_vram_mb: int | None = None
+    region: str | None = None
+    platform: str | None = None
+    artefacts: dict[str, Any] = field(default_factory=dict)
+    # A fixed amount (the explicit form's `credits`); otherwise the job pays
+    # the chosen Island's ask.
+    credits: Decimal | None = None
+
+    @classmethod
+    def of(cls, job: "Job") -> "JobSpec":
+        """The spec a recorded job was submitted with, for placing it again."""
+        requirements = job.requirements or {}
+        return cls(
+            job_id=job.job_id,
+            workload=job.workload,
+            lease=timedelta(seconds=job.lease_seconds),
+            budget=job.budget,
+            runtime=job.runtime,
+            input=job.input,
+            min_vram_mb=requirements.get("min_vram_mb"),
+            region=requirements.get("region"),
+            platform=requirements.get("platform"),
+            artefacts=job.artefacts,
+            credits=job.credits if job.fixed_credits else None,
+        )
+
+    def requirements(self) -> dict[str, Any]:
+        asked = {"min_vram_mb": self.min_vram_mb, "region": self.region, "platform": self.platform}
+        return {name: value for name, value in asked.items() if value is not None}
+
+
+# What an Island asks for a workload, in SQL: its price for that workload,
+# else its `_default`, else the service's DEFAULT_ASK. Prices are decimal
+# strings (the heartbeat's Price pattern), so the cast cannot fail.
+ASK = "placement_ask"
+_PRICE = DecimalField(max_digits=21, decimal_places=8)
+
+
+def ask_for(workload: str) -> Coalesce:
+    return Coalesce(
+        Cast(KeyTextTransform(workload, "asking_prices"), _PRICE),
+        Cast(KeyTextTransform("_default", "asking_prices"), _PRICE),
+        Value(settings.DEFAULT_ASK, output_field=_PRICE),
+        output_field=_PRICE,
+    )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule an Island must pass to take a job; the rules are ELIGIBILITY, in order.
+
+    `name` keys the count of Islands it excluded (the 503's `reasons`);
+    `refusal` is why a named Island may not take a job (the 409); `passes`
+    is the condition, in SQL, for an Island that passes.
+    """
+
+    name: str
+    refusal: str
+    passes: Callable[[JobSpec, datetime], Q]
+
+
+def _subject_safe() -> Q:
+    # A host id is one token of the agent's subjects (host.{id}.jobs): a
+    # dot would split it, and * > or a space would make it a wildcard.
+    unsafe = Q(host_id__contains=".") | Q(host_id__contains="*") | Q(host_id__contains=">")
+    return Q(transport=Island.Transport.HTTP) | ~(unsafe | Q(host_id__contains=" "))
+
+
+def _platform(spec: JobSpec) -> Q:
+    if spec.platform is None:
+        return Q()
+    if spec.platform == "desktop":
+        return Q(kind=Island.Kind.DESKTOP)
+    return Q(kind=Island.Kind.MOBILE, platform=spec.platform)
+
+
+def _region(spec: JobSpec) -> Q:
+    if spec.region is None:
+        return Q()
+    # "auto" (the agent's default) and no region never match a region asked for.
+    return Q(region__iexact=spec.region) & ~Q(region__iexact="auto") & ~Q(region="")
+
+
+ELIGIBILITY: tuple[Rule, ...] = (
+    Rule("suspended", "it is suspended", lambda spec, now: Q(suspended_at__isnull=True)),
+    Rule(
+        "offline",
+        "it is offline",
+        lambda spec, now: Q(status=Island.Status.ONLINE, offline_after__gt=now),
+    ),
+    Rule(
+        "runtime",
+        "it does not run this job's runtime",
+        lambda spec, now: Q(runtimes__contains=f" {spec.runtime} "),
+    ),
+    Rule(
+        "resting",
+        "it is a phone whose battery or temperature does not allow work now",
+        lambda spec, now: Q(may_work=True),
+    ),
+    Rule(
+        "vram",
+        "it has less GPU memory than the job needs",
+        lambda spec, now: Q() if spec.min_vram_mb is None else Q(gpu_vram_mb__gte=spec.min_vram_mb),
+    ),
+    Rule("region", "it is not in the region the job asks for", lambda spec, now: _region(spec)),
+    Rule("platform", "it is not the platform the job asks for", lambda spec, now: _platform(spec)),
+    Rule(
+        "subject",
+        "its host id cannot name a NATS subject, so jobs cannot reach it",
+        lambda spec, now: _subject_safe(),
+    ),
+    Rule(
+        "price",
+        "it asks more for this workload than the job's budget",
+        lambda spec, now: Q(**{f"{ASK}__lte": spec.budget}),
+    ),
+    Rule(
+        "karma",
+        "its karma is below the placement floor",
+        lambda spec, now: Q(karma__gte=karma_rules.PLACEMENT_FLOOR),
+    ),
+    Rule(
+        "capacity",
+        "it is running as many jobs as it can",
+        lambda spec, now: Q(jobs_running__lt=F("capacity")),
+    ),
+)
+
+
+RULES = {rule.name: rule for rule in ELIGIBILITY}
+
+
+def _weight(karma: Decimal) -> float:
+    """An Island's weight in the draw; the floor's weight stands in below it (it is not drawn then)."""
+    return karma_rules.placement_weight(max(karma, karma_rules.PLACEMENT_FLOOR))
+
+
+@dataclass(frozen=True)
+class Seat:
+    """A slot reserved on an Island for one job, and what the job pays it."""
+
+    island_id: uuid.UUID
+    host_id: str
+    transport: str
+    ask: Decimal
+
+
+class DrawClock(models.Model):
+    """The draw's virtual time: the latest turn any Island has taken. One row (docs/dispatch.md)."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    time = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return f"{self.time:.9f}"
+
+    @classmethod
+    def now(cls) -> float:
+        """The draw's time now (the row is made on first use)."""
+        time = cls.objects.filter(pk=1).values_list("time", flat=True).first()
+        if time is None:
+            time = cls.objects.get_or_create(pk=1)[0].time
+        return time
+
+
+# Placement is a fair draw, not a secret: a seeded PRNG is right here, and
+# tests pass their own seeded Random to check the distribution.
+_DRAW = random.Random()  # noqa: S311
+# An Island whose clock fell behind (offline for a while, ineligible for the
+# jobs placed meanwhile, or new) gets a fresh one before it competes; this
+# many at a time, oldest first.
+REFRESH_BATCH = 256
+# A draw whose winner turns out full (SQLite has no row locks to recheck)
+# tries again without it, this many times.
+DRAW_TRIES = 8
+# A job is placed at most this many times; a third timeout fails it.
+MAX_ATTEMPTS = 3
+
+
 class JobManager(models.Manager["Job"]):
+    # --- Giving a job an Island ---------------------------------------------------------
+
+    def submit(
+        self,
+        spec: JobSpec,
+        *,
+        island: Island | None = None,
+        key: "DispatcherKey | None" = None,
+        now: datetime | None = None,
+        rng: random.Random | None = None,
+    ) -> "Job":
+        """Place a job: on an Island drawn among the eligible ones, or on `island` if it may take it.
+
+        One transaction: the Island's slot is counted (jobs_running), the job
+        and its first attempt are recorded, and for a NATS Island its
+        AssignJob is written to the outbox, which the bridge publishes once
+        this commits. Raises NoEligibleIsland (nothing is written, so the same
+        job may be submitted again later), IslandIneligible, or DuplicateJob
+        when the job_id is already recorded.
+        """
+        now = now or timezone.now()
+        # A retry of a recorded job hears so before any rule is asked (a full
+        # Island would otherwise refuse its own job); the unique job_id
+        # settles two submissions racing past this.
+        existing = self.filter(job_id=spec.job_id).first()
+        if existing is not None:
+            raise DuplicateJob(existing)
+        try:
+            with transaction.atomic():
+                if island is None:
+                    seat = Island.objects.draw(spec, now, rng or _DRAW)
+                    if seat is None:
+                        raise NoEligibleIsland(Island.objects.exclusions(spec, now))
+                else:
+                    seat = Island.objects.reserve(island, spec, now)
+                return self._record(spec, seat, now, key)
+        except IntegrityError:
+            existing = self.filter(job_id=spec.job_id).first()
+            if existing is None:
+                raise
+            raise DuplicateJob(existing) from None
+
     def assign(
         self,
         *,
@@ -805,27 +1234,75 @@ class JobManager(models.Manager["Job"]):
         lease: timedelta,
         now: datetime | None = None,
     ) -> "Job":
-        """Record that the dispatcher gave `job_id` to `island`, holding it for `lease`."""
-        now = now or timezone.now()
-        if island.removed_at is not None:
-            raise IslandUnavailable("this Island was removed")
-        if island.suspended_at is not None:
-            raise IslandUnavailable("this Island is suspended")
-        try:
-            with transaction.atomic():
-                return self.create(
-                    job_id=job_id,
-                    island=island,
-                    workload=workload,
-                    credits=credits.quantize(CREDITS_PLACES),
-                    assigned_at=now,
-                    lease_expires_at=now + lease,
-                )
-        except IntegrityError:
-            existing = self.filter(job_id=job_id).first()
-            if existing is None:
-                raise
-            raise DuplicateJob(existing) from None
+        """Give `job_id` to `island` for a fixed amount, if it may take it (the explicit form)."""
+        spec = JobSpec(job_id=job_id, workload=workload, lease=lease, budget=credits, credits=credits)
+        return self.submit(spec, island=island, now=now)
+
+    def _record(self, spec: JobSpec, seat: Seat, now: datetime, key: "DispatcherKey | None") -> "Job":
+        credits = spec.credits if spec.credits is not None else _clearing(seat.ask, spec.budget)
+        job = self.create(
+            job_id=spec.job_id,
+            island_id=seat.island_id,
+            workload=spec.workload,
+            runtime=spec.runtime,
+            input=spec.input,
+            budget=spec.budget.quantize(CREDITS_PLACES),
+            requirements=spec.requirements(),
+            artefacts=spec.artefacts,
+            lease_seconds=int(spec.lease.total_seconds()),
+            credits=credits.quantize(CREDITS_PLACES),
+            fixed_credits=spec.credits is not None,
+            attempt=1,
+            assigned_at=now,
+            lease_expires_at=now + spec.lease,
+            submitted_by=key,
+        )
+        job.begin_attempt(seat, now)
+        return job
+
+    def _place_again(self, job: "Job", now: datetime, rng: random.Random, exclude: Iterable[Any]) -> bool:
+        """Give an unfinished job a new Island; False (and the job left alone) if none is eligible."""
+        seat = Island.objects.draw(JobSpec.of(job), now, rng, exclude=exclude)
+        if seat is None:
+            return False
+        spec = JobSpec.of(job)
+        credits = job.credits if job.fixed_credits else _clearing(seat.ask, job.budget)
+        job.island_id, job.attempt, job.state = seat.island_id, job.attempt + 1, Job.State.ASSIGNED
+        job.assigned_at, job.lease_expires_at, job.credits = (
+            now,
+            now + spec.lease,
+            credits.quantize(CREDITS_PLACES),
+        )
+        job.started_at = job.finished_at = job.requeue_until = None
+        job.error = ""
+        job.save(
+            update_fields=[
+                "island",
+                "attempt",
+                "state",
+                "assigned_at",
+                "lease_expires_at",
+                "credits",
+                "started_at",
+                "finished_at",
+                "requeue_until",
+                "error",
+            ]
+        )
+        job.begin_attempt(seat, now)
+        return True
+
+    # --- What Islands report -----------------------------------------------------------------
+
+    def _of(self, island: Island, job_id: str, *fields: str) -> "Job":
+        """The job `job_id` if it is `island`'s now; JobMoved if it was once, JobNotFound if never."""
+        job = self.filter(job_id=job_id).only("pk", "island_id", "attempt", *fields).first()
+        if job is not None and job.island_id == island.pk:
+            return job
+        if job is not None and Attempt.objects.filter(job_id=job.pk, island=island).exists():
+            logger.info("event=job_report_refused reason=moved job_id=%s island_id=%s", job_id, island.pk)
+            raise JobMoved(job_id)
+        raise JobNotFound(f"no job {job_id} for this Island")
 
     def extend_lease(
         self, island: Island, job_id: str, seconds: float, now: datetime | None = None
@@ -841,13 +1318,7 @@ class JobManager(models.Manager["Job"]):
         watcher's, so of a renewal and a timeout only one takes effect.
         """
         now = now or timezone.now()
-        job = (
-            self.filter(job_id=job_id, island=island)
-            .only("pk", "state", "assigned_at", "lease_expires_at")
-            .first()
-        )
-        if job is None:
-            raise JobNotFound(f"no job {job_id} for this Island")
+        job = self._of(island, job_id, "state", "assigned_at", "lease_expires_at")
         if job.state not in Job.ACTIVE_STATES or job.lease_expires_at <= now:
             return None
         asked = min(timedelta(seconds=max(seconds, 0)), LEASE_RENEWAL_MAX)
@@ -855,7 +1326,11 @@ class JobManager(models.Manager["Job"]):
         if wanted <= job.lease_expires_at:
             return job.lease_expires_at
         won = self.filter(
-            pk=job.pk, state__in=Job.ACTIVE_STATES, lease_expires_at=job.lease_expires_at
+            pk=job.pk,
+            island=island,
+            attempt=job.attempt,
+            state__in=Job.ACTIVE_STATES,
+            lease_expires_at=job.lease_expires_at,
         ).update(lease_expires_at=wanted)
         return wanted if won else None
 
@@ -874,30 +1349,27 @@ class JobManager(models.Manager["Job"]):
         """Apply a state the Island reports for one of its jobs (HTTP and NATS alike).
 
         A terminal state is applied exactly once: a conditional UPDATE from an
-        active state decides, by its row count, and the Island's counters
-        change in the same transaction. A repeat of the state the job ended in
-        is accepted and ignored (JetStream redelivers); a different terminal
-        state raises JobStateConflict. Active states only move forward, and
+        active state of the Island's own attempt decides, by its row count,
+        and the Island's counters, its karma (islands.signals.job_finished) and
+        the attempt's row change in the same transaction. A repeat of the
+        state the job ended in is accepted and ignored (JetStream redelivers);
+        a different terminal state raises JobStateConflict; a report on a job
+        that moved on raises JobMoved. Active states only move forward, and
         late or repeated ones are ignored. Times are the coordinator's, not
         the agent's clock, because karma is computed from them.
         """
         now = now or timezone.now()
         target = Job.State(state)
-        if target == Job.State.TIMED_OUT or target == Job.State.ASSIGNED:
+        if target in (Job.State.TIMED_OUT, Job.State.ASSIGNED, Job.State.QUEUED):
             raise ValueError(f"an Island cannot report {target}")
         with transaction.atomic():
-            job = self.filter(job_id=job_id, island=island).only("pk", "island_id", "credits").first()
-            if job is None:
-                raise JobNotFound(f"no job {job_id} for this Island")
+            job = self._of(island, job_id, "credits")
+            mine = self.filter(pk=job.pk, island=island, attempt=job.attempt)
             if target in Job.TERMINAL_STATES:
                 # PostgreSQL stores no NUL; the rest of the text is worth keeping.
                 kept = (error or "").replace("\x00", "\ufffd")[:JOB_ERROR_MAX_LENGTH]
-                won = self.filter(pk=job.pk, state__in=Job.ACTIVE_STATES).update(
-                    state=target, finished_at=now, error=kept
-                )
-                if won:
-                    job.count_on_island(target)
-                    job_finished.send(sender=Job, job_pk=job.pk, now=now)
+                if mine.filter(state__in=Job.ACTIVE_STATES).update(state=target, finished_at=now, error=kept):
+                    job.end_attempt(Attempt.Outcome(target.value), now)
                     return StatusReport(applied=True, state=target)
                 current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
                 if current != target:
@@ -908,49 +1380,141 @@ class JobManager(models.Manager["Job"]):
                 if target == Job.State.STARTED
                 else [Job.State.ASSIGNED, Job.State.STARTED]
             )
-            moved = self.filter(pk=job.pk, state__in=earlier).update(
+            if mine.filter(state__in=earlier).update(
                 state=target, started_at=Coalesce(F("started_at"), models.Value(now))
-            )
-            if moved:
+            ):
+                Attempt.objects.filter(job_id=job.pk, number=job.attempt, started_at__isnull=True).update(
+                    started_at=now
+                )
                 return StatusReport(applied=True, state=target)
             current = Job.State(self.filter(pk=job.pk).values_list("state", flat=True).get())
             return StatusReport(applied=False, state=current)
 
-    def time_out_expired(self, now: datetime, limit: int = WATCH_BATCH) -> list[str]:
-        """Fail as timed out the jobs whose lease passed with no final state. The watcher's step.
+    # --- The dispatcher's cancel -----------------------------------------------------------
 
-        Like the silences: a compare-and-set per job on its state and the
-        lease that passed, dated at that deadline, so two watchers (or a late
-        report racing one) settle each job once. Returns the job ids.
+    def cancel(self, job_id: str, now: datetime | None = None) -> "Job":
+        """Withdraw a job that has not ended: no karma for its Island, and no pay.
+
+        A NATS Island is sent `{"job_id"}` on host.{id}.cancel and its
+        AssignJob is deleted from the stream; an HTTP Island sees it in its
+        poll. Raises JobNotFound, or JobStateConflict for a job that ended.
         """
+        now = now or timezone.now()
+        with transaction.atomic():
+            job = self.select_for_update().filter(job_id=job_id).first()
+            if job is None:
+                raise JobNotFound(f"no job {job_id}")
+            if job.state in Job.TERMINAL_STATES:
+                raise JobStateConflict(job_id, job.state)
+            was = job.state
+            job.state, job.finished_at, job.error = Job.State.CANCELLED, now, "cancelled by the dispatcher"
+            job.save(update_fields=["state", "finished_at", "error"])
+            if was != Job.State.QUEUED:
+                job.end_attempt(Attempt.Outcome.WITHDRAWN, now)
+        logger.info("event=job_cancelled job_id=%s", job_id)
+        return job
+
+    # --- The watcher's steps ---------------------------------------------------------------
+
+    def time_out_expired(
+        self, now: datetime, limit: int = WATCH_BATCH, rng: random.Random | None = None
+    ) -> list[str]:
+        """Time out the attempts whose lease passed with no final state, and place their jobs again.
+
+        Like the silences: a compare-and-set per job on its attempt and the
+        lease that passed, dated at that deadline, so two watchers (or a late
+        report racing one) settle each attempt once. The Island is charged
+        the timeout (counters, karma) and the job goes to another eligible
+        Island, never one that timed out on it, up to MAX_ATTEMPTS; with no
+        Island eligible now it waits (QUEUED) one more lease for one
+        (place_queued). Returns the job ids of the attempts timed out.
+        """
+        rng = rng or _DRAW
         timed_out: list[str] = []
         due = (
             self.filter(state__in=Job.ACTIVE_STATES, lease_expires_at__lte=now)
             .order_by("lease_expires_at")
-            .values_list("pk", "job_id", "island_id", "lease_expires_at")
+            .values_list("pk", "attempt", "lease_expires_at")
         )
-        for pk, job_id, island_id, deadline in due[:limit]:
+        for pk, number, deadline in due[:limit]:
             with transaction.atomic():
-                won = self.filter(pk=pk, state__in=Job.ACTIVE_STATES, lease_expires_at=deadline).update(
+                won = self.filter(
+                    pk=pk, attempt=number, state__in=Job.ACTIVE_STATES, lease_expires_at=deadline
+                ).update(
                     state=Job.State.TIMED_OUT,
                     finished_at=deadline,
                     error="the lease expired before the Island reported a final state",
                 )
-                if won:
-                    Island.objects.filter(pk=island_id).update(jobs_failed=F("jobs_failed") + 1)
-                    job_finished.send(sender=Job, job_pk=pk, now=now)
-                    timed_out.append(job_id)
+                if not won:
+                    continue
+                job = self.get(pk=pk)
+                job.end_attempt(Attempt.Outcome.TIMED_OUT, deadline, at=now)
+                timed_out.append(job.job_id)
+                if number < MAX_ATTEMPTS:
+                    timed_out_on = Attempt.objects.filter(job=job, outcome=Attempt.Outcome.TIMED_OUT)
+                    exclude = list(timed_out_on.values_list("island_id", flat=True))
+                    if not self._place_again(job, now, rng, exclude):
+                        job.state, job.island_id = Job.State.QUEUED, None
+                        job.finished_at, job.requeue_until = None, now + timedelta(seconds=job.lease_seconds)
+                        job.error = "waiting for an eligible Island after a timeout"
+                        job.save(update_fields=["state", "island", "finished_at", "requeue_until", "error"])
         return timed_out
+
+    def place_queued(self, now: datetime, limit: int = WATCH_BATCH, rng: random.Random | None = None) -> int:
+        """Place the jobs waiting for an Island after a timeout; fail those that waited a lease too long.
+
+        A compare-and-set on the job's state and attempt decides between two
+        watchers; the loser's reservation rolls back with its transaction.
+        Returns how many jobs moved (placed or failed).
+        """
+        rng = rng or _DRAW
+        moved = 0
+        queued = (
+            self.filter(state=Job.State.QUEUED)
+            .order_by("requeue_until")
+            .values_list("pk", "attempt", "requeue_until")[:limit]
+        )
+        for pk, number, until in queued:
+            try:
+                with transaction.atomic():
+                    job = (
+                        self.select_for_update().filter(pk=pk, state=Job.State.QUEUED, attempt=number).first()
+                    )
+                    if job is None:
+                        continue  # another watcher moved it
+                    if until is not None and until <= now:
+                        job.state, job.finished_at = Job.State.TIMED_OUT, until
+                        job.error = "no eligible Island took it within a lease of its last timeout"
+                        job.save(update_fields=["state", "finished_at", "error"])
+                        moved += 1
+                        continue
+                    timed_out_on = Attempt.objects.filter(job=job, outcome=Attempt.Outcome.TIMED_OUT)
+                    if self._place_again(
+                        job, now, rng, list(timed_out_on.values_list("island_id", flat=True))
+                    ):
+                        moved += 1
+            except IntegrityError:
+                continue
+        return moved
+
+
+def _clearing(ask: Decimal, budget: Decimal) -> Decimal:
+    """What a job pays: the Island's ask, to the credit's four places (up: never below the ask)."""
+    return min(budget, Decimal(ask).quantize(CREDITS_PLACES, rounding=ROUND_CEILING))
 
 
 class Job(models.Model):
-    """The ledger: one row per job the dispatcher gave an Island.
+    """The ledger: one row per job, placed on an Island (or waiting for one).
 
-    The Island's jobs_completed, jobs_failed and earnings are sums over these
-    rows, kept as counters so "Your Islands" reads them without aggregating.
+    The row describes the job's current attempt (its Island, times, lease and
+    pay); each attempt also has a row of its own (Attempt), which keeps the
+    history when a job moves. The Island's jobs_completed, jobs_failed,
+    earnings and jobs_running are sums over attempts, kept as counters so
+    "Your Islands" and placement read them without aggregating.
     """
 
     class State(models.TextChoices):
+        QUEUED = "queued", "Waiting for an Island"
         ASSIGNED = "assigned", "Assigned"
         STARTED = "started", "Started"
         STREAMING = "streaming", "Streaming"
@@ -964,17 +1528,37 @@ class Job(models.Model):
 
     # The dispatcher's id for the job; the agent reports status by it.
     job_id = models.CharField(max_length=128, unique=True)
+    # The Island of the current attempt; none while the job waits for one.
     # Islands are never deleted, only removed, so their ledger stays whole.
-    island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="jobs")
+    island = models.ForeignKey(Island, null=True, blank=True, on_delete=models.CASCADE, related_name="jobs")
     workload = models.CharField(max_length=128)
+    runtime = models.CharField(max_length=16, default="container")
+    # What the job is given (any JSON), and what the agent needs to run it
+    # (its AssignJob's artefact fields), both passed through as they came.
+    input = models.JSONField(null=True, blank=True)
+    artefacts = models.JSONField(default=dict, blank=True)
+    # What an Island must have (min_vram_mb, region, platform).
+    requirements = models.JSONField(default=dict, blank=True)
+    # The most it may pay, and what the current attempt pays (the Island's
+    # ask, or a fixed amount when the dispatcher named one: fixed_credits).
+    budget = models.DecimalField(max_digits=12, decimal_places=4)
     credits = models.DecimalField(max_digits=12, decimal_places=4)
+    fixed_credits = models.BooleanField(default=False)
+    lease_seconds = models.PositiveIntegerField()
     state = models.CharField(max_length=16, choices=State.choices, default=State.ASSIGNED)
+    # Which attempt the row describes (1 to MAX_ATTEMPTS).
+    attempt = models.PositiveSmallIntegerField(default=1)
     assigned_at = models.DateTimeField(default=timezone.now)
     lease_expires_at = models.DateTimeField()
     # When the Island first said it started (or streamed): karma rewards quick starts.
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # A QUEUED job fails if no Island takes it by then.
+    requeue_until = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
+    submitted_by = models.ForeignKey(
+        "DispatcherKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs"
+    )
 
     objects = JobManager()
 
@@ -992,23 +1576,233 @@ class Job(models.Model):
                 condition=Q(state__in=["assigned", "started", "streaming"]),
                 name="job_lease_idx",
             ),
+            # Serves the watcher's second chances: jobs waiting for an Island.
+            models.Index(fields=["requeue_until"], condition=Q(state="queued"), name="job_queued_idx"),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(credits__gte=0), name="job_credits_not_negative"),
+            models.CheckConstraint(condition=Q(credits__lte=F("budget")), name="job_credits_within_budget"),
+            # Only a job waiting for an Island (or ended while waiting) has none.
+            models.CheckConstraint(
+                condition=Q(island__isnull=False) | Q(state__in=["queued", "cancelled", "timed_out"]),
+                name="job_island_unless_waiting",
+            ),
         ]
 
     def __str__(self) -> str:
         return self.job_id
 
-    def count_on_island(self, final_state: "Job.State") -> None:
-        """Add this job's outcome to its Island's counters, atomically in SQL."""
-        if final_state == Job.State.SUCCEEDED:
-            updates = {"jobs_completed": F("jobs_completed") + 1, "earnings": F("earnings") + self.credits}
-        elif final_state in (Job.State.FAILED, Job.State.TIMED_OUT):
-            updates = {"jobs_failed": F("jobs_failed") + 1}
-        else:
-            return  # a cancelled job neither counts nor pays
-        Island.objects.filter(pk=self.island_id).update(**updates)
+    def assign_job(self) -> dict[str, Any]:
+        """The agent's AssignJob for this attempt, as published and as HTTP Islands poll it."""
+        return {
+            "job_id": self.job_id,
+            "workload_id": self.workload,
+            "input": self.input,
+            "lease_expires": int(self.lease_expires_at.timestamp() * 1000),
+            "runtime_type": self.runtime,
+            **self.artefacts,
+        }
+
+    def begin_attempt(self, seat: Seat, now: datetime) -> "Attempt":
+        """Record the attempt this row now describes; a NATS Island's AssignJob goes to the outbox."""
+        attempt = Attempt.objects.create(
+            job=self, number=self.attempt, island_id=seat.island_id, assigned_at=now, credits=self.credits
+        )
+        if seat.transport == Island.Transport.NATS:
+            attempt.assign_message = OutboxMessage.objects.assign(self, attempt, seat.host_id)
+            attempt.save(update_fields=["assign_message"])
+        return attempt
+
+    def end_attempt(
+        self, outcome: "Attempt.Outcome", finished_at: datetime, at: datetime | None = None
+    ) -> None:
+        """Close the current attempt: its row, its Island's counters and karma, and its AssignJob.
+
+        Called in the transaction that won the job's state change, so it runs
+        once per attempt. `at` is when this is recorded (the watcher's clock),
+        which karma keeps apart from when it happened.
+        """
+        attempt = Attempt.objects.select_related("island", "assign_message").get(
+            job=self, number=self.attempt
+        )
+        attempt.outcome, attempt.finished_at = outcome, finished_at
+        attempt.save(update_fields=["outcome", "finished_at"])
+        counters: dict[str, Any] = {"jobs_running": F("jobs_running") - 1}
+        if outcome == Attempt.Outcome.SUCCEEDED:
+            counters |= {
+                "jobs_completed": F("jobs_completed") + 1,
+                "earnings": F("earnings") + attempt.credits,
+            }
+        elif outcome in (Attempt.Outcome.FAILED, Attempt.Outcome.TIMED_OUT):
+            counters |= {"jobs_failed": F("jobs_failed") + 1}
+        # A cancelled or withdrawn job neither counts nor pays.
+        Island.objects.filter(pk=attempt.island_id, jobs_running__gt=0).update(**counters)
+        job_finished.send(sender=Job, attempt_pk=attempt.pk, now=at or finished_at)
+        if attempt.island.transport == Island.Transport.NATS:
+            if outcome == Attempt.Outcome.WITHDRAWN:
+                OutboxMessage.objects.cancel(self, attempt.island.host_id)
+            if attempt.assign_message is not None:
+                # Never run later by an agent coming back to its stream.
+                OutboxMessage.objects.withdraw(attempt.assign_message)
+
+
+class Attempt(models.Model):
+    """One placement of a job on an Island: who, when, and how it ended."""
+
+    class Outcome(models.TextChoices):
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled by the Island"
+        WITHDRAWN = "withdrawn", "Cancelled by the dispatcher"
+        TIMED_OUT = "timed_out", "Timed out"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveSmallIntegerField()
+    island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="attempts")
+    assigned_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Empty while the attempt runs.
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, blank=True)
+    credits = models.DecimalField(max_digits=12, decimal_places=4)
+    # Its AssignJob, for a NATS Island: deleted from the stream when the job moves on.
+    assign_message = models.ForeignKey(
+        "OutboxMessage", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["job", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "number"], name="attempt_once_per_number"),
+        ]
+        indexes = [
+            # Serves an Island's history of attempts, newest first (its page, the admin).
+            models.Index(fields=["island", "-assigned_at"], name="attempt_island_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} #{self.number}"
+
+
+class OutboxMessageManager(models.Manager["OutboxMessage"]):
+    def assign(self, job: Job, attempt: Attempt, host_id: str) -> "OutboxMessage":
+        """The AssignJob of an attempt, for the bridge to publish into the JOBS stream once this commits."""
+        return self._write(
+            kind=OutboxMessage.Kind.ASSIGN,
+            job=job,
+            subject=f"host.{host_id}.jobs",
+            payload=job.assign_job(),
+            # JetStream drops a second publish with the same id within the
+            # stream's duplicate window: a sender killed between publish and
+            # mark publishes again, and the agent still gets one AssignJob.
+            msg_id=f"{job.job_id}:{attempt.number}",
+        )
+
+    def cancel(self, job: Job, host_id: str) -> "OutboxMessage":
+        """`{"job_id"}` on the agent's cancel subject, for a job it may be running."""
+        return self._write(
+            kind=OutboxMessage.Kind.CANCEL,
+            job=job,
+            subject=f"host.{host_id}.cancel",
+            payload={"job_id": job.job_id},
+            msg_id=f"{job.job_id}:{job.attempt}:cancel",
+        )
+
+    def withdraw(self, assign: "OutboxMessage", now: datetime | None = None) -> None:
+        """Make sure an AssignJob is never run: unsent, it is never sent; sent, it is deleted from JOBS.
+
+        An assignment no sender has claimed is withdrawn in place. One that
+        is sent, or being sent, gets a DELETE that the sender carries out once
+        the publish is acknowledged (it needs the stream sequence).
+        """
+        now = now or timezone.now()
+        unclaimed = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+        if self.filter(unclaimed, pk=assign.pk, sent_at__isnull=True, withdrawn_at__isnull=True).update(
+            withdrawn_at=now
+        ):
+            return
+        self._write(
+            kind=OutboxMessage.Kind.DELETE,
+            job=assign.job,
+            subject=assign.subject,
+            payload={},
+            msg_id=f"{assign.msg_id}:delete",
+            target=assign,
+        )
+
+    def _write(self, **fields: Any) -> "OutboxMessage":
+        payload = fields.pop("payload")
+        message = self.create(payload=msgspec.json.encode(payload).decode(), **fields)
+        connection = connections[self.db]
+        if connection.vendor == "postgresql":
+            # Wakes the bridges' senders (they LISTEN); PostgreSQL delivers it
+            # when this transaction commits, and never if it rolls back. They
+            # poll as well, so a lost notification only delays a message.
+            with connection.cursor() as cursor:
+                cursor.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+        return message
+
+    def due(self, now: datetime) -> "models.QuerySet[OutboxMessage]":
+        """Messages waiting to be sent, oldest first."""
+        return self.filter(sent_at__isnull=True, withdrawn_at__isnull=True, available_at__lte=now).order_by(
+            "pk"
+        )
+
+
+# The PostgreSQL channel the bridges LISTEN on for new outbox messages.
+OUTBOX_CHANNEL = "archipelag_outbox"
+
+
+class OutboxMessage(models.Model):
+    """Something to say to an Island over NATS, written in the transaction that decided it.
+
+    The bridge sends it after the commit (archipelag/nats.py): never from
+    inside a transaction, and never lost when a process dies between the
+    commit and the send. A crash after the send and before it is marked
+    repeats the send with the same `msg_id`, which JetStream de-duplicates.
+    """
+
+    class Kind(models.TextChoices):
+        ASSIGN = "assign", "AssignJob into the JOBS stream"
+        CANCEL = "cancel", "Cancel on the Island's cancel subject"
+        DELETE = "delete", "Delete an AssignJob from the JOBS stream"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="outbox")
+    # Without the bridge's --subject-prefix (tests run bridges on prefixes).
+    subject = models.CharField(max_length=200)
+    payload = models.TextField()
+    msg_id = models.CharField(max_length=200, unique=True)
+    # For a DELETE: the AssignJob it deletes.
+    target = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    # Not to be tried before then (a failed send backs off).
+    available_at = models.DateTimeField(default=timezone.now)
+    # A sender that claimed it and may be sending it now; another sender
+    # takes it over once this passes.
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    # An AssignJob whose job moved on before it was sent: never sent.
+    withdrawn_at = models.DateTimeField(null=True, blank=True)
+    tries = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=500, blank=True)
+    # Where JetStream stored an AssignJob, for its deletion.
+    stream_seq = models.PositiveBigIntegerField(null=True, blank=True)
+
+    objects = OutboxMessageManager()
+
+    class Meta:
+        indexes = [
+            # Serves the senders: what is still to be sent, oldest first.
+            models.Index(
+                fields=["available_at", "id"],
+                condition=Q(sent_at__isnull=True, withdrawn_at__isnull=True),
+                name="outbox_due_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.msg_id}"
 
 
 class DispatcherKeyManager(models.Manager["DispatcherKey"]):

@@ -13,4 +13,6 @@ urlpatterns = [
     path("api/v1/islands/jobs/poll", views.api_jobs_poll, name="api-jobs-poll"),
     path("api/v1/islands/jobs/<str:job_id>/status", views.api_job_status, name="api-job-status"),
     path("api/v1/jobs", views.api_jobs, name="api-jobs"),
+    path("api/v1/jobs/<str:job_id>", views.api_job, name="api-job"),
+    path("api/v1/jobs/<str:job_id>/cancel", views.api_job_cancel, name="api-job-cancel"),
 ]

@@ -4,6 +4,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -23,24 +24,32 @@ from archipelag.http import AuthenticatedHtmxRequest, AuthenticatedHttpRequest
 from islands.agent import (
     HEARTBEAT_MAX_BODY_BYTES,
     JOB_ID_PATTERN,
+    JOB_INPUT_MAX_BYTES,
+    JOB_SUBMISSION_MAX_BYTES,
+    RUNTIME_NEEDS,
+    Credits,
     EnhancedHeartbeat,
-    JobAssignment,
     JobStatus,
+    JobSubmission,
 )
 from islands.forms import RenameIslandForm
 from islands.groupcommit import GroupCommit, GroupCommitFailed
 from islands.models import (
     CREDITS_PLACES,
     MAX_JOB_CREDITS,
+    Attempt,
     Beat,
     DispatcherKey,
     DuplicateJob,
     HeartbeatOutcome,
     Island,
-    IslandUnavailable,
+    IslandIneligible,
     Job,
+    JobMoved,
     JobNotFound,
+    JobSpec,
     JobStateConflict,
+    NoEligibleIsland,
     hash_token,
 )
 
@@ -50,6 +59,11 @@ BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 UNAUTHORIZED = "unknown, revoked or expired token: send Authorization: Bearer <token>"
 # An Island polling for work gets at most this many jobs at once.
 POLL_LIMIT = 32
+# An HTTP Island hears in its polls of jobs the dispatcher cancelled this
+# recently, so it stops running them.
+CANCELLED_SHOWN_FOR = timedelta(hours=1)
+# When no Island can take a job: try again once heartbeats may have changed things.
+NO_ISLAND_RETRY_AFTER = 15
 # The Island page lists this many of its newest karma events.
 KARMA_EVENTS_SHOWN = 50
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -127,23 +141,22 @@ def api_heartbeat(request: HttpRequest) -> HttpResponse:
 def api_jobs_poll(request: HttpRequest) -> HttpResponse:
     """The jobs given to the calling Island that it has not started, oldest first.
 
-    Separate from the heartbeat so the heartbeat stays one lean write; fields
-    are named as in the agent's AssignJob.
+    Separate from the heartbeat so the heartbeat stays one lean write; each
+    job is the agent's AssignJob (and its pay, `credits`). `cancelled` lists
+    the jobs the dispatcher withdrew from it lately, to stop running.
     """
     island = _calling_island(request)
     jobs = Job.objects.waiting_for(island)[:POLL_LIMIT]
+    withdrawn = Attempt.objects.filter(
+        island=island,
+        outcome=Attempt.Outcome.WITHDRAWN,
+        finished_at__gte=timezone.now() - CANCELLED_SHOWN_FOR,
+    ).values_list("job__job_id", flat=True)
     return JsonResponse(
         {
             "success": True,
-            "jobs": [
-                {
-                    "job_id": job.job_id,
-                    "workload_id": job.workload,
-                    "credits": str(job.credits),
-                    "lease_expires": int(job.lease_expires_at.timestamp() * 1000),
-                }
-                for job in jobs
-            ],
+            "jobs": [{**job.assign_job(), "credits": str(job.credits)} for job in jobs],
+            "cancelled": list(withdrawn[:POLL_LIMIT]),
         }
     )
 
@@ -162,7 +175,7 @@ def api_job_status(request: HttpRequest, job_id: str) -> HttpResponse:
         outcome = Job.objects.apply_status(island, job_id, report.state, report.error)
     except JobNotFound as exc:
         raise ApiError(404, str(exc)) from None
-    except JobStateConflict as exc:
+    except (JobStateConflict, JobMoved) as exc:
         raise ApiError(409, str(exc)) from None
     if outcome.applied:
         logger.info("event=job_status job_id=%s island_id=%s state=%s", job_id, island.pk, outcome.state)
@@ -172,10 +185,17 @@ def api_job_status(request: HttpRequest, job_id: str) -> HttpResponse:
 # --- The dispatcher's side ---------------------------------------------------------
 
 
-def _credits(sent: str | int | float) -> Decimal:
+def _dispatcher(request: HttpRequest) -> DispatcherKey:
+    key = DispatcherKey.objects.authenticate(bearer_token(request) or "")
+    if key is None:
+        raise ApiError(401, "unknown or revoked dispatcher key", BEARER_CHALLENGE)
+    return key
+
+
+def _credits(sent: Credits, name: str) -> Decimal:
     if isinstance(sent, str):
         if not _CREDITS_TEXT.fullmatch(sent):
-            raise ApiError(400, 'invalid credits: a decimal string such as "2.5", or a number')
+            raise ApiError(400, f'invalid {name}: a decimal string such as "2.5", or a number')
         value = Decimal(sent)
     elif isinstance(sent, int):
         value = Decimal(sent)
@@ -185,58 +205,175 @@ def _credits(sent: str | int | float) -> Decimal:
         # 12 significant digits), so nothing is lost on the way.
         value = Decimal(repr(sent))
     if not value.is_finite() or value < 0 or value > MAX_JOB_CREDITS:
-        raise ApiError(400, f"invalid credits: a number from 0 to {MAX_JOB_CREDITS}")
+        raise ApiError(400, f"invalid {name}: a number from 0 to {MAX_JOB_CREDITS}")
     if value != value.quantize(CREDITS_PLACES):
-        raise ApiError(400, "invalid credits: at most 4 decimal places")
+        raise ApiError(400, f"invalid {name}: at most 4 decimal places")
     return value
 
 
-def _job_json(job: Job) -> dict[str, Any]:
-    return {
+def _spec(body: JobSubmission) -> JobSpec:
+    """The job a submission describes, or a 400 saying what is wrong with it."""
+    if body.island_id is None:
+        if body.budget is None:
+            raise ApiError(400, "invalid body: `budget` is required (the most the job may pay)")
+        if body.credits is not None:
+            raise ApiError(
+                400, "invalid body: `credits` names an amount only with `island_id`; send `budget`"
+            )
+    elif body.budget is None and body.credits is None:
+        raise ApiError(400, "invalid body: send `budget` (or `credits`, the amount to pay)")
+    needs = RUNTIME_NEEDS.get(body.runtime)
+    if needs is not None and getattr(body, needs) is None:
+        # The agent would fail it on the Island, at the Island's expense.
+        raise ApiError(400, f"invalid body: a {body.runtime} job needs `{needs}`")
+    if len(msgspec.json.encode(body.input)) > JOB_INPUT_MAX_BYTES:
+        raise ApiError(413, f"invalid input: at most {JOB_INPUT_MAX_BYTES} bytes of JSON")
+    requirements = body.requirements
+    if requirements is not None and requirements.region is not None and requirements.region.lower() == "auto":
+        raise ApiError(400, 'invalid requirements.region: name a region, not "auto"')
+    credits = _credits(body.credits, "credits") if body.credits is not None else None
+    budget = _credits(body.budget, "budget") if body.budget is not None else credits
+    assert budget is not None
+    if credits is not None and credits > budget:
+        raise ApiError(400, "invalid credits: more than the budget")
+    return JobSpec(
+        job_id=body.job_id,
+        workload=body.workload,
+        lease=timedelta(seconds=body.lease_seconds),
+        budget=budget,
+        runtime=body.runtime,
+        input=body.input,
+        min_vram_mb=requirements.min_vram_mb if requirements else None,
+        region=requirements.region if requirements else None,
+        platform=requirements.platform if requirements else None,
+        artefacts=msgspec.to_builtins(body.artefacts()),
+        credits=credits,
+    )
+
+
+def _same_job(job: Job, spec: JobSpec, island_id: Any) -> bool:
+    """Whether `job` is what `spec` submits: a retry after a lost answer, not a new job."""
+    first = job.attempts.order_by("number").values_list("island_id", flat=True).first()
+    return (
+        job.workload == spec.workload
+        and job.runtime == spec.runtime
+        and job.input == spec.input
+        and job.budget == spec.budget
+        and job.requirements == spec.requirements()
+        and job.artefacts == spec.artefacts
+        and job.lease_seconds == int(spec.lease.total_seconds())
+        and (spec.credits is None or (job.fixed_credits and job.credits == spec.credits))
+        and (island_id is None or first == island_id)
+    )
+
+
+def _job_json(job: Job, history: bool = False) -> dict[str, Any]:
+    island = job.island
+    answer: dict[str, Any] = {
         "job_id": job.job_id,
-        "island_id": str(job.island_id),
+        "island_id": str(island.pk) if island else None,
+        "host_id": island.host_id if island else None,
         "workload": job.workload,
+        "runtime": job.runtime,
         "credits": str(job.credits),
+        "budget": str(job.budget),
         "state": job.state,
+        "attempt": job.attempt,
         "assigned_at": job.assigned_at.isoformat(),
         "lease_expires_at": job.lease_expires_at.isoformat(),
     }
+    if history:
+        answer |= {
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "error": job.error,
+            "attempts": [
+                {
+                    "attempt": attempt.number,
+                    "island_id": str(attempt.island_id),
+                    "host_id": attempt.island.host_id,
+                    "assigned_at": attempt.assigned_at.isoformat(),
+                    "started_at": attempt.started_at.isoformat() if attempt.started_at else None,
+                    "finished_at": attempt.finished_at.isoformat() if attempt.finished_at else None,
+                    "outcome": attempt.outcome or None,
+                    "credits": str(attempt.credits),
+                }
+                for attempt in job.attempts.select_related("island").order_by("number")
+            ],
+        }
+    return answer
 
 
 @json_api
 def api_jobs(request: HttpRequest) -> HttpResponse:
-    """The dispatcher records a job it gave an Island (idempotent per job_id)."""
-    key = DispatcherKey.objects.authenticate(bearer_token(request) or "")
-    if key is None:
-        raise ApiError(401, "unknown or revoked dispatcher key", BEARER_CHALLENGE)
-    body = parse_body(request, JobAssignment)
-    credits = _credits(body.credits)
-    island = Island.objects.active().filter(pk=body.island_id).first()
-    if island is None:
-        raise ApiError(404, f"no active Island {body.island_id}")
+    """The dispatcher submits a job: placed by the coordinator, or given to the Island it names.
+
+    Idempotent per job_id: the same body again answers the same placement.
+    """
+    key = _dispatcher(request)
+    body = parse_body(request, JobSubmission, JOB_SUBMISSION_MAX_BYTES)
+    spec = _spec(body)
+    island = None
+    if body.island_id is not None:
+        island = Island.objects.active().filter(pk=body.island_id).first()
+        if island is None:
+            raise ApiError(404, f"no active Island {body.island_id}")
     try:
-        job = Job.objects.assign(
-            island=island,
-            job_id=body.job_id,
-            workload=body.workload,
-            credits=credits,
-            lease=timedelta(seconds=body.lease_seconds),
-        )
-    except IslandUnavailable as exc:
-        raise ApiError(409, str(exc)) from None
+        job = Job.objects.submit(spec, island=island, key=key)
     except DuplicateJob as exc:
         # A dispatcher retrying after a lost answer gets the same job back;
         # the same id for a different job is a conflict.
-        same = (exc.existing.island_id, exc.existing.workload, exc.existing.credits) == (
-            island.pk,
-            body.workload,
-            credits,
-        )
-        if not same:
-            raise ApiError(409, str(exc)) from None
-        return JsonResponse({"success": True, "created": False, "job": _job_json(exc.existing)})
-    logger.info("event=job_assigned job_id=%s island_id=%s key=%s", job.job_id, island.pk, key.name)
+        if not _same_job(exc.existing, spec, body.island_id):
+            raise ApiError(409, f"{exc}, with another body") from None
+        existing = Job.objects.select_related("island").get(pk=exc.existing.pk)
+        return JsonResponse({"success": True, "created": False, "job": _job_json(existing)})
+    except IslandIneligible as exc:
+        raise ApiError(409, str(exc), fields={"rule": exc.rule.name}) from None
+    except NoEligibleIsland as exc:
+        logger.info("event=job_unplaced job_id=%s key=%s reasons=%s", spec.job_id, key.name, exc.reasons)
+        raise ApiError(
+            503,
+            "no eligible island",
+            {"Retry-After": str(NO_ISLAND_RETRY_AFTER)},
+            fields={"reasons": exc.reasons},
+        ) from None
+    logger.info(
+        "event=job_placed job_id=%s island_id=%s credits=%s key=%s",
+        job.job_id,
+        job.island_id,
+        job.credits,
+        key.name,
+    )
+    job = Job.objects.select_related("island").get(pk=job.pk)
     return JsonResponse({"success": True, "created": True, "job": _job_json(job)}, status=201)
+
+
+def _dispatched(job_id: str) -> Job:
+    job = (
+        Job.objects.select_related("island").filter(job_id=job_id).first() if _JOB_ID.match(job_id) else None
+    )
+    if job is None:
+        raise ApiError(404, "no such job")
+    return job
+
+
+@json_api(methods=("GET",))
+def api_job(request: HttpRequest, job_id: str) -> HttpResponse:
+    """A job as the dispatcher follows it: its state, its Island, and every attempt."""
+    _dispatcher(request)
+    return JsonResponse({"success": True, "job": _job_json(_dispatched(job_id), history=True)})
+
+
+@json_api
+def api_job_cancel(request: HttpRequest, job_id: str) -> HttpResponse:
+    """The dispatcher withdraws a job that has not ended; its Island is told, and loses nothing."""
+    _dispatcher(request)
+    _dispatched(job_id)
+    try:
+        Job.objects.cancel(job_id)
+    except JobStateConflict as exc:
+        raise ApiError(409, str(exc)) from None
+    return JsonResponse({"success": True, "job": _job_json(_dispatched(job_id), history=True)})
 
 
 # --- The person's side: "Your Islands" ---------------------------------------

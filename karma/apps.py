@@ -4,11 +4,11 @@ from typing import Any
 from django.apps import AppConfig
 
 
-def _karma_for_job(sender: Any, *, job_pk: int, now: datetime, **kwargs: Any) -> None:
-    """The job rule, applied in the transaction that ended the job (islands.signals.job_finished)."""
+def _karma_for_job(sender: Any, *, attempt_pk: int, now: datetime, **kwargs: Any) -> None:
+    """The job rule, applied in the transaction that ended the attempt (islands.signals.job_finished)."""
     from karma.models import KarmaEvent
 
-    KarmaEvent.objects.record_job(job_pk, now)
+    KarmaEvent.objects.record_attempt(attempt_pk, now)
 
 
 class KarmaConfig(AppConfig):

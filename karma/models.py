@@ -16,7 +16,7 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
-from islands.models import WATCH_BATCH, Island, Job, StatusChange
+from islands.models import WATCH_BATCH, Attempt, Island, Job, StatusChange
 from karma import rules
 
 if TYPE_CHECKING:
@@ -98,23 +98,31 @@ class KarmaEventManager(models.Manager["KarmaEvent"]):
 
     # --- Jobs ----------------------------------------------------------------------
 
-    def record_job(self, job_pk: int, now: datetime | None = None) -> "KarmaEvent | None":
-        """The job rule: called in the transaction that gave the job its terminal state."""
-        job = Job.objects.filter(pk=job_pk).values(
-            "job_id", "island_id", "state", "assigned_at", "started_at", "finished_at"
+    def record_attempt(self, attempt_pk: int, now: datetime | None = None) -> "KarmaEvent | None":
+        """The job rule, for one attempt at a job: called in the transaction that ended the attempt.
+
+        Each attempt is judged once (a unique constraint per attempt): a job
+        that timed out on one Island and succeeded on another costs the first
+        and rewards the second.
+        """
+        attempt = Attempt.objects.filter(pk=attempt_pk).values(
+            "job_id", "job__job_id", "island_id", "outcome", "assigned_at", "started_at", "finished_at"
         )[0]
-        change = rules.for_job(job["job_id"], job["state"], job["assigned_at"], job["started_at"])
+        change = rules.for_job(
+            attempt["job__job_id"], attempt["outcome"], attempt["assigned_at"], attempt["started_at"]
+        )
         if change is None:
             return None
-        assert job["finished_at"] is not None  # set with every terminal state
+        assert attempt["finished_at"] is not None  # set with every outcome
         return self.apply(
-            job["island_id"],
+            attempt["island_id"],
             change.delta,
             cause=KarmaEvent.Cause.JOB,
             reason=change.reason,
-            effective_at=job["finished_at"],
+            effective_at=attempt["finished_at"],
             now=now,
-            job_id=job_pk,
+            job_id=attempt["job_id"],
+            attempt_id=attempt_pk,
         )
 
     # --- Disconnections --------------------------------------------------------------
@@ -283,6 +291,10 @@ class KarmaEvent(models.Model):
 
     # The cause: exactly the fields of its kind are set (karmaevent_cause_shape).
     job = models.ForeignKey(Job, null=True, blank=True, on_delete=models.CASCADE, related_name="karma_events")
+    # Which attempt at the job: a job placed again after a timeout is judged per Island.
+    attempt = models.ForeignKey(
+        Attempt, null=True, blank=True, on_delete=models.CASCADE, related_name="karma_events"
+    )
     # The silence that opened the disconnection, and which step of it this is.
     status_change = models.ForeignKey(
         StatusChange, null=True, blank=True, on_delete=models.CASCADE, related_name="karma_events"
@@ -302,7 +314,9 @@ class KarmaEvent(models.Model):
             # a watcher that runs twice or two watchers at once collide on
             # one of these, and the second insert fails. Admin events are
             # exempt: two adjustments are two adjustments.
-            models.UniqueConstraint(fields=["job"], condition=Q(cause="job"), name="karmaevent_once_per_job"),
+            models.UniqueConstraint(
+                fields=["attempt"], condition=Q(cause="job"), name="karmaevent_once_per_attempt"
+            ),
             models.UniqueConstraint(
                 fields=["status_change", "step"],
                 condition=Q(cause="disconnection"),
@@ -313,7 +327,13 @@ class KarmaEvent(models.Model):
             ),
             models.CheckConstraint(
                 condition=(
-                    Q(cause="job", job__isnull=False, status_change__isnull=True, day__isnull=True)
+                    Q(
+                        cause="job",
+                        job__isnull=False,
+                        attempt__isnull=False,
+                        status_change__isnull=True,
+                        day__isnull=True,
+                    )
                     | Q(
                         cause="disconnection",
                         status_change__isnull=False,
@@ -351,7 +371,7 @@ class KarmaEvent(models.Model):
 # The fields that identify each kind of cause, as its unique constraint does
 # (per Island, for uptime days). Admin events have none.
 CAUSE_KEYS: dict[str, tuple[str, ...]] = {
-    KarmaEvent.Cause.JOB: ("job",),
+    KarmaEvent.Cause.JOB: ("attempt",),
     KarmaEvent.Cause.DISCONNECTION: ("status_change", "step"),
     KarmaEvent.Cause.UPTIME: ("day",),
 }

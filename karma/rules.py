@@ -147,7 +147,7 @@ class Change:
 
 
 def for_job(job_id: str, state: str, assigned_at: datetime, started_at: datetime | None) -> Change | None:
-    """The karma a job's terminal state earns; None when it changes nothing (cancelled)."""
+    """The karma a job's outcome earns; None when it changes nothing (cancelled, by anyone)."""
     match state:
         case "succeeded":
             if started_at is None:
@@ -165,7 +165,7 @@ def for_job(job_id: str, state: str, assigned_at: datetime, started_at: datetime
             return Change(JOB_FAILED, f"Job {job_id} failed")
         case "timed_out":
             return Change(JOB_TIMED_OUT, f"Job {job_id} timed out: no final state before its lease expired")
-        case "cancelled":
+        case "cancelled" | "withdrawn":
             return None
         case _:
             raise ValueError(f"{state!r} is not a terminal job state")

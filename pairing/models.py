@@ -466,6 +466,8 @@ class PairingCode(ExpiringCode):
             owner=user,
             host_id=self.host_id,
             kind=Island.Kind.DESKTOP,
+            # The agent asks over NATS and takes its jobs there; the simulator, over HTTP.
+            transport=Island.Transport.NATS if self.channel == self.Channel.NATS else Island.Transport.HTTP,
             agent_version=self.agent_version,
             paired_at=now,
         )
@@ -495,7 +497,7 @@ type SessionState = Literal["waiting", "paired", "expired"]
 
 LINKED_ELSEWHERE = "this phone is linked to another account; remove it there before pairing it with this one"
 # What pairing a phone sets on its Island, and all it changes on a known one.
-PHONE_FIELDS = ["platform", "device_model", "os_version", "runtime", "accelerator", "cpu_cores", "ram_mb"]
+PHONE_FIELDS = ["platform", "device_model", "os_version", "runtime", "runtimes", "accelerator", "cpu_cores", "ram_mb"]
 # How the page names a phone's runtime: "Paired: iPhone 15 Pro (CoreML / ANE)".
 RUNTIME_LABELS = {"coreml": "CoreML", "onnx": "ONNX"}
 

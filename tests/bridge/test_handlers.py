@@ -25,6 +25,7 @@ from pairing import limits
 from pairing.models import PairingCode
 from tests.conftest import CAPABILITIES, HOST_ID
 from tests.islands.conftest import AGENT_HEARTBEAT, T0, make_island
+from tests.islands.conftest import give_job as record_job
 
 OTHER_HOST = "7d444840-9dc0-11d1-b245-5ffdce74fad2"
 REGISTERED = msgspec.convert(CAPABILITIES, Capabilities)
@@ -44,7 +45,7 @@ class FakeMessage:
 
 
 def give_job(island: Island, job_id: str = "j1", lease: timedelta = timedelta(minutes=5)) -> Job:
-    return Job.objects.assign(
+    return record_job(
         island=island, job_id=job_id, workload="llm-chat", credits=Decimal("2.5"), lease=lease, now=T0
     )
 

@@ -30,7 +30,7 @@ from archipelag.nats import Bridge, Subjects
 from islands.models import Island, Job
 from pairing.models import PairingCode
 from tests.conftest import BASE_DIR, CAPABILITIES, HOST_ID, _free_port, _test_database_url
-from tests.islands.conftest import AGENT_HEARTBEAT, make_island
+from tests.islands.conftest import AGENT_HEARTBEAT, give_job, make_island
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -194,7 +194,7 @@ def test_a_heartbeat_naming_another_host_in_its_body_is_dropped(agent, island, b
 
 
 def test_statuses_update_the_ledger_exactly_once_under_redelivery(agent, island, bridge):
-    Job.objects.assign(
+    give_job(
         island=island, job_id="j1", workload="llm-chat", credits=Decimal("2.5"), lease=timedelta(minutes=5)
     )
     for state in ("started", "streaming", "succeeded", "succeeded", "failed"):
@@ -216,7 +216,7 @@ def test_statuses_update_the_ledger_exactly_once_under_redelivery(agent, island,
 
 def test_a_host_cannot_settle_another_hosts_job(agent, island, bridge, bob):
     bobs = make_island(bob, host_id="bobs-host-0001")
-    Job.objects.assign(
+    give_job(
         island=bobs, job_id="bobs-job", workload="llm-chat", credits=Decimal("9"), lease=timedelta(minutes=5)
     )
     agent.send("status", {"job_id": "bobs-job", "state": "failed", "error": "forged"})
@@ -227,7 +227,7 @@ def test_a_host_cannot_settle_another_hosts_job(agent, island, bridge, bob):
 
 
 def test_lease_renewals_extend_the_hosts_running_job(agent, island, bridge):
-    job = Job.objects.assign(
+    job = give_job(
         island=island, job_id="j1", workload="llm-chat", credits=Decimal("1"), lease=timedelta(seconds=20)
     )
     agent.send("lease", {"job_id": "j1", "extend_seconds": 60})

@@ -46,7 +46,7 @@ from tests.faults.conftest import (
     wait_for,
     waiting_on_a_lock,
 )
-from tests.islands.conftest import MINIMAL_HEARTBEAT, make_island
+from tests.islands.conftest import MINIMAL_HEARTBEAT, give_job, make_island
 from tests.pairing.conftest import IPHONE, MOBILE_PAIR
 
 DROPS = ["restart", "terminate"]
@@ -196,7 +196,7 @@ def test_the_watcher_keeps_recording_after_its_connection_drops(spawn, pg_proxy,
 def test_the_bridge_applies_a_job_status_whose_connection_drops(spawn, pg_proxy, nats_server, alice, how):
     """Core NATS delivers a status once: the bridge tries it again on a new connection."""
     island = make_island(alice)
-    job = Job.objects.assign(
+    job = give_job(
         island=island, job_id="dropped-1", workload="llm-chat", credits=Decimal(2), lease=timedelta(minutes=5)
     )
     prefix = f"faults{uuid.uuid4().hex[:12]}."

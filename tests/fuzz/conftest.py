@@ -36,11 +36,11 @@ from django.utils import timezone
 from hypothesis import HealthCheck, settings
 
 from islands.agent import Capabilities, HostRegistration
-from islands.models import DispatcherKey, Island, Job, StatusChange
+from islands.models import Attempt, DispatcherKey, DrawClock, Island, Job, OutboxMessage, StatusChange
 from karma.models import KarmaEvent, UptimeSweep
 from pairing.models import MobilePairingSession, OpenedSession, PairingCode
 from tests.conftest import CAPABILITIES
-from tests.islands.conftest import make_island
+from tests.islands.conftest import give_job, make_island
 
 settings.register_profile(
     "ci",
@@ -103,6 +103,11 @@ class World:
 def world(alice: User, bob: User) -> World:
     now = timezone.now()
     island = make_island(alice)
+    # Online for a while (until its next heartbeat says otherwise), with room:
+    # jobs may be placed on it.
+    Island.objects.filter(pk=island.pk).update(
+        status=Island.Status.ONLINE, offline_after=now + timedelta(minutes=10), capacity=64
+    )
     bob_island = make_island(bob, host_id=OTHER_HOST)
     make_island(alice, host_id=SUSPENDED_HOST, suspended_at=now)
     Island.objects.create(owner=bob, host_id=BOB_PHONE_HOST, kind=Island.Kind.MOBILE, device_model="Pixel 8")
@@ -110,14 +115,10 @@ def world(alice: User, bob: User) -> World:
 
     lease = timedelta(minutes=30)
     for job_id, state in [("job-0001", None), ("job-0002", "started"), ("job-0003", "succeeded")]:
-        Job.objects.assign(
-            island=island, job_id=job_id, workload="llm-chat", credits=Decimal("2.5"), lease=lease
-        )
+        give_job(island=island, job_id=job_id, workload="llm-chat", credits=Decimal("2.5"), lease=lease)
         if state:
             Job.objects.apply_status(island, job_id, state)
-    Job.objects.assign(
-        island=bob_island, job_id="job-bob", workload="llm-chat", credits=Decimal(1), lease=lease
-    )
+    give_job(island=bob_island, job_id="job-bob", workload="llm-chat", credits=Decimal(1), lease=lease)
 
     device_secrets = {}
     for host_id in (PENDING_HOST, REDEEMED_HOST, COLLECTED_HOST):
@@ -159,6 +160,9 @@ WATCHED_MODELS: list[type[models.Model]] = [
     Island,
     StatusChange,
     Job,
+    Attempt,
+    OutboxMessage,
+    DrawClock,
     DispatcherKey,
     KarmaEvent,
     UptimeSweep,

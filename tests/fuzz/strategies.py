@@ -30,8 +30,8 @@ from islands.agent import (
     EnhancedHeartbeat,
     GpuMetrics,
     HostRegistration,
-    JobAssignment,
     JobStatus,
+    JobSubmission,
     PerformanceEstimates,
     PollRequest,
     SystemMetrics,
@@ -48,7 +48,7 @@ STRUCTS: list[type[msgspec.Struct]] = [
     ActiveJobMetrics,
     PerformanceEstimates,
     JobStatus,
-    JobAssignment,
+    JobSubmission,
     MobilePairRequest,
     MobileDevice,
 ]

@@ -21,7 +21,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from archipelag.secrets import hash_secret
-from islands.models import HEARTBEAT_FIELDS, LEDGER_FIELDS, Island, Job, StatusChange
+from islands.models import (
+    HEARTBEAT_FIELDS,
+    LEDGER_FIELDS,
+    Attempt,
+    DrawClock,
+    Island,
+    Job,
+    OutboxMessage,
+    StatusChange,
+)
 from karma.models import KarmaEvent
 from pairing.codes import ALPHABET, hash_code
 from pairing.models import PHONE_FIELDS, MobilePairingSession, PairingCode
@@ -204,8 +213,11 @@ def job_status_accepted(x: Exchange) -> None:
     if not x.payload["applied"]:
         x.nothing_written()
         return
-    x.only(Job, Island, KarmaEvent)
+    x.only(Job, Attempt, Island, KarmaEvent)
     assert x.changes[Job].changed.keys() == {job.pk} and not x.changes[Job].added
+    if Attempt in x.changes:
+        [attempt] = x.changes[Attempt].changed
+        assert Attempt.objects.get(pk=attempt).job_id == job.pk
     assert x.changes[Job].changed[job.pk] <= {"state", "started_at", "finished_at", "error"}
     if Island in x.changes:
         assert x.changes[Island].changed.keys() == {island.pk}
@@ -222,16 +234,20 @@ def jobs_accepted(x: Exchange) -> None:
         return
     assert x.status == 201 and x.payload["created"] is True
     documented(JOB_ID_FORMAT, body["job_id"])
-    if not isinstance(body["credits"], Number):
-        documented(CREDITS_FORMAT, body["credits"])
-    x.only(Job)
+    for name in ("credits", "budget"):
+        if name in body and not isinstance(body[name], Number):
+            documented(CREDITS_FORMAT, body[name])
+    # The job, its first attempt, the slot on its Island (and, when drawn, the
+    # draw's clocks); an AssignJob only for an Island on NATS.
+    x.only(Job, Attempt, Island, DrawClock, OutboxMessage)
     [row] = x.changes[Job].added
     assert not x.changes[Job].changed
-    assert (row["job_id"], row["island_id"], row["state"]) == (
-        body["job_id"],
-        uuid.UUID(body["island_id"]),
-        "assigned",
-    )
+    island_id = uuid.UUID(body["island_id"]) if "island_id" in body else row["island_id"]
+    assert (row["job_id"], row["island_id"], row["state"]) == (body["job_id"], island_id, "assigned")
+    [attempt] = x.changes[Attempt].added
+    assert (attempt["job_id"], attempt["island_id"], attempt["number"]) == (row["id"], island_id, 1)
+    assert x.changes[Island].changed.keys() == {island_id}
+    assert x.changes[Island].changed[island_id] <= {"jobs_running", "draw_next", "draw_consumed"}
 
 
 def ping_accepted(x: Exchange) -> None:
@@ -323,6 +339,18 @@ ENDPOINTS = [
                 "island_id": str(w.island.pk),
                 "workload": "llm-chat",
                 "credits": "2.5",
+                "lease_seconds": 300,
+            },
+            {
+                "job_id": "job-drawn-1",
+                "workload": "llm-chat",
+                "runtime": "container",
+                "input": {"prompt": "Hello", "max_tokens": [1, 2.5, None]},
+                "budget": "2.5",
+                "requirements": {"min_vram_mb": 1024, "platform": "desktop"},
+                "container_image": "registry.example.com/llm-chat:latest",
+                "image_digest": "sha256:abcdef1234567890",
+                "sandbox_tier": "standard",
                 "lease_seconds": 300,
             },
             {

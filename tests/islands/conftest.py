@@ -3,16 +3,20 @@
 import copy
 import json
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import msgspec
 import pytest
 from django.contrib.auth.models import User
+from django.db import transaction
+from django.db.models import F
 from django.test import Client
+from django.utils import timezone
 
 from islands.agent import REFERENCE_HEARTBEAT, EnhancedHeartbeat
-from islands.models import Beat, HeartbeatOutcome, Island
+from islands.models import Beat, HeartbeatOutcome, Island, Job, JobSpec, Seat
 from tests.conftest import HOST_ID
 
 # A fixed instant to travel to; tests move the clock from here.
@@ -34,6 +38,29 @@ def beat(
     heartbeat = msgspec.convert({"status": status, **fields}, EnhancedHeartbeat)
     batch = [islands] if isinstance(islands, Island) else list(islands)
     return Island.objects.record_heartbeats([Beat(heartbeat, at, host_id=island.host_id) for island in batch])
+
+
+def give_job(
+    *,
+    island: Island,
+    job_id: str,
+    workload: str = "llm-chat",
+    credits: Decimal = Decimal(1),
+    lease: timedelta = timedelta(minutes=5),
+    now: datetime | None = None,
+) -> Job:
+    """Record that `island` holds a job for a fixed amount, as a placement on it would.
+
+    Whatever placement's rules would say (online, capacity...): for tests of
+    what happens to a job once it has an Island. Placement itself is tested
+    through Job.objects.submit (tests/islands/test_placement.py).
+    """
+    now = now or timezone.now()
+    spec = JobSpec(job_id=job_id, workload=workload, lease=lease, budget=credits, credits=credits)
+    with transaction.atomic():
+        Island.objects.filter(pk=island.pk).update(jobs_running=F("jobs_running") + 1)
+        seat = Seat(island.pk, island.host_id, island.transport, credits)
+        return Job.objects._record(spec, seat, now, None)
 
 
 def make_island(owner: User, host_id: str = HOST_ID, **fields: Any) -> Island:

@@ -12,10 +12,11 @@ import time_machine
 from django.core.management import call_command
 from django.db import connection
 from django.db.models import Count, Q, Sum
+from django.utils import timezone
 
 from archipelag.management.commands.watch_islands import Command as Watcher
-from islands.models import DispatcherKey, Island, Job, JobStateConflict
-from tests.islands.conftest import T0, make_island, post_json
+from islands.models import Attempt, DispatcherKey, Island, Job, JobMoved, JobStateConflict
+from tests.islands.conftest import T0, beat, give_job, make_island, post_json
 
 JOBS = "/api/v1/jobs"
 POLL = "/api/v1/islands/jobs/poll"
@@ -34,7 +35,10 @@ def dispatcher_key(db):
 
 @pytest.fixture
 def assign(client, dispatcher_key, island):
+    """Give a job to a named Island over HTTP (the explicit form); the Island is online, with room."""
+
     def send(job_id="job-0001", island_id=None, credits="2.5", lease_seconds=60, **extra):
+        beat(island, timezone.now(), performance_estimates={"max_concurrent_containers": 8})
         payload = {
             "job_id": job_id,
             "island_id": str(island_id or island.pk),
@@ -59,7 +63,7 @@ def report(client, token):
 
 
 def give(island, job_id="job-0001", credits="2.5", lease=timedelta(minutes=5), now=None):
-    return Job.objects.assign(
+    return give_job(
         island=island, job_id=job_id, workload="llm-chat", credits=Decimal(credits), lease=lease, now=now
     )
 
@@ -82,9 +86,13 @@ def test_the_dispatcher_records_a_job(assign, island):
         "job": {
             "job_id": "job-0001",
             "island_id": str(island.pk),
+            "host_id": island.host_id,
             "workload": "llm-chat",
+            "runtime": "container",
             "credits": "2.5000",
+            "budget": "2.5000",
             "state": "assigned",
+            "attempt": 1,
             "assigned_at": "2026-03-01T12:00:00+00:00",
             "lease_expires_at": "2026-03-01T12:01:00+00:00",
         },
@@ -118,7 +126,7 @@ def test_the_same_job_id_for_another_job_is_a_conflict(assign, alice):
     assert assign(credits="9").status_code == 409
     response = assign(island_id=other.pk)
     assert response.status_code == 409
-    assert response.json()["error"] == "job_id job-0001 is already recorded"
+    assert response.json()["error"] == "job_id job-0001 is already recorded, with another body"
     assert Job.objects.get().credits == Decimal("2.5")
 
 
@@ -158,7 +166,11 @@ def test_jobs_go_only_to_active_islands(assign, island, alice):
     suspended = make_island(alice, "suspended-host-01", suspended_at=T0)
     response = assign(job_id="job-s", island_id=suspended.pk)
     assert response.status_code == 409
-    assert response.json()["error"] == "this Island is suspended"
+    assert response.json() == {
+        "success": False,
+        "error": "this Island cannot take the job: it is suspended",
+        "rule": "suspended",
+    }
     island.remove()
     assert assign(job_id="job-r").status_code == 404
     assert not Job.objects.exists()
@@ -188,8 +200,9 @@ def test_jobs_go_only_to_active_islands(assign, island, alice):
         ({"job_id": ""}, "invalid job_id"),
         ({"island_id": "not-a-uuid"}, "invalid island_id"),
         ({"workload": None}, "invalid workload"),
-        # PostgreSQL cannot store NUL: this was a 500 there.
-        ({"workload": "llm\x00chat"}, "invalid workload: Expected `str` without NUL characters"),
+        # PostgreSQL cannot store NUL: this was a 500 there. A workload is a
+        # name (it keys the Islands' prices), so any odd character is refused.
+        ({"workload": "llm\x00chat"}, "invalid workload: Expected `str` matching regex"),
     ],
 )
 def test_an_invalid_assignment_gets_400_and_writes_nothing(assign, change, message):
@@ -229,16 +242,21 @@ def test_an_island_polls_for_the_jobs_it_has_not_started(client, island, token, 
             {
                 "job_id": "job-a",
                 "workload_id": "llm-chat",
+                "input": None,
+                "runtime_type": "container",
                 "credits": "2.5000",
                 "lease_expires": 1772366700000,
             },
             {
                 "job_id": "job-b",
                 "workload_id": "llm-chat",
+                "input": None,
+                "runtime_type": "container",
                 "credits": "1.0000",
                 "lease_expires": 1772366700000,
             },
         ],
+        "cancelled": [],
     }
 
 
@@ -410,14 +428,20 @@ def test_the_body_may_name_the_same_job_and_unknown_fields_are_ignored(client, t
 
 
 def test_a_job_whose_lease_passes_is_failed_as_a_timeout(island):
+    """Timed out on its Island; with no other Island to take it, it waits a lease, then fails."""
     give(island, lease=timedelta(seconds=60), now=T0)
     assert Watcher().handle_one(T0 + timedelta(seconds=59.9)).timeouts == 0
     assert Watcher().handle_one(T0 + timedelta(seconds=60.1)).timeouts == 1
     job = Job.objects.get()
-    assert job.state == State.TIMED_OUT
-    assert job.finished_at == T0 + timedelta(seconds=60)
+    assert (job.state, job.island) == (State.QUEUED, None)
+    assert job.attempts.get().outcome == "timed_out"
+    assert job.attempts.get().finished_at == T0 + timedelta(seconds=60)
     assert counters(island) == (0, 1, Decimal(0))
-    assert Watcher().handle_one(T0 + timedelta(minutes=5)).timeouts == 0
+    step = Watcher().handle_one(T0 + timedelta(minutes=5))
+    assert (step.timeouts, step.requeued) == (0, 1)
+    job.refresh_from_db()
+    assert job.state == State.TIMED_OUT
+    assert job.finished_at == T0 + timedelta(seconds=120.1)
     assert counters(island) == (0, 1, Decimal(0))
 
 
@@ -439,20 +463,22 @@ def test_finished_jobs_never_time_out(report, island):
 
 
 def ledger_totals(island):
-    return Job.objects.filter(island=island).aggregate(
-        completed=Count("pk", filter=Q(state=State.SUCCEEDED)),
-        failed=Count("pk", filter=Q(state__in=[State.FAILED, State.TIMED_OUT])),
-        earned=Sum("credits", filter=Q(state=State.SUCCEEDED), default=Decimal(0)),
+    return Attempt.objects.filter(island=island).aggregate(
+        completed=Count("pk", filter=Q(outcome="succeeded")),
+        failed=Count("pk", filter=Q(outcome__in=["failed", "timed_out"])),
+        earned=Sum("credits", filter=Q(outcome="succeeded"), default=Decimal(0)),
     )
 
 
 def assert_counters_match_the_ledger():
     for island in Island.objects.all():
         totals = ledger_totals(island)
-        assert (island.jobs_completed, island.jobs_failed, island.earnings) == (
+        running = Job.objects.filter(island=island, state__in=Job.ACTIVE_STATES).count()
+        assert (island.jobs_completed, island.jobs_failed, island.earnings, island.jobs_running) == (
             totals["completed"],
             totals["failed"],
             totals["earned"],
+            running,
         ), island.host_id
 
 
@@ -471,7 +497,7 @@ def test_counters_equal_the_ledger_after_a_random_mix_of_reports(alice, seed):
         job = rng.choice(jobs)
         # The same report twice now and then, as JetStream redelivers.
         for _ in range(rng.choice([1, 1, 2, 3])):
-            with contextlib.suppress(JobStateConflict):
+            with contextlib.suppress(JobStateConflict, JobMoved):
                 Job.objects.apply_status(
                     job.island, job.job_id, rng.choice(states), now=T0 + timedelta(seconds=minute)
                 )
@@ -494,7 +520,7 @@ def test_racing_reports_of_one_job_count_it_once(postgres, alice):
         try:
             barrier.wait()
             for job in jobs:
-                with contextlib.suppress(JobStateConflict):
+                with contextlib.suppress(JobStateConflict, JobMoved):
                     Job.objects.apply_status(island, job.job_id, state)
         except Exception as exc:
             errors.append(exc)

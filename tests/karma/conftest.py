@@ -9,7 +9,7 @@ from django.contrib.auth.models import User
 from archipelag.management.commands.watch_islands import Command as Watcher
 from islands.models import Island, Job
 from karma.models import KarmaEvent
-from tests.islands.conftest import T0, beat, make_island
+from tests.islands.conftest import T0, beat, give_job, make_island
 
 __all__ = ["T0", "beat", "make_island"]
 
@@ -38,7 +38,7 @@ def watch(now: datetime):
 
 
 def give(island: Island, job_id: str, at: datetime, lease: timedelta = timedelta(minutes=5)) -> Job:
-    return Job.objects.assign(
+    return give_job(
         island=island, job_id=job_id, workload="llm-chat", credits=Decimal(1), lease=lease, now=at
     )
 

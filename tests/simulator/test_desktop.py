@@ -18,7 +18,7 @@ from django.test import Client
 from islands.models import Island, Job, StatusChange
 from pairing.models import PairingCode
 from simulator.desktop import SIMULATOR_VERSION, IslandSimulator, State, TokenRevoked
-from tests.islands.conftest import make_island
+from tests.islands.conftest import give_job, make_island
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 CODE_LINE = re.compile(r"^Pairing code: ([0-9A-Z]{6})$", re.MULTILINE)
@@ -127,7 +127,7 @@ def paired_state(path, island, url):
 
 
 def give(island, job_id, workload="llm-chat"):
-    Job.objects.assign(
+    give_job(
         island=island, job_id=job_id, workload=workload, credits=Decimal("1.5"), lease=timedelta(minutes=5)
     )
 

@@ -22,17 +22,18 @@ class Step:
     silences: int
     timeouts: int
     karma: int = 0
+    requeued: int = 0
 
     @property
     def full(self) -> bool:
         """A full batch means more may be waiting: go again without sleeping."""
-        return self.silences >= WATCH_BATCH or self.timeouts >= WATCH_BATCH or self.karma >= WATCH_BATCH
+        return max(self.silences, self.timeouts, self.karma, self.requeued) >= WATCH_BATCH
 
 
 class Command(BaseCommand):
     help = (
         "Watch Islands: record each one that stops sending heartbeats as offline, "
-        "fail as timed out the jobs whose lease expired, and apply the karma rules "
+        "time out the jobs whose lease expired and place them again, and apply the karma rules "
         "for disconnections and days of uptime. "
         "Runs until stopped (Ctrl-C or SIGTERM); any number may run at once."
     )
@@ -52,6 +53,11 @@ class Command(BaseCommand):
         timeouts = Job.objects.time_out_expired(now)
         for job_id in timeouts:
             logger.info("event=job_timed_out job_id=%s", job_id)
+        # Jobs waiting for an Island since a timeout: placed, or failed at last.
+        requeued = Job.objects.place_queued(now)
+        # Fresh draw turns for Islands left behind (docs/dispatch.md), so draws
+        # do not walk past them.
+        Island.objects.refresh_turns()
         # After the silences, so that an incident recorded just now is seen;
         # every charge is dated by recorded times, not by this step's clock.
         karma = KarmaEvent.objects.run_rules(now)
@@ -63,7 +69,7 @@ class Command(BaseCommand):
                 event.delta,
                 event.score_after,
             )
-        return Step(silences=len(silences), timeouts=len(timeouts), karma=len(karma))
+        return Step(silences=len(silences), timeouts=len(timeouts), karma=len(karma), requeued=requeued)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["once"]:
