@@ -4,6 +4,7 @@ import logging
 import operator
 import random
 import re
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -425,9 +426,7 @@ class IslandManager(_IslandManagerBase["Island"]):
         assert found is not None
         return Seat(found["pk"], found["host_id"], found["transport"], found[ASK])
 
-    def draw(
-        self, spec: "JobSpec", now: datetime, rng: random.Random, exclude: Iterable[Any] = ()
-    ) -> "Seat | None":
+    def draw(self, spec: "JobSpec", now: datetime, rng: random.Random, exclude: Iterable[Any] = ()) -> "Draw":
         """Draw an eligible Island for `spec`, each with a chance in proportion to its weight; reserve a slot.
 
         The draw is a race of exponential clocks (docs/dispatch.md): each
@@ -437,39 +436,97 @@ class IslandManager(_IslandManagerBase["Island"]):
         Islands in line are read in turn order from an index, so a draw costs
         a few rows, not the fleet. An Island whose turn fell behind the
         draw's clock (it was away, or could not take the jobs placed
-        meanwhile) draws a fresh turn first, so it is neither owed jobs nor
+        meanwhile) competes with a fresh turn, so it is neither owed jobs nor
         owes them. Each Island's chance is exactly its weight's share among
-        those eligible. The walk locks its winner (FOR NO KEY UPDATE), and
-        PostgreSQL re-checks the winner's rules once locked, so concurrent
-        draws never put an Island past its capacity.
+        those eligible.
+
+        Nothing is locked while reading; the winner is taken with one
+        conditional UPDATE on the very turn it was read with and on its
+        capacity, which PostgreSQL re-checks on the row's latest version. So
+        a placement locks one Island (and the clock, last): concurrent draws
+        cannot deadlock, never overfill an Island, and one that loses the
+        Island to another draws again.
         """
-        clock = DrawClock.now()
-        candidates = self.placeable(spec, now).exclude(pk__in=list(exclude))
+        eligible = self.placeable(spec, now).exclude(pk__in=list(exclude)).order_by("draw_next", "pk")
         fields = ("pk", "host_id", "transport", "karma", "draw_next", ASK)
-        full: list[Any] = []
-        for _ in range(10_000):  # each pass refreshes a turn or takes a seat
-            walk = candidates.exclude(pk__in=full).order_by("draw_next")
-            row = next(iter(walk.select_for_update(no_key=True).values(*fields)[:1]), None)
-            if row is None:
-                return None
-            turn = row["draw_next"]
-            if turn < clock:
-                self._refresh_turns(clock, rng)
-                continue
-            won = self.filter(pk=row["pk"], jobs_running__lt=F("capacity")).update(
-                jobs_running=F("jobs_running") + 1,
-                draw_consumed=turn,
-                draw_next=turn + rng.expovariate(1.0) / _weight(row["karma"]),
+        stale = 0
+        for round_ in range(DRAW_ROUNDS):
+            clock = DrawClock.now()
+            passed: list[Any] = []  # held by another placement this round
+            for _ in range(DRAW_TRIES):
+                best = self._first_turn(eligible.exclude(pk__in=passed).values(*fields), clock, rng)
+                stale += best.stale
+                if best.row is None:
+                    break
+                row, turn = best.row, best.turn
+                following = turn + rng.expovariate(1.0) / _weight(row["karma"])
+                if self._take_turn(row["pk"], row["draw_next"], turn, following):
+                    DrawClock.objects.filter(pk=1, time__lt=turn).update(time=turn)
+                    return Draw(Seat(row["pk"], row["host_id"], row["transport"], row[ASK]), stale)
+                # Another placement holds it, or took that turn first.
+                passed.append(row["pk"])
+            if not passed:
+                return Draw(None, stale)  # none eligible, contention or not
+            # Everything eligible was being taken at this instant: a moment, then again.
+            time.sleep(rng.uniform(0.001, 0.005) * (round_ + 1))
+        return Draw(None, stale)
+
+    def _first_turn(
+        self, walk: "models.QuerySet[Any, dict[str, Any]]", clock: float, rng: random.Random
+    ) -> "Turn":
+        """The row whose turn falls first, reading `walk` (in turn order) only as far as needed.
+
+        Turns behind the clock come first in that order; each competes with a
+        fresh turn drawn now, as if refresh_turns had drawn it.
+        """
+        best = Turn(None, 0.0, 0)
+        offset = 0
+        while True:
+            rows = list(walk[offset : offset + WALK_BATCH])
+            for row in rows:
+                recorded = row["draw_next"]
+                if recorded >= clock:
+                    # Every row after this one has a later turn.
+                    if best.row is None or recorded < best.turn:
+                        return Turn(row, recorded, best.stale)
+                    return best
+                turn = clock + rng.expovariate(1.0) / _weight(row["karma"])
+                if best.row is None or turn < best.turn:
+                    best = Turn(row, turn, best.stale + 1)
+                else:
+                    best = Turn(best.row, best.turn, best.stale + 1)
+            if len(rows) < WALK_BATCH:
+                return best
+            offset += WALK_BATCH
+
+    def _take_turn(self, pk: Any, recorded: float, turn: float, following: float) -> bool:
+        """Take a slot on the Island and its turn, unless another placement got there first.
+
+        Never waits: on PostgreSQL the row is locked with SKIP LOCKED, so an
+        Island another transaction holds this instant (a placement, a
+        heartbeat batch) is passed over, and its turn stays for the next
+        draw. Waiting could deadlock: an UPDATE that waited for a row and found
+        it changed still holds it (READ COMMITTED locks the newest version
+        before re-checking). The condition (the turn it was read with, a free
+        slot) is checked on the locked row itself.
+        """
+        connection = connections[self.db]
+        if connection.vendor != "postgresql":
+            # SQLite serialises writers: a plain compare-and-set decides.
+            return bool(
+                self.filter(pk=pk, draw_next=recorded, jobs_running__lt=F("capacity")).update(
+                    jobs_running=F("jobs_running") + 1, draw_consumed=turn, draw_next=following
+                )
             )
-            if not won:
-                # Filled since the walk read it (only where rows are not locked).
-                full.append(row["pk"])
-                if len(full) >= DRAW_TRIES:
-                    return None
-                continue
-            DrawClock.objects.filter(pk=1, time__lt=turn).update(time=turn)
-            return Seat(row["pk"], row["host_id"], row["transport"], row[ASK])
-        raise RuntimeError("the draw did not settle")  # pragma: no cover
+        table = connection.ops.quote_name(self.model._meta.db_table)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} SET jobs_running = jobs_running + 1, draw_consumed = %s, draw_next = %s "  # noqa: S608
+                f"WHERE id = (SELECT id FROM {table} WHERE id = %s AND draw_next = %s "
+                "AND jobs_running < capacity FOR NO KEY UPDATE SKIP LOCKED)",
+                [turn, following, pk, recorded],
+            )
+            return bool(cursor.rowcount == 1)
 
     def _refresh_turns(self, clock: float, rng: random.Random) -> int:
         """Give the Islands whose turn fell behind `clock` (or never came) a fresh one, oldest first."""
@@ -1140,6 +1197,23 @@ def _weight(karma: Decimal) -> float:
 
 
 @dataclass(frozen=True)
+class Draw:
+    """What a draw found: a seat, or none; and how many turns it found behind the clock."""
+
+    seat: "Seat | None"
+    stale: int
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The first turn a walk found: its row (or none), when it falls, and the stale turns passed."""
+
+    row: dict[str, Any] | None
+    turn: float
+    stale: int
+
+
+@dataclass(frozen=True)
 class Seat:
     """A slot reserved on an Island for one job, and what the job pays it."""
 
@@ -1160,11 +1234,19 @@ class DrawClock(models.Model):
 
     @classmethod
     def now(cls) -> float:
-        """The draw's time now (the row is made on first use)."""
+        """The draw's time now (the row is made on first use; a migration makes it too)."""
         time = cls.objects.filter(pk=1).values_list("time", flat=True).first()
         if time is None:
             time = cls.objects.get_or_create(pk=1)[0].time
         return time
+
+    @classmethod
+    def ensure(cls) -> None:
+        """Make the row outside any placement's transaction (after a flush, say): two
+        placements making it at once would wait for each other's insert while
+        holding Islands, and deadlock."""
+        if not cls.objects.filter(pk=1).exists():
+            cls.objects.get_or_create(pk=1)
 
 
 # Placement is a fair draw, not a secret: a seeded PRNG is right here, and
@@ -1174,9 +1256,16 @@ _DRAW = random.Random()  # noqa: S311
 # jobs placed meanwhile, or new) gets a fresh one before it competes; this
 # many at a time, oldest first.
 REFRESH_BATCH = 256
-# A draw whose winner turns out full (SQLite has no row locks to recheck)
-# tries again without it, this many times.
-DRAW_TRIES = 8
+# A draw whose winner another placement holds tries the next, this many
+# times; when every eligible Island is held at that instant, it waits a few
+# milliseconds and starts again, this many rounds.
+DRAW_TRIES = 16
+DRAW_ROUNDS = 20
+# Turns read at a time, in order; more only while they are all behind the clock.
+WALK_BATCH = 16
+# A draw that met this many turns behind the clock refreshes them for the
+# next (refresh_turns, after its transaction): cheaper than meeting them again.
+STALE_REFRESH_AFTER = 8
 # A job is placed at most this many times; a third timeout fails it.
 MAX_ATTEMPTS = 3
 
@@ -1209,20 +1298,32 @@ class JobManager(models.Manager["Job"]):
         existing = self.filter(job_id=spec.job_id).first()
         if existing is not None:
             raise DuplicateJob(existing)
+        stale = 0
+        if island is None and not transaction.get_connection().in_atomic_block:
+            DrawClock.ensure()
         try:
             with transaction.atomic():
                 if island is None:
-                    seat = Island.objects.draw(spec, now, rng or _DRAW)
-                    if seat is None:
+                    drawn = Island.objects.draw(spec, now, rng or _DRAW)
+                    stale = drawn.stale
+                    if drawn.seat is None:
                         raise NoEligibleIsland(Island.objects.exclusions(spec, now))
+                    seat = drawn.seat
                 else:
                     seat = Island.objects.reserve(island, spec, now)
-                return self._record(spec, seat, now, key)
+                job = self._record(spec, seat, now, key)
         except IntegrityError:
             existing = self.filter(job_id=spec.job_id).first()
             if existing is None:
                 raise
             raise DuplicateJob(existing) from None
+        finally:
+            if stale >= STALE_REFRESH_AFTER:
+                # Turns left behind: give them fresh ones now, after the
+                # placement's transaction (refresh_turns skips locked rows),
+                # so the next draws need not read past them.
+                Island.objects.refresh_turns(rng)
+        return job
 
     def assign(
         self,
@@ -1262,7 +1363,7 @@ class JobManager(models.Manager["Job"]):
 
     def _place_again(self, job: "Job", now: datetime, rng: random.Random, exclude: Iterable[Any]) -> bool:
         """Give an unfinished job a new Island; False (and the job left alone) if none is eligible."""
-        seat = Island.objects.draw(JobSpec.of(job), now, rng, exclude=exclude)
+        seat = Island.objects.draw(JobSpec.of(job), now, rng, exclude=exclude).seat
         if seat is None:
             return False
         spec = JobSpec.of(job)
@@ -1416,20 +1517,17 @@ class JobManager(models.Manager["Job"]):
 
     # --- The watcher's steps ---------------------------------------------------------------
 
-    def time_out_expired(
-        self, now: datetime, limit: int = WATCH_BATCH, rng: random.Random | None = None
-    ) -> list[str]:
+    def time_out_expired(self, now: datetime, limit: int = WATCH_BATCH) -> list[str]:
         """Time out the attempts whose lease passed with no final state, and place their jobs again.
 
         Like the silences: a compare-and-set per job on its attempt and the
         lease that passed, dated at that deadline, so two watchers (or a late
         report racing one) settle each attempt once. The Island is charged
-        the timeout (counters, karma) and the job goes to another eligible
-        Island, never one that timed out on it, up to MAX_ATTEMPTS; with no
-        Island eligible now it waits (QUEUED) one more lease for one
-        (place_queued). Returns the job ids of the attempts timed out.
+        the timeout (counters, karma); up to MAX_ATTEMPTS the job then waits
+        (QUEUED) for place_queued to give it another eligible Island, never
+        one that timed out on it, for at most one more lease. Returns the
+        job ids of the attempts timed out.
         """
-        rng = rng or _DRAW
         timed_out: list[str] = []
         due = (
             self.filter(state__in=Job.ACTIVE_STATES, lease_expires_at__lte=now)
@@ -1451,13 +1549,13 @@ class JobManager(models.Manager["Job"]):
                 job.end_attempt(Attempt.Outcome.TIMED_OUT, deadline, at=now)
                 timed_out.append(job.job_id)
                 if number < MAX_ATTEMPTS:
-                    timed_out_on = Attempt.objects.filter(job=job, outcome=Attempt.Outcome.TIMED_OUT)
-                    exclude = list(timed_out_on.values_list("island_id", flat=True))
-                    if not self._place_again(job, now, rng, exclude):
-                        job.state, job.island_id = Job.State.QUEUED, None
-                        job.finished_at, job.requeue_until = None, now + timedelta(seconds=job.lease_seconds)
-                        job.error = "waiting for an eligible Island after a timeout"
-                        job.save(update_fields=["state", "island", "finished_at", "requeue_until", "error"])
+                    # Placed again by place_queued, in a transaction of its
+                    # own: this one holds the timed-out Island, and a draw
+                    # holding one Island must never wait for another.
+                    job.state, job.island_id = Job.State.QUEUED, None
+                    job.finished_at, job.requeue_until = None, now + timedelta(seconds=job.lease_seconds)
+                    job.error = "waiting for an eligible Island after a timeout"
+                    job.save(update_fields=["state", "island", "finished_at", "requeue_until", "error"])
         return timed_out
 
     def place_queued(self, now: datetime, limit: int = WATCH_BATCH, rng: random.Random | None = None) -> int:

@@ -497,7 +497,16 @@ type SessionState = Literal["waiting", "paired", "expired"]
 
 LINKED_ELSEWHERE = "this phone is linked to another account; remove it there before pairing it with this one"
 # What pairing a phone sets on its Island, and all it changes on a known one.
-PHONE_FIELDS = ["platform", "device_model", "os_version", "runtime", "runtimes", "accelerator", "cpu_cores", "ram_mb"]
+PHONE_FIELDS = [
+    "platform",
+    "device_model",
+    "os_version",
+    "runtime",
+    "runtimes",
+    "accelerator",
+    "cpu_cores",
+    "ram_mb",
+]
 # How the page names a phone's runtime: "Paired: iPhone 15 Pro (CoreML / ANE)".
 RUNTIME_LABELS = {"coreml": "CoreML", "onnx": "ONNX"}
 

@@ -28,6 +28,7 @@ def describe_recorded_jobs(apps, schema_editor):
             outcome=outcome,
             credits=job.credits,
         )
+    apps.get_model("islands", "DrawClock").objects.get_or_create(pk=1)
     Island = apps.get_model("islands", "Island")
     for island in Island.objects.all().iterator():
         # As Island.runtimes_text() derives it (a copy: migrations do not call model code).
