@@ -141,7 +141,7 @@ def test_the_runtime_must_be_one_the_island_runs(alice):
 
 def test_a_phone_rests_while_its_battery_or_heat_says_so(alice):
     phone = make_island(alice, "pixel-host-0001", kind=Island.Kind.MOBILE, platform="android", runtime="onnx")
-    for power, may in [
+    powers: list[tuple[dict[str, Any], bool]] = [
         ({"battery_percent": 64, "charging": False, "thermal_state": "nominal"}, True),
         ({"battery_percent": 20, "charging": False}, False),
         ({"battery_percent": 12, "charging": True}, True),
@@ -149,7 +149,8 @@ def test_a_phone_rests_while_its_battery_or_heat_says_so(alice):
         ({"battery_percent": 90, "thermal_state": "serious"}, False),
         ({"thermal_state": "critical", "charging": True}, False),
         ({}, True),
-    ]:
+    ]
+    for power, may in powers:
         Job.objects.all().delete()
         Island.objects.filter(pk=phone.pk).update(jobs_running=0)
         online(phone, **power)
