@@ -14,7 +14,7 @@ from tests.islands.conftest import T0, beat, make_island, post_json
 
 JOBS = "/api/v1/jobs"
 POLL = "/api/v1/islands/jobs/poll"
-ROOM = {"performance_estimates": {"max_concurrent_containers": 8}}
+ROOM: dict[str, Any] = {"performance_estimates": {"max_concurrent_containers": 8}}
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 import threading
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.db import connection
@@ -13,7 +14,7 @@ from karma.models import KarmaEvent
 from tests.islands.conftest import T0, beat, make_island
 
 LEASE = timedelta(minutes=5)
-ROOM = {"performance_estimates": {"max_concurrent_containers": 8}}
+ROOM: dict[str, Any] = {"performance_estimates": {"max_concurrent_containers": 8}}
 
 
 def online(island: Island, at=T0) -> Island:
