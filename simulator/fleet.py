@@ -1,4 +1,4 @@
-"""A fleet of simulated Islands at different karma, for watching placement: `manage.py demo_fleet`.
+"""A fleet of simulated Islands at different karma, for watching placement: `island --fleet`.
 
 Pairing each simulator by typing its code is tedious for a demo of many, so
 the fleet makes its Islands in this service's database the way a confirmed
@@ -52,7 +52,7 @@ HIGHEST, LOWEST = Decimal(90), Decimal(30)
 # of the draw, so with little room the share would follow who has room, not
 # karma. `--capacity 4` shows that instead.
 DEFAULT_CAPACITY = 30
-REASON = "demo fleet: karma set to {karma} for manage.py demo_fleet"
+REASON = "demo fleet: karma set to {karma} by manage.py island --fleet"
 
 
 class FleetError(Exception):

@@ -41,9 +41,9 @@ def test_the_fleet_is_made_like_paired_islands_with_karma_by_recorded_events(ali
     assert [island.karma for island in islands] == [Decimal(90), Decimal(60), Decimal(30)]
     events = KarmaEvent.objects.filter(island__owner=alice).order_by("island__host_id")
     assert [(event.cause, event.delta, event.reason, event.actor) for event in events] == [
-        ("admin", Decimal(40), "demo fleet: karma set to 90 for manage.py demo_fleet", None),
-        ("admin", Decimal(10), "demo fleet: karma set to 60 for manage.py demo_fleet", None),
-        ("admin", Decimal(-20), "demo fleet: karma set to 30 for manage.py demo_fleet", None),
+        ("admin", Decimal(40), "demo fleet: karma set to 90 by manage.py island --fleet", None),
+        ("admin", Decimal(10), "demo fleet: karma set to 60 by manage.py island --fleet", None),
+        ("admin", Decimal(-20), "demo fleet: karma set to 30 by manage.py island --fleet", None),
     ]
 
 
