@@ -111,24 +111,32 @@ TEMPLATES = [
 ]
 
 
+SQLITE_OPTIONS = {
+    # IMMEDIATE takes the write lock when a transaction starts, so two
+    # writers queue on busy_timeout instead of one failing with "database is
+    # locked" when it upgrades a read lock.
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 20,
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+}
+
+
 def _database(url: str) -> dict[str, Any]:
     if not url:
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": BASE_DIR / "db.sqlite3",
-            "OPTIONS": {
-                # IMMEDIATE takes the write lock when a transaction starts, so
-                # two writers queue on busy_timeout instead of one failing with
-                # "database is locked" when it upgrades a read lock.
-                "transaction_mode": "IMMEDIATE",
-                "timeout": 20,
-                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
-            },
+            "OPTIONS": dict(SQLITE_OPTIONS),
             # A file, not :memory:, so a daphne process started by a test
             # (browser and websocket tests) sees the same test database.
             "TEST": {"NAME": str(BASE_DIR / ".pytest-db.sqlite3")},
         }
     config: dict[str, Any] = dict(dj_database_url.parse(url, conn_health_checks=True))
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        # A SQLite file named by URL (a second copy, the tests' daphne) shares
+        # the default file's options: without them, concurrent writers fail
+        # at once with "database is locked" and the API answers 503.
+        config["OPTIONS"] = {**SQLITE_OPTIONS, **config.get("OPTIONS", {})}
     if config["ENGINE"] == "django.db.backends.postgresql":
         # No JIT: this service runs short OLTP statements, and PostgreSQL's
         # JIT once spent over ten minutes compiling one wide bulk UPDATE here,

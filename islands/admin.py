@@ -5,13 +5,25 @@ from django import forms
 from django.contrib import admin, messages
 from django.db.models import ForeignKey, QuerySet
 from django.forms import ModelChoiceField
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
 from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, newest_first
-from islands.models import ELIGIBILITY, DispatcherKey, Island, IslandQuerySet, Job, JobSpec, StatusChange
+from islands.models import (
+    ELIGIBILITY,
+    Attempt,
+    DispatcherKey,
+    DuplicateJob,
+    Island,
+    IslandIneligible,
+    IslandQuerySet,
+    Job,
+    JobSpec,
+    JobStateConflict,
+    StatusChange,
+)
 
 # The Island page shows the newest rows of its history; the full lists are
 # one click away, filtered to the Island.
@@ -51,6 +63,38 @@ class JobInline(ReadOnlyInline[Job, Island]):
         "error",
     )
     verbose_name_plural = f"Job ledger (newest {LEDGER_ROWS})"
+
+
+class IslandAttemptInline(ReadOnlyInline[Attempt, Island]):
+    """Every placement on the Island, including jobs that later moved to another one."""
+
+    model = Attempt
+    fk_name = "island"
+    formset = newest_first(LEDGER_ROWS)
+    ordering = ["-assigned_at", "-pk"]
+    fields = readonly_fields = (
+        "job",
+        "number",
+        "assigned_at",
+        "started_at",
+        "finished_at",
+        "ending",
+        "credits",
+    )
+    verbose_name_plural = f"Attempts (newest {LEDGER_ROWS})"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Attempt]:
+        # Each row is named after its job.
+        return super().get_queryset(request).select_related("job")
+
+    @admin.display(description="Outcome")
+    def ending(self, obj: Attempt) -> str:
+        return _ending(obj)
+
+
+def _ending(attempt: Attempt) -> str:
+    # An attempt has no outcome until it ends; the job is then still its Island's.
+    return attempt.get_outcome_display() if attempt.outcome else "Not ended yet"
 
 
 class StatusChangeInline(ReadOnlyInline[StatusChange, Island]):
@@ -125,7 +169,7 @@ class IslandAdmin(admin.ModelAdmin[Island]):
     ]
     exclude = ["token_hash"]
     # karma/admin.py adds the Island's karma events and the adjustment action.
-    inlines = [JobInline, StatusChangeInline]
+    inlines = [JobInline, IslandAttemptInline, StatusChangeInline]
     actions = ["remove_islands", "suspend_islands", "unsuspend_islands"]
 
     @admin.display(description="API token")
@@ -142,8 +186,11 @@ class IslandAdmin(admin.ModelAdmin[Island]):
 
     @admin.display(description="Job ledger")
     def ledger(self, obj: Island) -> str:
-        url = reverse("admin:islands_job_changelist") + f"?island__id__exact={obj.pk}"
-        return format_html('<a href="{}">All jobs of this Island</a>', url)
+        jobs = reverse("admin:islands_job_changelist") + f"?island__id__exact={obj.pk}"
+        attempts = reverse("admin:islands_attempt_changelist") + f"?island__id__exact={obj.pk}"
+        return format_html(
+            '<a href="{}">All jobs of this Island</a> · <a href="{}">All its attempts</a>', jobs, attempts
+        )
 
     @admin.action(description="Remove selected Islands (revoke their tokens at once)")
     def remove_islands(self, request: HttpRequest, queryset: QuerySet[Island]) -> None:
@@ -208,26 +255,56 @@ class JobAddForm(forms.ModelForm[Job]):
         return data
 
 
+class JobAttemptInline(ReadOnlyInline[Attempt, Job]):
+    """Each placement of the job (at most MAX_ATTEMPTS), first to last."""
+
+    model = Attempt
+    fk_name = "job"
+    ordering = ["number"]
+    show_change_link = False
+    fields = readonly_fields = (
+        "number",
+        "island",
+        "assigned_at",
+        "started_at",
+        "finished_at",
+        "ending",
+        "credits",
+    )
+    verbose_name_plural = "Attempts"
+
+    @admin.display(description="Outcome")
+    def ending(self, obj: Attempt) -> str:
+        return _ending(obj)
+
+
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin[Job]):
-    """The ledger: jobs can be recorded here like the dispatcher does, never edited."""
+    """The ledger: jobs can be recorded and cancelled here like the dispatcher does, never edited."""
 
     list_display = [
         "job_id",
         "island",
         "workload",
         "state",
+        "attempt",
         "credits",
         "assigned_at",
         "started_at",
         "finished_at",
         "lease_expires_at",
     ]
-    list_filter = ["state", "assigned_at"]
+    list_filter = ["state", "runtime", "assigned_at"]
     search_fields = ["job_id", "workload", "island__host_id", "island__name", "island__owner__username"]
     list_select_related = ["island"]
     raw_id_fields = ["island"]
     date_hierarchy = "assigned_at"
+    inlines = [JobAttemptInline]
+    actions = ["cancel_jobs"]
+
+    def get_inlines(self, request: HttpRequest, obj: Job | None) -> list[type[Any]]:
+        # A job being recorded has no attempts yet.
+        return [] if obj is None else list(self.inlines)
 
     def get_form(
         self, request: HttpRequest, obj: Job | None = None, change: bool = False, **kwargs: Any
@@ -243,6 +320,19 @@ class JobAdmin(admin.ModelAdmin[Job]):
             kwargs["queryset"] = Island.objects.active()
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
+    def add_view(
+        self, request: HttpRequest, form_url: str = "", extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        try:
+            return super().add_view(request, form_url, extra_context)
+        except (IslandIneligible, DuplicateJob) as exc:
+            # The form checked the Island a moment before the placement, which
+            # decides under its own lock; in between another placement may
+            # have filled it, or it went offline. The view's transaction
+            # rolled back: nothing was recorded.
+            self.message_user(request, f"The job was not recorded: {exc}", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+
     def save_model(self, request: HttpRequest, obj: Job, form: Any, change: bool) -> None:
         # The same method the dispatcher's endpoint calls.
         assert obj.island is not None  # a required field of the add form
@@ -250,11 +340,75 @@ class JobAdmin(admin.ModelAdmin[Job]):
         obj.pk, obj.credits, obj.state = job.pk, job.credits, job.state
         obj.assigned_at, obj.lease_expires_at = job.assigned_at, job.lease_expires_at
 
+    @admin.action(description="Cancel selected jobs (their Islands lose no karma)", permissions=("change",))
+    def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        """What the dispatcher's cancel does, for each selected job that has not ended."""
+        now = timezone.now()
+        cancelled, ended = 0, 0
+        for job in queryset.order_by("pk"):
+            try:
+                Job.objects.cancel(job.job_id, now)
+            except JobStateConflict:
+                # Ended before, or while, this ran.
+                ended += 1
+                continue
+            cancelled += 1
+            self.log_change(request, job, "Cancelled the job.")
+        if cancelled:
+            self.message_user(
+                request,
+                f"Cancelled {cancelled} job(s); their Islands are told to stop and lose no karma.",
+                messages.SUCCESS,
+            )
+        if ended:
+            self.message_user(request, f"Skipped {ended} job(s) that had already ended.", messages.WARNING)
+
     def has_change_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
-        return False
+        # A job's fields change only through Job.objects (the dispatcher, its
+        # Island, the watcher), so no job's change form can be saved. Asked
+        # about jobs in general (obj None), as Django asks before offering an
+        # action declared with permissions=("change",), the answer is the
+        # user's change permission: staff who may change jobs may cancel them.
+        if obj is not None:
+            return False
+        return super().has_change_permission(request)
 
     def has_delete_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
         return False
+
+
+@admin.register(Attempt)
+class AttemptAdmin(ReadOnlyAdmin, admin.ModelAdmin[Attempt]):
+    """Each placement of a job on an Island, written by placement, reports and the watcher."""
+
+    list_display = [
+        "job",
+        "number",
+        "island",
+        "assigned_at",
+        "started_at",
+        "finished_at",
+        "ending",
+        "credits",
+    ]
+    list_filter = ["outcome", "assigned_at"]
+    search_fields = ["job__job_id", "island__host_id", "island__name", "island__owner__username"]
+    list_select_related = ["job", "island"]
+    date_hierarchy = "assigned_at"
+    fields = readonly_fields = (
+        "job",
+        "number",
+        "island",
+        "assigned_at",
+        "started_at",
+        "finished_at",
+        "ending",
+        "credits",
+    )
+
+    @admin.display(description="Outcome", ordering="outcome")
+    def ending(self, obj: Attempt) -> str:
+        return _ending(obj)
 
 
 @admin.register(StatusChange)

@@ -1779,7 +1779,7 @@ class Attempt(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.job_id} #{self.number}"
+        return f"{self.job} #{self.number}"
 
 
 class OutboxMessageManager(models.Manager["OutboxMessage"]):

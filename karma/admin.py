@@ -1,6 +1,3 @@
-from decimal import Decimal
-
-from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.auth.models import User
@@ -11,33 +8,12 @@ from django.template.response import TemplateResponse
 from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, newest_first
 from islands.admin import IslandAdmin
 from islands.models import Island
-from karma.models import MAX_ADJUSTMENT, REASON_MAX_LENGTH, KarmaEvent, UptimeSweep
+from karma.forms import KarmaAdjustmentForm
+from karma.models import KarmaEvent, UptimeSweep
 
 # The Island page in the admin shows the newest events; the full list is one
 # filter away in Karma events.
 INLINE_EVENTS = 20
-
-
-class KarmaAdjustmentForm(forms.Form):
-    delta = forms.DecimalField(
-        label="Change",
-        max_digits=6,
-        decimal_places=2,
-        min_value=-MAX_ADJUSTMENT,
-        max_value=MAX_ADJUSTMENT,
-        help_text="Points to add (negative to take away); karma stays between 0 and 100.",
-    )
-    reason = forms.CharField(
-        max_length=REASON_MAX_LENGTH,
-        # Required and stripped: a blank reason is refused.
-        help_text="Shown to the Island's owner with the change.",
-    )
-
-    def clean_delta(self) -> Decimal:
-        delta: Decimal = self.cleaned_data["delta"]
-        if delta == 0:
-            raise forms.ValidationError("A change of zero changes nothing.")
-        return delta
 
 
 @admin.action(description="Adjust karma of selected Islands…")

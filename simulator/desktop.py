@@ -6,9 +6,12 @@ keeps its identity in a state file the way the real agent keeps
 which Island it is.
 
 Once paired it sends a heartbeat every `interval` seconds with this host's
-real CPU, memory and disk (and GPU, through nvidia-smi), polls for jobs the
-dispatcher gave it and runs them as demo jobs, and on Ctrl-C or SIGTERM
-signs off with a `"status": "offline"` heartbeat before it exits.
+real CPU, memory and disk (and GPU, through nvidia-smi), and with the
+runtimes and number of jobs at once it offers (placement reads both). It
+polls for the jobs the coordinator placed on it (each the agent's AssignJob
+and its pay), runs them as demo jobs, stops those the dispatcher cancelled
+without reporting on them again, and on Ctrl-C or SIGTERM signs off with a
+`"status": "offline"` heartbeat before it exits.
 """
 
 import json
@@ -17,11 +20,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +38,12 @@ DEFAULT_INTERVAL = 10.0
 # A demo job is started when polled, streams at the next heartbeat and ends
 # at the one after; a workload whose name contains "fail" fails instead.
 DEMO_JOB_BEATS = 2
+# What it offers placement in its heartbeats (performance_estimates): the
+# runtimes the real agent assumes when it says nothing, and a few jobs at once.
+DEFAULT_RUNTIMES = ("container", "wasm")
+DEFAULT_CAPACITY = 4
+# Simulators sharing a terminal (a fleet, in threads) print whole lines.
+_SAY = threading.Lock()
 
 
 class TokenRevoked(SystemExit):
@@ -150,10 +160,37 @@ def live_metrics() -> dict[str, Any]:
 
 @dataclass
 class DemoJob:
+    """A job taken from the poll: its AssignJob's fields that the demo shows, and its progress."""
+
     job_id: str
     workload: str
+    runtime: str = "container"
+    credits: str = ""
+    lease_expires_ms: int | None = None
     started: float = field(default_factory=time.monotonic)
     beats: int = 0
+
+    @classmethod
+    def of(cls, assigned: dict[str, Any]) -> "DemoJob":
+        """The job an entry of the poll's `jobs` describes (the agent's AssignJob plus `credits`)."""
+        lease = assigned.get("lease_expires")
+        return cls(
+            job_id=str(assigned["job_id"]),
+            workload=str(assigned.get("workload_id") or "demo"),
+            runtime=str(assigned.get("runtime_type") or "container"),
+            credits=str(assigned.get("credits") or ""),
+            lease_expires_ms=lease if isinstance(lease, int) else None,
+        )
+
+    def terms(self) -> str:
+        """What the job is and pays, for the line saying it was taken."""
+        parts = [f"{self.workload} on {self.runtime}"]
+        if self.credits:
+            parts.append(f"for {self.credits} credits")
+        if self.lease_expires_ms is not None:
+            left = self.lease_expires_ms / 1000 - time.time()
+            parts.append(f"lease {max(0, round(left))} s")
+        return ", ".join(parts)
 
 
 class Client:
@@ -186,22 +223,35 @@ class IslandSimulator:
     def __init__(
         self,
         url: str,
-        state_path: Path = DEFAULT_STATE_PATH,
+        state_path: Path | None = DEFAULT_STATE_PATH,
         out: TextIO = sys.stdout,
         sleep: Callable[[float], None] = time.sleep,
         interval: float = DEFAULT_INTERVAL,
+        capacity: int = DEFAULT_CAPACITY,
+        runtimes: Sequence[str] = DEFAULT_RUNTIMES,
+        state: State | None = None,
+        label: str = "",
     ):
+        """`state` instead of a `state_path`: an Island already paired, kept in memory only (a fleet)."""
         self.url = url.rstrip("/")
         self.state_path = state_path
-        self.state = State.load(state_path)
+        self.state = state if state is not None else State.load(state_path or DEFAULT_STATE_PATH)
         self.out = out
         self.sleep = sleep
         self.interval = interval
+        self.capacity = capacity
+        self.runtimes = list(runtimes)
+        self.label = label
         self.capabilities = detect_hardware()
         self.running: dict[str, DemoJob] = {}
 
     def say(self, message: str) -> None:
-        print(message, file=self.out, flush=True)
+        with _SAY:
+            print(f"{self.label}{message}", file=self.out, flush=True)
+
+    def _save_state(self) -> None:
+        if self.state_path is not None:
+            self.state.save(self.state_path)
 
     def _post_with_retry(
         self, client: Client, path: str, payload: dict[str, Any]
@@ -221,7 +271,7 @@ class IslandSimulator:
             self.say(f"Already paired as Island {self.state.island_id} (host {self.state.host_id}).")
             return
         self.state.coordinator = self.url
-        self.state.save(self.state_path)
+        self._save_state()
         client = Client(self.url)
         while True:
             status, body = self._post_with_retry(
@@ -260,7 +310,7 @@ class IslandSimulator:
                 self.state.paired = True
                 self.state.island_id = body["island_id"]
                 self.state.token = body["token"]
-                self.state.save(self.state_path)
+                self._save_state()
                 self.say(f"Paired! This machine is now Island {body['island_id']}.")
                 return True
             if body["status"] == "expired":
@@ -289,7 +339,7 @@ class IslandSimulator:
         if status == 401:
             # Keep the host id, drop the dead token: the next start pairs again.
             self.state.paired, self.state.token, self.state.island_id = False, None, None
-            self.state.save(self.state_path)
+            self._save_state()
             raise TokenRevoked(
                 f"The coordinator no longer accepts this Island's token ({body.get('error')}). "
                 "Was it removed at /settings? Start the simulator again to pair anew."
@@ -319,7 +369,10 @@ class IslandSimulator:
                 }
                 for job in self.running.values()
             ],
-            "performance_estimates": {"supported_runtimes": ["demo"]},
+            "performance_estimates": {
+                "supported_runtimes": self.runtimes,
+                "max_concurrent_containers": self.capacity,
+            },
             # Not in the real agent's heartbeat: restates the hardware so the
             # card shows this machine (see docs/api.md).
             "capabilities": {
@@ -327,46 +380,74 @@ class IslandSimulator:
             },
         }
 
-    def beat(self) -> None:
+    def beat(self) -> int | None:
+        """Send a heartbeat; its HTTP status, or None when the coordinator cannot be reached."""
         answer = self._call("/api/v1/islands/heartbeat", self.heartbeat())
         if answer is not None and answer[0] != 200:
             self.say(f"Heartbeat refused: {answer[1].get('error')} (HTTP {answer[0]})")
+        return None if answer is None else answer[0]
 
-    def report(self, job: DemoJob, state: str, error: str | None = None) -> None:
+    def report(self, job: DemoJob, state: str, error: str | None = None) -> bool:
+        """Report a job's state; False when the coordinator could not take it now (sent again next beat).
+
+        A refusal (a 4xx: the job was cancelled, moved to another Island or
+        is unknown) drops the job: nothing more is reported on it.
+        """
         payload = {"job_id": job.job_id, "state": state, "error": error, "timestamp": int(time.time() * 1000)}
         answer = self._call(f"/api/v1/islands/jobs/{job.job_id}/status", payload)
         if answer is None:
-            return
+            return False
         status, body = answer
         if status == 200:
             self.say(f"Job {job.job_id} ({job.workload}): {state}")
-        else:
+            return True
+        if status >= 500 or status == 429:
             self.say(
-                f"Job {job.job_id}: the coordinator refused '{state}': {body.get('error')} (HTTP {status})"
+                f"Job {job.job_id}: could not report '{state}' now ({body.get('error')}, HTTP {status}); "
+                "trying again at the next heartbeat"
             )
-            self.running.pop(job.job_id, None)
+            return False
+        self.say(f"Job {job.job_id}: the coordinator refused '{state}': {body.get('error')} (HTTP {status})")
+        self.running.pop(job.job_id, None)
+        return True
 
     def advance_jobs(self) -> None:
+        """One step of each running demo job: streaming, then its end; a step not taken is tried again."""
         for job in list(self.running.values()):
-            job.beats += 1
-            if job.beats < DEMO_JOB_BEATS:
-                self.report(job, "streaming")
-                continue
-            self.running.pop(job.job_id, None)
-            if "fail" in job.workload:
-                self.report(job, "failed", "demo failure: the workload's name asks for one")
+            if job.beats + 1 < DEMO_JOB_BEATS:
+                state, error = "streaming", None
+            elif "fail" in job.workload:
+                state, error = "failed", "demo failure: the workload's name asks for one"
             else:
-                self.report(job, "succeeded")
+                state, error = "succeeded", None
+            if not self.report(job, state, error):
+                continue
+            job.beats += 1
+            if state != "streaming":
+                self.running.pop(job.job_id, None)
 
-    def take_new_jobs(self) -> None:
+    def poll(self) -> dict[str, Any] | None:
+        """The jobs poll's answer (`jobs` placed here, not started; `cancelled` job ids), or None."""
         answer = self._call("/api/v1/islands/jobs/poll", {})
         if answer is None or answer[0] != 200:
-            return
-        for assigned in answer[1].get("jobs", []):
+            return None
+        return answer[1]
+
+    def stop_cancelled(self, polled: dict[str, Any]) -> None:
+        """Stop the running jobs the dispatcher withdrew. Nothing more is reported on them."""
+        for job_id in polled.get("cancelled", []):
+            job = self.running.pop(str(job_id), None)
+            if job is not None:
+                self.say(f"Job {job.job_id} ({job.workload}): cancelled by the dispatcher; stopped")
+
+    def start_jobs(self, polled: dict[str, Any]) -> None:
+        for assigned in polled.get("jobs", []):
             if assigned["job_id"] in self.running:
                 continue
-            job = DemoJob(job_id=assigned["job_id"], workload=str(assigned.get("workload_id") or "demo"))
+            job = DemoJob.of(assigned)
             self.running[job.job_id] = job
+            self.say(f"Took job {job.job_id}: {job.terms()}")
+            # Not taken now (the coordinator is busy): its next step says it runs.
             self.report(job, "started")
 
     def sign_off(self) -> None:
@@ -384,9 +465,17 @@ class IslandSimulator:
         self.say(f"Sending a heartbeat every {self.interval:g} s. Ctrl-C stops (and signs off).")
         try:
             while True:
-                self.beat()
+                if self.beat() is None:
+                    # Unreachable: nothing else would get through either.
+                    self.sleep(self.interval)
+                    continue
+                # Cancels first, so a withdrawn job is never reported on again.
+                polled = self.poll()
+                if polled is not None:
+                    self.stop_cancelled(polled)
                 self.advance_jobs()
-                self.take_new_jobs()
+                if polled is not None:
+                    self.start_jobs(polled)
                 self.sleep(self.interval)
         except KeyboardInterrupt:
             self.sign_off()

@@ -1,12 +1,18 @@
-"""The admin: live status, filters, search, read-only ledger, remove and suspend."""
+"""The admin: live status, filters, search, read-only ledger and attempts, remove, suspend, cancel."""
 
+import re
 from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 import time_machine
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission, User
+from django.test import Client
 
-from islands.models import DispatcherKey, Island, Job, StatusChange
+from islands.models import RULES, Attempt, DispatcherKey, Island, IslandQuerySet, Job, StatusChange
+from karma.models import KarmaEvent
+from tests.conftest import admin_column
 from tests.islands.conftest import T0, beat, give_job, make_island
 
 ISLANDS = "/admin/islands/island/"
@@ -131,6 +137,8 @@ def test_the_island_page_shows_its_newest_jobs_read_only(admin_client, alice):
             "name": "Renamed by admin_client",
             "jobs-TOTAL_FORMS": "50",
             "jobs-INITIAL_FORMS": "50",
+            "attempts-TOTAL_FORMS": "50",
+            "attempts-INITIAL_FORMS": "50",
             "status_changes-TOTAL_FORMS": "1",
             "status_changes-INITIAL_FORMS": "1",
             "karma_events-TOTAL_FORMS": "0",
@@ -227,3 +235,227 @@ def test_status_changes_are_listed_read_only(admin_client, island):
     assert island.name in listing
     change = StatusChange.objects.get()
     assert admin_client.post(f"/admin/islands/statuschange/{change.pk}/delete/").status_code == 403
+
+
+def test_an_admin_is_told_why_an_offline_island_cannot_take_a_job(admin_client, island):
+    # Paired, never heard from: offline by the clock.
+    response = admin_client.post(
+        f"{JOBS}add/",
+        {
+            "job_id": "manual-1",
+            "island": island.pk,
+            "workload": "llm-chat",
+            "credits": "2",
+            "lease_seconds": 60,
+        },
+    )
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "This Island cannot take the job: it is offline." in page
+    assert 'class="errornote"' in page
+    # What was typed is kept for another try.
+    assert 'value="manual-1"' in page
+    assert not Job.objects.exists() and not Attempt.objects.exists()
+    island.refresh_from_db()
+    assert island.jobs_running == 0
+
+
+def test_an_island_that_fills_up_between_the_check_and_the_placement_records_nothing(
+    admin_client, island, monkeypatch
+):
+    beat(island, T0)
+    give_job(island=island, job_id="already-there")  # its one slot is taken
+    # As if the form checked it a moment before the other job took the slot.
+    monkeypatch.setattr(IslandQuerySet, "exclusions", lambda self, spec, now: dict.fromkeys(RULES, 0))
+    with time_machine.travel(T0, tick=False):
+        response = admin_client.post(
+            f"{JOBS}add/",
+            {"job_id": "late-1", "island": island.pk, "workload": "w", "credits": "1", "lease_seconds": 60},
+            follow=True,
+        )
+    assert response.status_code == 200
+    assert (
+        "The job was not recorded: this Island cannot take the job: it is running as many jobs as it can"
+        in (response.content.decode())
+    )
+    assert response.redirect_chain == [(f"{JOBS}add/", 302)]
+    assert list(Job.objects.values_list("job_id", flat=True)) == ["already-there"]
+    island.refresh_from_db()
+    assert island.jobs_running == 1
+
+
+# --- Attempts -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def moved_job(alice, bob):
+    """A job that timed out on Alice's Island and was placed again on Bob's."""
+    first = make_island(alice, "first-host-0001", name="First home")
+    second = make_island(bob, "second-host-001", name="Second home")
+    beat([first, second], T0)
+    give_job(island=first, job_id="moving-1", credits=Decimal("1.5"), lease=timedelta(seconds=30), now=T0)
+    Job.objects.apply_status(first, "moving-1", "started", now=T0 + timedelta(seconds=2))
+    later = T0 + timedelta(seconds=40)
+    beat(second, later)
+    assert Job.objects.time_out_expired(later) == ["moving-1"]
+    assert Job.objects.place_queued(later) == 1
+    job = Job.objects.get(job_id="moving-1")
+    assert (job.island, job.attempt) == (second, 2)
+    return job, first, second
+
+
+def test_a_jobs_page_shows_each_attempt_read_only(admin_client, moved_job):
+    job, first, second = moved_job
+    page = admin_client.get(f"{JOBS}{job.pk}/change/").content.decode()
+    assert re.search(r'<h2 id="attempts-heading"[^>]*>\s*Attempts\s*</h2>', page)
+    assert admin_column(page, "number") == ["1", "2"]
+    assert admin_column(page, "island") == ["First home", "Second home"]
+    assert admin_column(page, "ending") == ["Timed out", "Not ended yet"]
+    assert admin_column(page, "credits") == ["1.5000", "1.5000"]
+    assert "moving-1 #1" in page and "moving-1 #2" in page
+    # Each Island is a link to its page; nothing of an attempt can be edited.
+    assert f'<a href="/admin/islands/island/{first.pk}/change/">First home</a>' in page
+    assert f'<a href="/admin/islands/island/{second.pk}/change/">Second home</a>' in page
+    assert not re.search(r'name="attempts-\d+-(?!id"|job")', page)
+
+
+def test_an_islands_page_shows_its_attempts_even_of_jobs_that_moved_on(admin_client, moved_job):
+    _, first, _ = moved_job
+    page = admin_client.get(f"{ISLANDS}{first.pk}/change/").content.decode()
+    assert "Attempts (newest 50)" in page
+    attempts = page[page.index("Attempts (newest 50)") : page.index("Status changes (newest")]
+    assert admin_column(attempts, "job") == ["moving-1"]
+    assert admin_column(attempts, "ending") == ["Timed out"]
+    # The job ledger lists the jobs the Island holds now: this one moved on.
+    ledger = page[page.index("Job ledger (newest 50)") : page.index("Attempts (newest 50)")]
+    assert "moving-1" not in ledger
+    assert f"/admin/islands/attempt/?island__id__exact={first.pk}" in page
+
+
+def test_an_islands_page_lists_its_newest_attempts_only(admin_client, island):
+    for n in range(55):
+        give_job(island=island, job_id=f"job-{n:04d}", now=T0 + timedelta(seconds=n))
+    page = admin_client.get(f"{ISLANDS}{island.pk}/change/").content.decode()
+    attempts = page[page.index("Attempts (newest 50)") : page.index("Status changes (newest")]
+    assert attempts.index("job-0054") < attempts.index("job-0053") < attempts.index("job-0005")
+    assert "job-0004" not in attempts
+    listing = admin_client.get("/admin/islands/attempt/", {"island__id__exact": str(island.pk)})
+    assert len(listing.context["cl"].result_list) == 55
+
+
+def test_attempts_are_listed_read_only(admin_client, moved_job):
+    listing = admin_client.get("/admin/islands/attempt/", {"outcome__exact": "timed_out"}).content.decode()
+    assert admin_column(listing, "island") == ["First home"]
+    attempt = Attempt.objects.get(number=1)
+    assert admin_client.get("/admin/islands/attempt/add/").status_code == 403
+    assert (
+        admin_client.post(f"/admin/islands/attempt/{attempt.pk}/change/", {"credits": "9"}).status_code == 403
+    )
+    assert (
+        admin_client.post(f"/admin/islands/attempt/{attempt.pk}/delete/", {"post": "yes"}).status_code == 403
+    )
+
+
+# --- Cancelling jobs ------------------------------------------------------------------
+
+
+def staff_member(username: str, *codenames: str) -> Client:
+    user = User.objects.create_user(username, f"{username}@example.com", "x", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="islands", codename__in=codenames)
+    )
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def three_jobs(island):
+    """Two jobs that have not ended (one running, one waiting) and one that succeeded."""
+    for job_id in ("run-1", "wait-1", "done-1"):
+        give_job(island=island, job_id=job_id, credits=Decimal(2))
+    Job.objects.apply_status(island, "run-1", "started")
+    Job.objects.apply_status(island, "done-1", "started")
+    Job.objects.apply_status(island, "done-1", "succeeded")
+    return {job.job_id: job for job in Job.objects.all()}
+
+
+def test_staff_cancel_unfinished_jobs_and_finished_ones_are_skipped(
+    admin_client, admin_user, island, three_jobs
+):
+    response = admin_client.post(
+        JOBS,
+        {"action": "cancel_jobs", "_selected_action": [job.pk for job in three_jobs.values()]},
+        follow=True,
+    )
+    page = response.content.decode()
+    assert "Cancelled 2 job(s); their Islands are told to stop and lose no karma." in page
+    assert "Skipped 1 job(s) that had already ended." in page
+    states = dict(Job.objects.values_list("job_id", "state"))
+    assert states == {"run-1": "cancelled", "wait-1": "cancelled", "done-1": "succeeded"}
+    withdrawn = Attempt.objects.filter(outcome=Attempt.Outcome.WITHDRAWN)
+    assert sorted(withdrawn.values_list("job__job_id", flat=True)) == ["run-1", "wait-1"]
+    island.refresh_from_db()
+    assert (island.jobs_running, island.jobs_completed, island.jobs_failed, island.earnings) == (
+        0,
+        1,
+        0,
+        Decimal(2),
+    )
+    # Only the job that succeeded moved karma.
+    assert list(KarmaEvent.objects.values_list("job__job_id", flat=True)) == ["done-1"]
+    # Who cancelled is in each job's history.
+    logged = LogEntry.objects.filter(user=admin_user, change_message="Cancelled the job.")
+    assert sorted(logged.values_list("object_repr", flat=True)) == ["run-1", "wait-1"]
+
+
+def test_the_island_hears_of_a_cancel_in_its_poll(admin_client, client, island, three_jobs):
+    token = island.issue_token()
+    admin_client.post(JOBS, {"action": "cancel_jobs", "_selected_action": [three_jobs["run-1"].pk]})
+    polled = client.post(
+        "/api/v1/islands/jobs/poll",
+        "{}",
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {token}"},
+    ).json()
+    assert polled["cancelled"] == ["run-1"]
+    assert [job["job_id"] for job in polled["jobs"]] == ["wait-1"]
+
+
+def test_cancelling_only_finished_jobs_says_so(admin_client, three_jobs):
+    response = admin_client.post(
+        JOBS, {"action": "cancel_jobs", "_selected_action": [three_jobs["done-1"].pk]}, follow=True
+    )
+    assert [str(message) for message in response.context["messages"]] == [
+        "Skipped 1 job(s) that had already ended."
+    ]
+    assert Job.objects.get(job_id="done-1").state == Job.State.SUCCEEDED
+
+
+def test_staff_who_may_change_jobs_cancel_them_but_cannot_edit_one(db, three_jobs):
+    operator = staff_member("operator", "view_job", "change_job")
+    listing = operator.get(JOBS).content.decode()
+    assert '<option value="cancel_jobs">' in listing
+    job = three_jobs["wait-1"]
+    page = operator.get(f"{JOBS}{job.pk}/change/").content.decode()
+    assert 'name="_save"' not in page and 'name="credits"' not in page
+    assert operator.post(f"{JOBS}{job.pk}/change/", {"credits": "400"}).status_code == 403
+    operator.post(JOBS, {"action": "cancel_jobs", "_selected_action": [job.pk]})
+    job.refresh_from_db()
+    assert (job.state, job.credits) == (Job.State.CANCELLED, Decimal(2))
+
+
+def test_staff_who_may_only_view_jobs_can_neither_see_nor_post_the_cancel(db, three_jobs):
+    viewer = staff_member("viewer", "view_job")
+    listing = viewer.get(JOBS)
+    assert listing.status_code == 200
+    assert "cancel_jobs" not in listing.content.decode()
+    job = three_jobs["run-1"]
+    response = viewer.post(JOBS, {"action": "cancel_jobs", "_selected_action": [job.pk]}, follow=True)
+    # Without an action it may run, the changelist treats the post as a look at the list.
+    assert response.status_code == 200
+    assert list(response.context["messages"]) == []
+    job.refresh_from_db()
+    assert job.state == Job.State.STARTED
+    assert not Attempt.objects.filter(outcome=Attempt.Outcome.WITHDRAWN).exists()
+    assert viewer.post(f"{JOBS}{job.pk}/change/", {"credits": "400"}).status_code == 403

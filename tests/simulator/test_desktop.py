@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from django.test import Client
 
-from islands.models import Island, Job, StatusChange
+from islands.models import Attempt, Island, Job, JobSpec, NoEligibleIsland, StatusChange
 from pairing.models import PairingCode
 from simulator.desktop import SIMULATOR_VERSION, IslandSimulator, State, TokenRevoked
 from tests.islands.conftest import give_job, make_island
@@ -160,7 +160,9 @@ def test_simulator_beats_runs_demo_jobs_and_signs_off(daphne_server, alice, tmp_
     assert island.cpu_cores == os.cpu_count()
     assert island.ram_mb and island.ram_mb > 0
     assert island.agent_version == SIMULATOR_VERSION
-    assert island.supported_runtimes == ["demo"]
+    # It offers placement what the agent assumes by default, and room for a few jobs.
+    assert island.supported_runtimes == ["container", "wasm"]
+    assert (island.runtimes, island.capacity) == (" container wasm ", 4)
     assert island.status == Island.Status.SIGNED_OFF
     assert list(island.status_changes.order_by("at").values_list("reason", flat=True)) == [
         StatusChange.Reason.FIRST_HEARTBEAT,
@@ -171,6 +173,8 @@ def test_simulator_beats_runs_demo_jobs_and_signs_off(daphne_server, alice, tmp_
     assert bad.state == Job.State.FAILED and "demo failure" in bad.error
     assert (island.jobs_completed, island.jobs_failed, island.earnings) == (1, 1, Decimal("1.5"))
     lines = out.getvalue().splitlines()
+    took = r"Took job demo-ok: llm-chat on container, for 1\.5000 credits, lease (29\d|300) s"
+    assert any(re.fullmatch(took, line) for line in lines), lines
     assert "Job demo-ok (llm-chat): started" in lines
     assert "Job demo-ok (llm-chat): streaming" in lines
     assert "Job demo-ok (llm-chat): succeeded" in lines
@@ -231,3 +235,144 @@ def test_the_island_command_signs_off_on_sigterm(daphne_server, alice, tmp_path)
     island.refresh_from_db()
     assert island.status == Island.Status.SIGNED_OFF
     assert island.status_changes.filter(reason=StatusChange.Reason.GRACEFUL).count() == 1
+
+
+# --- Jobs the coordinator placed: the poll's fields, capacity, runtimes, cancels ------------
+
+
+def placed(job_id, runtime="container", **artefacts):
+    """A job submitted as the dispatcher submits it, placed by the coordinator (no Island named)."""
+    spec = JobSpec(
+        job_id=job_id,
+        workload="llm-chat",
+        lease=timedelta(minutes=5),
+        budget=Decimal(2),
+        runtime=runtime,
+        input={"prompt": "hello"},
+        artefacts=artefacts,
+    )
+    return Job.objects.submit(spec)
+
+
+def test_the_simulator_runs_what_placement_gives_it_and_offers_what_it_is_told(
+    daphne_server, alice, tmp_path
+):
+    island = make_island(alice)
+    paired_state(tmp_path / "state.json", island, daphne_server.url)
+    out = io.StringIO()
+    naps = []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        if len(naps) == 1:
+            placed("wasm-1", runtime="wasm", wasm_url="https://example.com/w.wasm", wasm_hash="ab" * 32)
+            # It said it runs wasm only: a container job has nowhere to go.
+            with pytest.raises(NoEligibleIsland) as refused:
+                placed("container-1")
+            assert refused.value.reasons["runtime"] == 1
+        if len(naps) == 4:
+            raise KeyboardInterrupt
+
+    simulator = IslandSimulator(
+        daphne_server.url,
+        state_path=tmp_path / "state.json",
+        out=out,
+        sleep=sleep,
+        capacity=2,
+        runtimes=["wasm"],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        simulator.serve()
+
+    island.refresh_from_db()
+    assert (island.supported_runtimes, island.runtimes, island.capacity) == (["wasm"], " wasm ", 2)
+    lines = out.getvalue().splitlines()
+    assert any(
+        re.fullmatch(r"Took job wasm-1: llm-chat on wasm, for 1\.0000 credits, lease (29\d|300) s", line)
+        for line in lines
+    ), lines
+    assert "Job wasm-1 (llm-chat): succeeded" in lines
+    job = Job.objects.get(job_id="wasm-1")
+    assert (job.state, job.island) == (Job.State.SUCCEEDED, island)
+    assert not Job.objects.filter(job_id="container-1").exists()
+
+
+def test_a_cancelled_job_is_stopped_and_never_reported_again(daphne_server, alice, tmp_path):
+    island = make_island(alice)
+    paired_state(tmp_path / "state.json", island, daphne_server.url)
+    out = io.StringIO()
+    naps = []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        if len(naps) == 1:
+            placed("to-cancel")
+            placed("to-finish")
+        if len(naps) == 2:
+            assert Job.objects.get(job_id="to-cancel").state == Job.State.STARTED
+            Job.objects.cancel("to-cancel")
+        if len(naps) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        IslandSimulator(daphne_server.url, state_path=tmp_path / "state.json", out=out, sleep=sleep).serve()
+
+    lines = out.getvalue().splitlines()
+    stopped = lines.index("Job to-cancel (llm-chat): cancelled by the dispatcher; stopped")
+    assert not [line for line in lines[stopped + 1 :] if "to-cancel" in line]
+    assert not [line for line in lines if "refused" in line]
+    assert "Job to-finish (llm-chat): succeeded" in lines
+    assert dict(Job.objects.values_list("job_id", "state")) == {
+        "to-cancel": "cancelled",
+        "to-finish": "succeeded",
+    }
+    assert list(Attempt.objects.filter(job__job_id="to-cancel").values_list("outcome", flat=True)) == [
+        "withdrawn"
+    ]
+    island.refresh_from_db()
+    assert (island.jobs_completed, island.jobs_running) == (1, 0)
+
+
+def test_a_report_the_coordinator_cannot_take_now_is_sent_again(daphne_server, alice, tmp_path, monkeypatch):
+    """A 503 (its database busy, say) keeps the job: the report goes again at the next heartbeat."""
+    island = make_island(alice)
+    paired_state(tmp_path / "state.json", island, daphne_server.url)
+    out = io.StringIO()
+    naps = []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        if len(naps) == 1:
+            placed("busy-1")
+        if len(naps) == 6:
+            raise KeyboardInterrupt
+
+    simulator = IslandSimulator(daphne_server.url, state_path=tmp_path / "state.json", out=out, sleep=sleep)
+    real_call = simulator._call
+    busy = {"started": 1, "succeeded": 2}
+
+    def call(path, payload):
+        state = payload.get("state")
+        if busy.get(state):
+            busy[state] -= 1
+            return 503, {"success": False, "error": "the coordinator cannot reach its database"}
+        return real_call(path, payload)
+
+    monkeypatch.setattr(simulator, "_call", call)
+    with pytest.raises(KeyboardInterrupt):
+        simulator.serve()
+
+    lines = out.getvalue().splitlines()
+    assert (
+        lines.count(
+            "Job busy-1: could not report 'succeeded' now "
+            "(the coordinator cannot reach its database, HTTP 503); trying again at the next heartbeat"
+        )
+        == 2
+    )
+    assert "Job busy-1 (llm-chat): streaming" in lines
+    assert lines[-2] == "Job busy-1 (llm-chat): succeeded"
+    job = Job.objects.get(job_id="busy-1")
+    assert job.state == Job.State.SUCCEEDED and job.started_at is not None
+    island.refresh_from_db()
+    assert (island.jobs_completed, island.jobs_running) == (1, 0)
