@@ -344,7 +344,6 @@ def api_jobs(request: HttpRequest) -> HttpResponse:
         job.credits,
         key.name,
     )
-    job = Job.objects.select_related("island").get(pk=job.pk)
     return JsonResponse({"success": True, "created": True, "job": _job_json(job)}, status=201)
 
 

@@ -191,7 +191,7 @@ class Migration(migrations.Migration):
         ),
         migrations.AddIndex(
             model_name='island',
-            index=models.Index(condition=models.Q(('removed_at__isnull', True), ('status', 'online'), ('suspended_at__isnull', True)), fields=['draw_next'], name='island_draw_idx'),
+            index=models.Index(condition=models.Q(('removed_at__isnull', True), ('status', 'online'), ('suspended_at__isnull', True)), fields=['draw_next', 'id'], name='island_draw_idx'),
         ),
         migrations.AddIndex(
             model_name='job',
