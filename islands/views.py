@@ -211,6 +211,11 @@ def _credits(sent: Credits, name: str) -> Decimal:
     return value
 
 
+# A NUL in encoded JSON: \u0000 after an even number of backslashes (an odd
+# number would make it the text "\u0000").
+_ESCAPED_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _spec(body: JobSubmission) -> JobSpec:
     """The job a submission describes, or a 400 saying what is wrong with it."""
     if body.island_id is None:
@@ -226,8 +231,12 @@ def _spec(body: JobSubmission) -> JobSpec:
     if needs is not None and getattr(body, needs) is None:
         # The agent would fail it on the Island, at the Island's expense.
         raise ApiError(400, f"invalid body: a {body.runtime} job needs `{needs}`")
-    if len(msgspec.json.encode(body.input)) > JOB_INPUT_MAX_BYTES:
+    encoded_input = msgspec.json.encode(body.input)
+    if len(encoded_input) > JOB_INPUT_MAX_BYTES:
         raise ApiError(413, f"invalid input: at most {JOB_INPUT_MAX_BYTES} bytes of JSON")
+    if _ESCAPED_NUL.search(encoded_input):
+        # PostgreSQL's jsonb cannot hold one; the same answer on every database.
+        raise ApiError(400, "invalid input: text in it may not contain NUL (\\u0000)")
     requirements = body.requirements
     if requirements is not None and requirements.region is not None and requirements.region.lower() == "auto":
         raise ApiError(400, 'invalid requirements.region: name a region, not "auto"')
