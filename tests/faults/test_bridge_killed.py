@@ -32,7 +32,7 @@ from islands.models import Island, Job, StatusChange
 from karma.models import KarmaEvent
 from tests.bridge.test_nats import Agent
 from tests.faults.conftest import bridge_counters, wait_for
-from tests.islands.conftest import MINIMAL_HEARTBEAT
+from tests.islands.conftest import MINIMAL_HEARTBEAT, give_job
 
 HOSTS = 100
 JOBS_PER_HOST = 8
@@ -113,18 +113,18 @@ def bridge_command(spawn: Any, url: str, prefix: str, *options: str) -> Any:
 def test_the_bridge_killed_mid_batch_applies_each_job_outcome_once(spawn, nats_server, alice):
     hosts = make_hosts(alice, HOSTS)
     now = timezone.now()
-    jobs = Job.objects.bulk_create(
-        Job(
-            job_id=f"{host.host_id}-job-{n}",
+    # Each with its attempt and its slot, as a placement leaves them.
+    jobs = [
+        give_job(
             island=host,
-            workload="llm-chat",
+            job_id=f"{host.host_id}-job-{n}",
             credits=Decimal("1.5"),
-            assigned_at=now,
-            lease_expires_at=now + timedelta(hours=1),
+            lease=timedelta(hours=1),
+            now=now,
         )
         for n in range(JOBS_PER_HOST)
         for host in hosts
-    )
+    ]
     prefix = f"faults{uuid.uuid4().hex[:12]}."
     agent = Agent(nats_server.url, Subjects(prefix))
     try:
