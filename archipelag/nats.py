@@ -20,6 +20,11 @@ shared NATS credential can and cannot do through it.
 - Input never stops the bridge: a message that is too large, not JSON, of
   the wrong shape or on a subject naming no valid host is counted, logged
   (at most once per kind every few seconds) and skipped.
+- It also speaks first: its outbox sender (OutboxSender) publishes what the
+  models wrote to islands.models.OutboxMessage (AssignJobs into the JOBS
+  stream, cancels, deletions from the stream) after the transaction that
+  decided them committed, and creates the JOBS stream at start when it is
+  missing. docs/dispatch.md#delivery states what it guarantees.
 """
 
 import asyncio
@@ -34,17 +39,28 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal, Protocol, TypedDict
 from urllib.parse import urlsplit
 
 import msgspec
-from django.db import close_old_connections
+import psycopg
+from django.db import close_old_connections, connections, transaction
 from django.utils import timezone
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 from nats.aio.subscription import Subscription
-from nats.errors import ConnectionClosedError, ConnectionReconnectingError, SlowConsumerError
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    OutboundBufferLimitError,
+    SlowConsumerError,
+)
+from nats.errors import Error as NatsError
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.manager import JetStreamManager
 
 from archipelag.api import DEFAULT_MAX_BODY_BYTES, TRANSIENT_DATABASE_ERRORS, InvalidBody, decode_body
 from islands.agent import (
@@ -55,7 +71,18 @@ from islands.agent import (
     JobStatus,
     LeaseRenewal,
 )
-from islands.models import Beat, HeartbeatOutcome, Island, Job, JobNotFound, JobStateConflict, newest
+from islands.models import (
+    JOB_LEASE_MAX,
+    OUTBOX_CHANNEL,
+    Beat,
+    HeartbeatOutcome,
+    Island,
+    Job,
+    JobNotFound,
+    JobStateConflict,
+    OutboxMessage,
+    newest,
+)
 from pairing.models import HostAlreadyLinked, IssueRefused, PairingCode
 
 logger = logging.getLogger("archipelag.bridge")
@@ -90,6 +117,45 @@ WARN_EVERY = 10.0
 # second try is harmless: a status already applied is a repeat.
 STATUS_ATTEMPTS = 4
 STATUS_RETRY_FIRST = 0.5  # seconds
+
+
+# --- The outbox sender and the JOBS stream (docs/dispatch.md#delivery) ---
+#
+# The agent looks this stream up by name once, at start ("JOBS"); see default_stream().
+STREAM = "JOBS"
+# An AssignJob is worth keeping as long as its job's lease can run, and a
+# lease is never renewed past JOB_LEASE_MAX after assignment: an older
+# message belongs to a job that ended (and was deleted when it did).
+STREAM_MAX_AGE = JOB_LEASE_MAX
+# A sender publishes an AssignJob (or a cancel) only within this long of
+# the outbox row being written; after that it gives up (outbox_given_up,
+# logged): the job stays with its Island until its lease runs out, when
+# the watcher moves it on as for any lost job. Every publish of a message,
+# first or retried, so falls within RETRY_HORIZON (plus PUBLISH_TIMEOUT) of
+# every other: well inside DUPLICATE_WINDOW, within which JetStream drops a
+# second copy with the same Nats-Msg-Id. So a retried publish never stores
+# an AssignJob twice. The window costs the server memory per message id
+# published within it (about 100 bytes each): two hours at 100 jobs a
+# second is some 70 MB.
+RETRY_HORIZON = timedelta(hours=1)
+DUPLICATE_WINDOW = timedelta(hours=2)
+# A claimed message is the claimer's this long; a sender killed mid-batch
+# hands its messages over when its claims pass. Far longer than a batch
+# takes (at most PUBLISH_TIMEOUT of NATS time and two database calls).
+CLAIM_SECONDS = 30.0
+OUTBOX_BATCH = 100
+# The sender wakes on PostgreSQL's NOTIFY at once, and looks anyway this
+# often: for SQLite (no NOTIFY), a lost notification, and retries coming due.
+OUTBOX_POLL = 1.0
+PUBLISH_TIMEOUT = 5.0
+# Waits before a failed message is tried again: doubling from the first to
+# the last with its tries, at random between half and all of it.
+RETRY_FIRST = 0.5  # seconds
+RETRY_MAX = 60.0
+# A DELETE whose AssignJob a sender is publishing right now looks again after this.
+DELETE_WAIT = 0.25  # seconds
+# A DELETE looks through at most this many of one host's messages for its target.
+FIND_LIMIT = 10_000
 
 _HOST_ID = re.compile(HOST_ID_PATTERN)
 
@@ -251,6 +317,503 @@ def _listening(servers: Iterable[str]) -> bool:
     return False
 
 
+# --- The JOBS stream -------------------------------------------------------------
+
+
+def default_stream(prefix: str) -> str:
+    """The stream's name: the agent's "JOBS", or one of the prefix's own.
+
+    A bridge on a subject prefix (a test, a benchmark) never touches the
+    real stream, even when it shares the server with it.
+    """
+    if not prefix:
+        return STREAM
+    return re.sub(r"[^A-Za-z0-9_-]", "_", prefix.strip(".")) + "_" + STREAM
+
+
+def jobs_stream_config(name: str, subjects: "Subjects") -> StreamConfig:
+    """The JOBS stream as the agent and the sender need it.
+
+    Work-queue retention: the agent acks each AssignJob on receipt and it is
+    gone, and a message no consumer takes waits for one (the agent binds
+    its consumer when it starts). File storage, so a NATS restart keeps the
+    jobs waiting. Deletions must stay allowed: they are how a job that moved
+    on is taken back.
+    """
+    return StreamConfig(
+        name=name,
+        description="AssignJobs for Island agents (archipelag nats_bridge / nats_setup)",
+        subjects=[subjects.of_hosts("jobs")],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=STREAM_MAX_AGE.total_seconds(),
+        duplicate_window=DUPLICATE_WINDOW.total_seconds(),
+        num_replicas=1,
+    )
+
+
+class StreamConflict(Exception):
+    """The stream exists with settings that cannot be changed in place."""
+
+
+@dataclass(frozen=True)
+class StreamSetup:
+    action: Literal["created", "updated", "unchanged", "outdated"]
+    # What differed from what is needed, "field: had → needs", in words.
+    changes: list[str] = field(default_factory=list)
+
+
+def _duration(seconds: float) -> str:
+    if not seconds:
+        return "unlimited"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds / size
+            return f"{count:g} {unit}{'' if count == 1 else 's'}"
+    return f"{seconds:g} s"
+
+
+async def setup_jobs_stream(jsm: JetStreamManager, wanted: StreamConfig, *, update: bool) -> StreamSetup:
+    """Create the stream when missing; with `update`, bring an existing one up to what is needed.
+
+    What is needed, not what is ideal: an existing stream that keeps
+    messages longer, de-duplicates over a longer window or takes more
+    subjects than asked is left as it is. Retention and storage cannot be
+    changed in place (StreamConflict: delete the stream and run it again).
+    """
+    assert wanted.name is not None and wanted.subjects
+    try:
+        info = await jsm.stream_info(wanted.name)
+    except NotFoundError:
+        await jsm.add_stream(wanted)
+        return StreamSetup("created")
+    have = info.config
+    if have.retention != wanted.retention or have.storage != wanted.storage:
+        raise StreamConflict(
+            f"stream {wanted.name} exists with {describe_stream(have)}; it needs "
+            f"{describe_stream(wanted)}, and NATS cannot change retention or storage in place"
+        )
+    subjects = list(have.subjects or [])
+    max_age, window = have.max_age or 0.0, have.duplicate_window or 0.0
+    assert wanted.max_age is not None
+    changes = []
+    missing = [subject for subject in wanted.subjects if subject not in subjects]
+    if missing:
+        changes.append(f"subjects: {', '.join(subjects) or 'none'} → also {', '.join(missing)}")
+        subjects += missing
+    if max_age and max_age < wanted.max_age:
+        changes.append(f"max_age: {_duration(max_age)} → {_duration(wanted.max_age)}")
+        max_age = wanted.max_age
+    if window < wanted.duplicate_window:
+        changes.append(f"duplicate_window: {_duration(window)} → {_duration(wanted.duplicate_window)}")
+        window = wanted.duplicate_window
+    if not changes:
+        return StreamSetup("unchanged")
+    if not update:
+        return StreamSetup("outdated", changes)
+    have.subjects, have.max_age, have.duplicate_window = subjects, max_age, window
+    await jsm.update_stream(have)
+    return StreamSetup("updated", changes)
+
+
+def describe_stream(config: StreamConfig) -> str:
+    retention = getattr(config.retention, "value", config.retention)
+    storage = getattr(config.storage, "value", config.storage)
+    return (
+        f"subjects {', '.join(config.subjects or [])}, {retention} retention, {storage} "
+        f"storage, max_age {_duration(config.max_age or 0)}, "
+        f"duplicate_window {_duration(config.duplicate_window or 0)}"
+    )
+
+
+# --- The outbox sender ------------------------------------------------------------------
+#
+# What the sender does with each kind of message (OutboxMessage.Kind):
+# - ASSIGN: a JetStream publish into the stream with Nats-Msg-Id = msg_id
+#   (job id and attempt); the PubAck's sequence is kept for a later DELETE.
+#   A retried publish of a message already stored is dropped by the stream
+#   and answered with the first copy's sequence (duplicate=true).
+# - CANCEL: a core NATS publish on host.{id}.cancel. The agent subscribes to
+#   it on core NATS and only while it runs: a cancel stored in a stream would
+#   reach no one later, and the agent treats a repeat as a no-op (a cancel
+#   for a job it is not running is logged and ignored). So de-duplication
+#   would buy nothing, and durability comes from the DELETE instead: an
+#   agent that missed the cancel never gets the AssignJob.
+# - DELETE: removes the target AssignJob from the stream by its sequence,
+#   after checking the message there is still the one with its msg_id (a
+#   stream created anew numbers from 1 again). "No message found" means the
+#   agent already took it, or it is gone: done either way.
+
+type Send = Literal["sent", "retry", "wait", "give_up", "release"]
+
+
+@dataclass
+class SendResult:
+    """What became of one claimed message, for record_sends() to write."""
+
+    message: OutboxMessage
+    outcome: Send
+    stream_seq: int | None = None
+    error: str = ""
+    # Seconds until it may be taken again ("retry", "release", "wait").
+    delay: float = 0.0
+
+
+def claim_outbox(limit: int, claim_seconds: float) -> list[OutboxMessage]:
+    now = timezone.now()
+    return OutboxMessage.objects.claim(now, now + timedelta(seconds=claim_seconds), limit)
+
+
+def settle_targets(deletes: list[OutboxMessage]) -> dict[int, tuple[str, OutboxMessage]]:
+    now = timezone.now()
+    return {delete.pk: OutboxMessage.objects.settle_target(delete, now) for delete in deletes}
+
+
+def record_sends(results: list[SendResult]) -> list[SendResult]:
+    """Write what became of a batch, in one transaction; return the AssignJobs withdrawn while in flight."""
+    now = timezone.now()
+    withdrawn = []
+    with transaction.atomic():
+        for result in results:
+            message = result.message
+            if result.outcome == "sent":
+                if not OutboxMessage.objects.mark_sent(message, now, result.stream_seq):
+                    withdrawn.append(result)
+            elif result.outcome == "give_up":
+                OutboxMessage.objects.give_up(message, now, result.error)
+            else:
+                OutboxMessage.objects.release(
+                    message,
+                    now,
+                    tried=result.outcome == "retry",
+                    delay=timedelta(seconds=result.delay),
+                    error=result.error,
+                )
+    return withdrawn
+
+
+def listen_params() -> dict[str, Any]:
+    """psycopg connection arguments for the default database, for the sender's LISTEN."""
+    params = dict(connections["default"].get_connection_params())
+    # Django's own cursor class and adapters are for its synchronous connections.
+    for name in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(name, None)
+    return params
+
+
+def retry_delay(tries: int) -> float:
+    ceiling = min(RETRY_MAX, RETRY_FIRST * 2 ** min(max(tries - 1, 0), 16))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not a secret)
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class OutboxSender:
+    """Publishes the outbox: claim a batch, send it (no transaction open), record what happened.
+
+    `step()` does one batch and is what tests call; `run()` repeats it,
+    woken by PostgreSQL's NOTIFY or every `poll` seconds, until stopped.
+    Messages of a batch go out concurrently; the batch's claims are taken
+    in one short transaction and its outcomes written in another.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: "Subjects",
+        stream: str,
+        counters: Counter[str],
+        *,
+        batch: int = OUTBOX_BATCH,
+        claim_seconds: float = CLAIM_SECONDS,
+        poll: float = OUTBOX_POLL,
+        warn: Callable[..., None] | None = None,
+    ):
+        self.nc = nc
+        self.subjects = subjects
+        self.stream = stream
+        self.counters = counters
+        self.batch = batch
+        self.claim_seconds = claim_seconds
+        self.poll = poll
+        self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        self.jsm = nc.jsm(timeout=PUBLISH_TIMEOUT)
+        self.wake = asyncio.Event()
+        self._warn = warn or (lambda kind, message, *args: logger.warning(message, *args))
+        # One thread of its own: a backlog of heartbeat batches never delays a job.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="bridge-outbox")
+        self._stream_ready = False
+        self._stream_checked_at = -float("inf")
+
+    async def _db[T](self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _with_connection, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    # --- The stream ---
+
+    async def ensure_stream(self) -> bool:
+        """Create the stream when missing (at most every 10 s); True once it is there."""
+        if self._stream_ready:
+            return True
+        if time.monotonic() - self._stream_checked_at < 10:
+            return False
+        self._stream_checked_at = time.monotonic()
+        config = jobs_stream_config(self.stream, self.subjects)
+        try:
+            setup = await setup_jobs_stream(self.jsm, config, update=False)
+        except StreamConflict as exc:
+            logger.error("event=jobs_stream_unusable stream=%s error=%s", self.stream, exc)
+            return False
+        except (NatsError, TimeoutError) as exc:
+            # No JetStream on the server, NATS away, or an API error.
+            self._warn(
+                "jobs_stream",
+                "event=jobs_stream_unavailable stream=%s error=%r; is JetStream enabled (nats-server -js)?",
+                self.stream,
+                exc,
+            )
+            return False
+        if setup.action == "created":
+            logger.info("event=jobs_stream_created stream=%s %s", self.stream, describe_stream(config))
+        elif setup.action == "outdated":
+            logger.warning(
+                "event=jobs_stream_outdated stream=%s changes=%r; run manage.py nats_setup",
+                self.stream,
+                "; ".join(setup.changes),
+            )
+        self._stream_ready = True
+        return True
+
+    # --- One batch ---
+
+    async def step(self) -> int:
+        """Claim, send and record one batch; return how many messages it claimed."""
+        claimed = await self._db(claim_outbox, self.batch, self.claim_seconds)
+        if not claimed:
+            return 0
+        self.counters["outbox_claimed"] += len(claimed)
+        deletes = [message for message in claimed if message.kind == OutboxMessage.Kind.DELETE]
+        targets = await self._db(settle_targets, deletes) if deletes else {}
+        results = await asyncio.gather(*(self._send(message, targets.get(message.pk)) for message in claimed))
+        try:
+            withdrawn = await self._db(record_sends, list(results))
+        except Exception:
+            # Published but not recorded: the claims pass and a sender sends
+            # them again under the same ids, which the stream de-duplicates.
+            self.counters["outbox_record_failed"] += len(results)
+            logger.exception("event=outbox_record_failed count=%d", len(results))
+            return len(claimed)
+        for result in results:
+            self._count(result)
+        for result in withdrawn:
+            # Its job moved on while we published it, and the DELETE found
+            # nothing yet: take back what we just published.
+            self.counters["outbox_withdrawn_in_flight"] += 1
+            assert result.stream_seq is not None
+            with contextlib.suppress(NatsError):
+                await self._delete_seq(result.message, result.stream_seq)
+        return len(claimed)
+
+    def _count(self, result: SendResult) -> None:
+        kind = result.message.kind
+        if result.outcome == "sent":
+            self.counters["outbox_sent"] += 1
+            self.counters[f"outbox_sent_{kind}"] += 1
+        elif result.outcome == "retry":
+            self.counters["outbox_failed"] += 1
+            self._warn(
+                f"outbox_failed_{kind}",
+                "event=outbox_send_failed kind=%s msg_id=%s tries=%d retry_in=%.1fs error=%r",
+                kind,
+                result.message.msg_id,
+                result.message.tries,
+                result.delay,
+                result.error,
+            )
+        elif result.outcome == "give_up":
+            self.counters["outbox_given_up"] += 1
+            logger.error(
+                "event=outbox_given_up kind=%s msg_id=%s tries=%d reason=%r",
+                kind,
+                result.message.msg_id,
+                result.message.tries,
+                result.error,
+            )
+        elif result.outcome == "wait":
+            self.counters["outbox_delete_waits"] += 1
+
+    async def _send(self, message: OutboxMessage, target: tuple[str, OutboxMessage] | None) -> SendResult:
+        now = timezone.now()
+        age = now - message.created_at
+        if message.kind == OutboxMessage.Kind.DELETE:
+            if age > STREAM_MAX_AGE:
+                return SendResult(message, "give_up", error="older than the stream keeps any message")
+        elif age > RETRY_HORIZON:
+            return SendResult(
+                message, "give_up", error=f"not sent within {_duration(RETRY_HORIZON.total_seconds())}"
+            )
+        if not self.nc.is_connected:
+            return SendResult(message, "release", error="not connected to NATS", delay=RETRY_FIRST)
+        try:
+            if message.kind == OutboxMessage.Kind.ASSIGN:
+                return await self._publish_assign(message)
+            if message.kind == OutboxMessage.Kind.CANCEL:
+                await self._publish_cancel(message)
+                return SendResult(message, "sent")
+            assert target is not None
+            return await self._carry_out_delete(message, *target)
+        except OutboundBufferLimitError:
+            # Disconnected since the check above. Nothing was sent: the
+            # sender's connection keeps no buffer to send it later.
+            return SendResult(message, "release", error="not connected to NATS", delay=RETRY_FIRST)
+        except (NatsError, TimeoutError, OSError) as exc:
+            # Some failures certainly stored nothing (no stream answered, an
+            # API error), others may have (a timeout, a connection lost
+            # mid-request); the claim counts in `tries` either way, which is
+            # only ever cautious (a DELETE then looks for it in the stream).
+            if isinstance(exc, NoStreamResponseError | ServiceUnavailableError):
+                self._stream_ready = False
+            return SendResult(message, "retry", error=_short(exc), delay=retry_delay(message.tries))
+
+    async def _publish_assign(self, message: OutboxMessage) -> SendResult:
+        if not await self.ensure_stream():
+            return SendResult(
+                message, "retry", error="the JOBS stream is not there", delay=retry_delay(message.tries)
+            )
+        ack = await self.js.publish(
+            self.subjects.prefix + message.subject,
+            message.payload.encode(),
+            timeout=PUBLISH_TIMEOUT,
+            # Refused unless this stream takes the subject: never stored elsewhere.
+            stream=self.stream,
+            headers={"Nats-Msg-Id": message.msg_id},
+        )
+        if ack.duplicate:
+            # An earlier publish of it was stored (its sender died, or lost
+            # the answer, before recording it): the agent gets that one.
+            self.counters["outbox_duplicates"] += 1
+        return SendResult(message, "sent", stream_seq=ack.seq)
+
+    async def _publish_cancel(self, message: OutboxMessage) -> None:
+        await self.nc.publish(self.subjects.prefix + message.subject, message.payload.encode())
+        # nats-py writes a flush's PING ahead of publishes still queued, so
+        # the first PONG can come before the server read the cancel; the
+        # second PING goes out after it, so its PONG means the server has it.
+        await self.nc.flush(timeout=int(PUBLISH_TIMEOUT))
+        await self.nc.flush(timeout=int(PUBLISH_TIMEOUT))
+
+    async def _carry_out_delete(
+        self, message: OutboxMessage, state: str, target: OutboxMessage
+    ) -> SendResult:
+        if state == "in_flight":
+            # A sender is publishing it now; once it records the sequence, delete that.
+            return SendResult(message, "wait", delay=DELETE_WAIT)
+        if state == "sent":
+            assert target.stream_seq is not None
+            await self._delete_seq(target, target.stream_seq)
+        elif state == "unknown":
+            # A send of it failed or was cut short: find it by its id, if it is there.
+            seq = await self._find(target)
+            if seq is not None:
+                await self._delete_seq(target, seq)
+        return SendResult(message, "sent")
+
+    async def _delete_seq(self, assign: OutboxMessage, seq: int) -> bool:
+        """Delete `assign` from the stream at `seq`, if it is still there; True if this removed it."""
+        try:
+            stored = await self.jsm.get_msg(self.stream, seq)
+        except NotFoundError:
+            return False  # the agent took it (work queue), or it aged out
+        if (stored.headers or {}).get("Nats-Msg-Id") != assign.msg_id:
+            return False  # another message: the stream was made anew since
+        try:
+            await self.jsm.delete_msg(self.stream, seq)
+        except APIError as exc:
+            if exc.err_code == 10057:  # JSStreamMsgDeleteFailed: "no message found" (taken meanwhile)
+                return False
+            raise
+        self.counters["outbox_deleted_from_stream"] += 1
+        return True
+
+    async def _find(self, assign: OutboxMessage) -> int | None:
+        """The sequence of `assign` in the stream, if a publish of it was stored and is still waiting."""
+        subject = self.subjects.prefix + assign.subject
+        seq = 1
+        for _ in range(FIND_LIMIT):
+            try:
+                stored = await self.jsm.get_msg(self.stream, seq, subject=subject, next=True)
+            except NotFoundError:
+                return None
+            assert stored.seq is not None
+            if (stored.headers or {}).get("Nats-Msg-Id") == assign.msg_id:
+                return stored.seq
+            seq = stored.seq + 1
+        raise NatsError(f"{assign.msg_id} not found among the first {FIND_LIMIT} messages of {subject}")
+
+    # --- The loop ---
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send until `stop` is set, then finish the batch in hand (a claim never outlives its sender)."""
+        listener = asyncio.create_task(self.listen(stop))
+        await self.ensure_stream()
+        failures = 0
+        try:
+            while not stop.is_set():
+                # Cleared before the claim: a NOTIFY arriving during the batch wakes the next one.
+                self.wake.clear()
+                claimed = 0
+                if self.nc.is_connected:
+                    try:
+                        claimed = await self.step()
+                        failures = 0
+                    except Exception:
+                        failures += 1
+                        self.counters["outbox_step_failed"] += 1
+                        logger.exception("event=outbox_step_failed; retrying")
+                        await self._pause(stop, retry_delay(failures))
+                        continue
+                if claimed >= self.batch:
+                    continue  # more is waiting
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=self.poll)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _pause(self, stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Set `wake` on every NOTIFY of a new outbox message; reconnect when the connection drops."""
+        if connections["default"].vendor != "postgresql":
+            return  # SQLite has no NOTIFY: the poll alone
+        params = listen_params()
+        attempt = 0
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(**params, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    if attempt:
+                        logger.info("event=outbox_listening_again")
+                    attempt = 0
+                    # Messages written while we were not listening woke no one.
+                    self.wake.set()
+                    async for _ in conn.notifies():
+                        self.wake.set()
+            except Exception as exc:  # a dropped connection, a restart: poll meanwhile, listen again
+                self.counters["outbox_listen_errors"] += 1
+                self._warn("outbox_listen", "event=outbox_listen_failed error=%r; polling meanwhile", exc)
+            await self._pause(stop, backoff(attempt))
+            attempt += 1
+
+
 # --- The bridge -------------------------------------------------------------------
 
 
@@ -267,9 +830,19 @@ class Bridge:
         flush_interval: float = FLUSH_INTERVAL,
         stats_interval: float = STATS_INTERVAL,
         writers: int = WRITERS,
+        stream: str | None = None,
+        outbox_batch: int = OUTBOX_BATCH,
+        claim_seconds: float = CLAIM_SECONDS,
+        outbox_poll: float = OUTBOX_POLL,
     ):
         self.servers = servers
         self.subjects = Subjects(prefix)
+        self.stream = stream or default_stream(prefix)
+        self.outbox_batch = outbox_batch
+        self.claim_seconds = claim_seconds
+        self.outbox_poll = outbox_poll
+        # Set once the outbox sender runs (after NATS answered).
+        self.sender: OutboxSender | None = None
         self.queue = queue
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -306,6 +879,32 @@ class Bridge:
             nc = await self._connect()
             if nc is None:
                 return
+            sender_nc = await self._connect(
+                "archipelag-outbox-sender",
+                # A publish while disconnected fails at once instead of
+                # waiting in nats-py's buffer to go out after a reconnect,
+                # perhaps hours later: past the give-up (RETRY_HORIZON) and
+                # the stream's duplicate window.
+                pending_size=0,
+                disconnected_cb=self._on_sender_disconnected,
+                reconnected_cb=self._on_sender_reconnected,
+            )
+            if sender_nc is None:
+                await nc.close()
+                return
+            # Its own connection: AssignJobs never queue behind thousands of
+            # heartbeats on one socket, and its publishes are never buffered.
+            self.sender = OutboxSender(
+                sender_nc,
+                self.subjects,
+                self.stream,
+                self.counters,
+                batch=self.outbox_batch,
+                claim_seconds=self.claim_seconds,
+                poll=self.outbox_poll,
+                warn=self.warn,
+            )
+            sending = asyncio.create_task(self.sender.run(self._stop))
             await self._subscribe(nc)
             flusher = asyncio.create_task(self._flush_loop())
             stats = asyncio.create_task(self._stats_loop())
@@ -316,6 +915,11 @@ class Bridge:
             self._has_beats.set()
             self._batch_full.set()
             await flusher
+            # The sender finishes the batch in hand and records it; what it
+            # has not claimed waits in the outbox for the next sender.
+            await sending
+            self.sender.close()
+            await sender_nc.close()
             stats.cancel()
         finally:
             self._executor.shutdown(wait=True)
@@ -325,12 +929,14 @@ class Bridge:
         """Ask the bridge to drain and stop; call it in the bridge's event loop."""
         if self._stop is not None:
             self._stop.set()
+        if self.sender is not None:
+            self.sender.wake.set()
 
     def stop_threadsafe(self) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.stop)
 
-    async def _connect(self) -> NATS | None:
+    async def _connect(self, name: str = "archipelag-nats-bridge", **options: Any) -> NATS | None:
         """Wait until a server listens, then connect; None if stopped first.
 
         nats-py retries a failed first connect only at a fixed pace, so the
@@ -354,19 +960,18 @@ class Bridge:
             except TimeoutError:
                 continue
         nc = NATS()
-        connecting = asyncio.create_task(
-            nc.connect(
-                servers=self.servers,
-                name="archipelag-nats-bridge",
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=BACKOFF_FIRST,  # type: ignore[arg-type]
-                reconnect_to_server_handler=self._reconnect_to,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-            )
-        )
+        settings: dict[str, Any] = {
+            "servers": self.servers,
+            "name": name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": BACKOFF_FIRST,
+            "reconnect_to_server_handler": self._reconnect_to,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        connecting = asyncio.create_task(nc.connect(**(settings | options)))
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -375,7 +980,7 @@ class Bridge:
             await nc.close()
             return None
         connecting.result()
-        logger.info("event=nats_connected servers=%s", where)
+        logger.info("event=nats_connected name=%s servers=%s", name, where)
         return nc
 
     async def _subscribe(self, nc: NATS) -> None:
@@ -436,6 +1041,17 @@ class Bridge:
     async def _on_reconnected(self) -> None:
         self.counters["reconnects"] += 1
         logger.info("event=nats_reconnected")
+
+    async def _on_sender_disconnected(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            return
+        self.counters["outbox_disconnects"] += 1
+        logger.warning("event=outbox_nats_disconnected; the outbox waits for NATS")
+
+    async def _on_sender_reconnected(self) -> None:
+        logger.info("event=outbox_nats_reconnected")
+        if self.sender is not None:
+            self.sender.wake.set()
 
     # --- Bookkeeping ---
 

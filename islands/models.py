@@ -2103,13 +2103,15 @@ class OutboxMessageManager(models.Manager["OutboxMessage"]):
     def withdraw(self, assign: "OutboxMessage", now: datetime | None = None) -> None:
         """Make sure an AssignJob is never run: unsent, it is never sent; sent, it is deleted from JOBS.
 
-        An assignment no sender has claimed is withdrawn in place. One that
-        is sent, or being sent, gets a DELETE that the sender carries out once
-        the publish is acknowledged (it needs the stream sequence).
+        An assignment no sender has ever tried to send is withdrawn in place.
+        One that is sent, being sent, or was tried (a sender that failed or
+        died mid-send may have published it: `tries` counts the claims that
+        may have, and an expired claim proves nothing) gets a DELETE that the
+        sender carries out once it knows where the message is.
         """
         now = now or timezone.now()
-        unclaimed = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
-        if self.filter(unclaimed, pk=assign.pk, sent_at__isnull=True, withdrawn_at__isnull=True).update(
+        never_tried = Q(claimed_until__isnull=True, tries=0)
+        if self.filter(never_tried, pk=assign.pk, sent_at__isnull=True, withdrawn_at__isnull=True).update(
             withdrawn_at=now
         ):
             return
@@ -2144,6 +2146,115 @@ class OutboxMessageManager(models.Manager["OutboxMessage"]):
         return self.filter(sent_at__isnull=True, withdrawn_at__isnull=True, available_at__lte=now).order_by(
             "pk"
         )
+
+    # === The sender's side (archipelag/nats.py, OutboxSender; docs/dispatch.md#delivery) ====
+    # Everything above writes messages in the transaction that decides them;
+    # these methods are how the bridges' senders take, settle and hand back
+    # what they send. A sender holds no transaction while it talks to NATS.
+
+    def claim(self, now: datetime, until: datetime, limit: int) -> list["OutboxMessage"]:
+        """Take up to `limit` due messages, oldest first, for one sender until `until`.
+
+        No other sender takes them before `until` passes. On PostgreSQL the
+        due rows are locked with SKIP LOCKED, so concurrent senders split
+        them without waiting for each other, and claimed in the same short
+        transaction; elsewhere each row is claimed by a conditional UPDATE
+        whose row count decides. A sender that dies holding a claim hands
+        its messages over when the claim passes. `tries` counts the claims
+        that may have published (see release()), so withdraw() never takes
+        a message a sender may have published for one never sent. An
+        AssignJob a DELETE targets is never claimed again: its job moved on
+        while a sender held it, and the DELETE settles it (settle_target()).
+        """
+        claimable = Q(claimed_until__isnull=True) | Q(claimed_until__lt=now)
+        targeted = models.Exists(OutboxMessage.objects.filter(target=models.OuterRef("pk")))
+        due = self.due(now).filter(claimable).exclude(targeted).values_list("pk", flat=True)
+        claim = {"claimed_until": until, "tries": F("tries") + 1}
+        with transaction.atomic(using=self.db):
+            if connections[self.db].features.has_select_for_update_skip_locked:
+                pks = list(due.select_for_update(skip_locked=True)[:limit])
+                self.filter(pk__in=pks).update(**claim)
+            else:
+                unsent = Q(sent_at__isnull=True, withdrawn_at__isnull=True)
+                pks = [pk for pk in due[:limit] if self.filter(claimable, unsent, pk=pk).update(**claim)]
+            return list(self.filter(pk__in=pks).order_by("pk"))
+
+    def mark_sent(self, message: "OutboxMessage", now: datetime, stream_seq: int | None = None) -> bool:
+        """Record that `message` went out (an AssignJob: where JetStream stored it).
+
+        False if it was withdrawn while it was being sent (its job moved on,
+        and a DELETE found nothing to delete yet): the sender then deletes
+        what it has just published itself. A message another sender marked
+        meanwhile (a claim that passed) counts as sent: JetStream gave both
+        the same sequence.
+        """
+        if self.filter(pk=message.pk, sent_at__isnull=True, withdrawn_at__isnull=True).update(
+            sent_at=now, stream_seq=stream_seq, claimed_until=None, last_error=""
+        ):
+            return True
+        return self.filter(pk=message.pk, sent_at__isnull=False).exists()
+
+    def release(
+        self,
+        message: "OutboxMessage",
+        now: datetime,
+        *,
+        tried: bool,
+        delay: timedelta = timedelta(0),
+        error: str = "",
+    ) -> None:
+        """Hand a claimed message back, to be taken again after `delay`.
+
+        `tried` says a send went out whose outcome is unknown (a timeout, a
+        connection lost mid-request): its claim keeps counting in `tries`.
+        A message that certainly never left (not connected, a stop before
+        its turn, a DELETE waiting for its target) gives its claim back.
+        """
+        self.filter(pk=message.pk, sent_at__isnull=True, withdrawn_at__isnull=True).update(
+            claimed_until=None,
+            available_at=now + delay,
+            # Only a sender that claimed it releases it, so its claim is in `tries`.
+            tries=F("tries") if tried else F("tries") - 1,
+            last_error=error[: OutboxMessage._meta.get_field("last_error").max_length],
+        )
+
+    def give_up(self, message: "OutboxMessage", now: datetime, reason: str) -> None:
+        """Stop trying a message (never sent, or sent with an unknown outcome: `tries` says which)."""
+        self.filter(pk=message.pk, sent_at__isnull=True, withdrawn_at__isnull=True).update(
+            withdrawn_at=now, claimed_until=None, last_error=f"gave up: {reason}"[:500]
+        )
+
+    def settle_target(self, delete: "OutboxMessage", now: datetime) -> tuple[str, "OutboxMessage"]:
+        """Where the AssignJob a DELETE targets stands, and that AssignJob as it is now.
+
+        - "sent": it is (or was) in the stream at `stream_seq`;
+        - "never_sent": no sender ever published it: nothing to delete;
+        - "in_flight": a sender holds it now: ask again once it is done;
+        - "unknown": a sender tried and failed, or died holding it, so it may
+          sit in the stream under its msg_id. It is withdrawn here (a
+          compare-and-set on the claim it had), so no sender tries it again,
+          and the DELETE looks for it in the stream.
+        """
+        assert delete.target_id is not None
+        for _ in range(4):
+            target = self.get(pk=delete.target_id)
+            if target.sent_at is not None:
+                return "sent", target
+            if target.withdrawn_at is not None:
+                return ("unknown" if target.tries else "never_sent"), target
+            if target.claimed_until is not None and target.claimed_until >= now:
+                return "in_flight", target
+            if self.filter(
+                pk=target.pk,
+                sent_at__isnull=True,
+                withdrawn_at__isnull=True,
+                claimed_until=target.claimed_until,
+            ).update(withdrawn_at=now, last_error="withdrawn: its job moved on before it was sent"):
+                return ("unknown" if target.tries else "never_sent"), target
+        # It keeps changing under us (claimed, released, claimed): a sender is on it.
+        return "in_flight", target
+
+    # === End of the sender's side ================================================================
 
 
 # The PostgreSQL channel the bridges LISTEN on for new outbox messages.

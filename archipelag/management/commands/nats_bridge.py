@@ -7,15 +7,28 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from archipelag.nats import BATCH_SIZE, FLUSH_INTERVAL, QUEUE_GROUP, STATS_INTERVAL, WRITERS, Bridge, redact
+from archipelag.nats import (
+    BATCH_SIZE,
+    CLAIM_SECONDS,
+    FLUSH_INTERVAL,
+    OUTBOX_BATCH,
+    QUEUE_GROUP,
+    STATS_INTERVAL,
+    STREAM,
+    WRITERS,
+    Bridge,
+    redact,
+)
 
 
 class Command(BaseCommand):
     help = (
         "Answer the real Island agent over NATS: pairing, registration, heartbeats, "
-        "job states and lease renewals. Runs until stopped (Ctrl-C or SIGTERM), then "
-        "drains its subscriptions and writes every heartbeat it received. Any number "
-        "may run at once: they share the subjects as one NATS queue group."
+        "job states and lease renewals; and publish the outbox (AssignJobs into the JOBS "
+        "stream, which it creates when missing, cancels, deletions). Runs until stopped "
+        "(Ctrl-C or SIGTERM), then drains its subscriptions, writes every heartbeat it "
+        "received and finishes the outbox batch in hand. Any number may run at once: they "
+        "share the subjects as one NATS queue group and the outbox by claims."
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
@@ -56,13 +69,34 @@ class Command(BaseCommand):
             default="",
             help="Prefix every subject (tests and benchmarks on a shared server; the agent uses none).",
         )
+        parser.add_argument(
+            "--stream",
+            default=None,
+            help=f"The JetStream stream of AssignJobs (default {STREAM}, the name the agent looks up; "
+            f"with --subject-prefix, one named after the prefix).",
+        )
+        parser.add_argument(
+            "--outbox-batch",
+            type=int,
+            default=OUTBOX_BATCH,
+            help=f"Outbox messages claimed and sent at once (default {OUTBOX_BATCH}).",
+        )
+        parser.add_argument(
+            "--claim-seconds",
+            type=float,
+            default=CLAIM_SECONDS,
+            help="How long a claimed outbox message is this bridge's before another may take it "
+            f"over (default {CLAIM_SECONDS:g}).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         servers = [url.strip() for url in (options["url"] or settings.NATS_URL).split(",") if url.strip()]
         if not servers:
             raise CommandError("no NATS server: set NATS_URL or pass --url")
-        if min(options["batch_size"], options["flush_ms"], options["writers"]) < 1:
-            raise CommandError("--batch-size, --flush-ms and --writers must be positive")
+        if min(options["batch_size"], options["flush_ms"], options["writers"], options["outbox_batch"]) < 1:
+            raise CommandError("--batch-size, --flush-ms, --writers and --outbox-batch must be positive")
+        if options["claim_seconds"] < 1:
+            raise CommandError("--claim-seconds must be at least 1")
         bridge = Bridge(
             servers,
             prefix=options["subject_prefix"],
@@ -71,6 +105,9 @@ class Command(BaseCommand):
             flush_interval=options["flush_ms"] / 1000,
             writers=options["writers"],
             stats_interval=options["stats_interval"],
+            stream=options["stream"],
+            outbox_batch=options["outbox_batch"],
+            claim_seconds=options["claim_seconds"],
         )
         where = ", ".join(redact(url) for url in servers)
         self.stdout.write(f"Bridging NATS at {where} to the coordinator; Ctrl-C or SIGTERM stops.")
