@@ -78,6 +78,7 @@ from islands.models import (
     HeartbeatOutcome,
     Island,
     Job,
+    JobMoved,
     JobNotFound,
     JobStateConflict,
     OutboxMessage,
@@ -159,8 +160,8 @@ FIND_LIMIT = 10_000
 
 _HOST_ID = re.compile(HOST_ID_PATTERN)
 
-type StatusOutcome = Literal["applied", "repeat", "conflict", "unknown_job", "unknown_host"]
-type LeaseOutcome = Literal["extended", "refused", "unknown_job", "unknown_host"]
+type StatusOutcome = Literal["applied", "repeat", "conflict", "moved", "unknown_job", "unknown_host"]
+type LeaseOutcome = Literal["extended", "refused", "moved", "unknown_job", "unknown_host"]
 
 
 class Message(Protocol):
@@ -254,6 +255,10 @@ def apply_job_status(host_id: str, status: JobStatus) -> StatusOutcome:
             "event=job_status_refused reason=unknown_job host_id=%s job_id=%s", host_id, status.job_id
         )
         return "unknown_job"
+    except JobMoved:
+        # Placed again elsewhere (or ended) since this host had it: its
+        # report counts for nothing, as over HTTP (409). Logged by the model.
+        return "moved"
     except JobStateConflict as exc:
         logger.info(
             "event=job_status_refused reason=conflict host_id=%s job_id=%s state=%s ended_as=%s",
@@ -275,6 +280,8 @@ def renew_lease(host_id: str, renewal: LeaseRenewal) -> LeaseOutcome:
         return "unknown_host"
     try:
         deadline = Job.objects.extend_lease(island, renewal.job_id, renewal.extend_seconds)
+    except JobMoved:
+        return "moved"
     except JobNotFound:
         return "unknown_job"
     return "refused" if deadline is None else "extended"

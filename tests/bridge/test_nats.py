@@ -7,6 +7,7 @@ tests that stop NATS start a nats-server of their own on a spare port.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 from django.utils import timezone
 
-from archipelag.nats import Bridge, Subjects
+from archipelag.nats import Bridge, Subjects, default_stream
 from islands.models import Island, Job
 from pairing.models import PairingCode
 from tests.conftest import BASE_DIR, CAPABILITIES, HOST_ID, _free_port, _test_database_url
@@ -105,17 +108,51 @@ def fresh_prefix() -> str:
     return f"test{uuid.uuid4().hex[:12]}."
 
 
-@pytest.fixture
-def bridge(nats_url: str, transactional_db: None) -> Iterator[Bridge]:
-    """A bridge in this process (its own event loop thread), on the test database."""
-    bridge = Bridge([nats_url], prefix=fresh_prefix(), flush_interval=0.05, stats_interval=3600)
+def delete_stream(url: str, name: str) -> None:
+    """Delete a stream a test's bridge made (they are named after the test's prefix), if it is there.
+
+    JetStream streams outlive their clients on the shared server; every
+    test deletes the ones its bridges created.
+    """
+
+    async def delete() -> None:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+                await nc.jsm().delete_stream(name)
+        finally:
+            await nc.close()
+
+    with contextlib.suppress(OSError, nats.errors.NoServersError):
+        asyncio.run(delete())
+
+
+def run_bridge(bridge: Bridge) -> threading.Thread:
     thread = threading.Thread(target=asyncio.run, args=(bridge.run(),), daemon=True)
     thread.start()
     assert bridge.ready.wait(15), "the bridge did not subscribe within 15 s"
-    yield bridge
+    return thread
+
+
+def stop_bridge(bridge: Bridge, thread: threading.Thread) -> None:
     bridge.stop_threadsafe()
     thread.join(20)
     assert not thread.is_alive(), "the bridge did not stop within 20 s"
+
+
+@pytest.fixture
+def bridge(nats_url: str, transactional_db: None) -> Iterator[Bridge]:
+    """A bridge in this process (its own event loop thread), on the test database.
+
+    Its stream of AssignJobs is named after its prefix, and deleted after.
+    """
+    bridge = Bridge(
+        [nats_url], prefix=fresh_prefix(), flush_interval=0.05, stats_interval=3600, outbox_poll=0.1
+    )
+    thread = run_bridge(bridge)
+    yield bridge
+    stop_bridge(bridge, thread)
+    delete_stream(nats_url, bridge.stream)
 
 
 @pytest.fixture
@@ -316,33 +353,43 @@ class BridgeProcess:
 
 @pytest.fixture
 def bridge_process(transactional_db: None, tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
-    started: list[BridgeProcess] = []
+    started: list[tuple[BridgeProcess, str, str]] = []
 
     def start(url: str, prefix: str, *args: str) -> BridgeProcess:
         process = BridgeProcess(url, prefix, tmp_path / f"bridge-{len(started)}.log", *args)
-        started.append(process)
+        started.append((process, url, prefix))
         return process
 
     yield start
-    for process in started:
+    for process, _, _ in started:
         if process.process.poll() is None:
             process.process.kill()
             process.process.wait()
+    for url, prefix in {(url, prefix) for _, url, prefix in started}:
+        delete_stream(url, default_stream(prefix))
 
 
 class NatsServer:
-    """A nats-server of the test's own, on a spare port, so it may be stopped."""
+    """A nats-server of the test's own, on a spare port, so it may be stopped.
 
-    def __init__(self, port: int, log: Path):
+    With `store`, JetStream is on and keeps its streams there, so they
+    survive a stop and a start as a production server's do.
+    """
+
+    def __init__(self, port: int, log: Path, store: Path | None = None):
         self.port = port
         self.url = f"nats://127.0.0.1:{port}"
         self.log = log
+        self.store = store
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        jetstream = ["-js", "-sd", str(self.store)] if self.store else []
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
-                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port)], stdout=sink, stderr=subprocess.STDOUT
+                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *jetstream],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
             )
         wait_for(lambda: "Server is ready" in self.log.read_text(errors="replace"), what="nats-server")
 
