@@ -151,7 +151,7 @@ class JobsAgent(Agent):
         async def fetch() -> bool:
             try:
                 await self.pull.fetch(1, timeout=wait)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's
                 return True
             return False
 
