@@ -331,9 +331,26 @@ def through_bridge(
         for bridge in running:
             for name, count in bridge.stop().items():
                 counters[name] = counters.get(name, 0) + count
+        # The bridges made a stream of AssignJobs named after the prefix; it outlives them.
+        asyncio.run(delete_stream(nats_url, prefix))
     print(f"  bridge logs: {' '.join(str(log) for log in logs)}")
     counters["cpu_microseconds_per_heartbeat"] = int(cpu / len(hosts) * 1e6)
     return len(hosts) / elapsed, len(hosts) / publish_seconds, counters
+
+
+async def delete_stream(nats_url: str, prefix: str) -> None:
+    import nats
+    import nats.js.errors
+
+    from archipelag.nats import default_stream
+
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jsm().delete_stream(default_stream(prefix))
+    except nats.js.errors.NotFoundError:
+        pass
+    finally:
+        await nc.close()
 
 
 def wait_until_written(database_url: str, timestamp: int, expected: int, timeout: float = 300) -> None:

@@ -70,7 +70,15 @@ class Command(BaseCommand):
             self.stdout.write(f"Stream {name} on {where} is up to date.")
 
     async def _setup(self, servers: list[str], config: StreamConfig) -> StreamSetup:
-        nc = await nats.connect(servers=servers, name="archipelag-nats-setup", allow_reconnect=False)
+        # A few tries a second apart (a server restarting with the deploy), then an answer.
+        nc = await nats.connect(
+            servers=servers,
+            name="archipelag-nats-setup",
+            allow_reconnect=False,
+            connect_timeout=5,
+            max_reconnect_attempts=3,
+            reconnect_time_wait=1,
+        )
         try:
             return await setup_jobs_stream(nc.jsm(timeout=10), config, update=True)
         finally:
