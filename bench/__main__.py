@@ -9,7 +9,9 @@ docs/performance.md for what they measure. The exit status is 1 when a
 benchmark missed its target or failed to run. nats_heartbeats (the NATS
 bridge's throughput, docs/nats.md) needs a NATS server at NATS_URL and is
 skipped, saying so, when none answers; it prints whether its target was met
-rather than failing on it.
+rather than failing on it. dispatch_latency (submit → AssignJob received,
+docs/dispatch.md#delivery) needs NATS with JetStream too, and is skipped
+the same way.
 """
 
 import os
@@ -19,7 +21,15 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-BENCHMARKS = ["heartbeats", "websockets", "confirmation", "settings_page", "nats_heartbeats"]
+BENCHMARKS = [
+    "heartbeats",
+    "websockets",
+    "confirmation",
+    "settings_page",
+    "nats_heartbeats",
+    "dispatch_latency",
+]
+NEEDS_NATS = {"nats_heartbeats", "dispatch_latency"}
 
 
 def command(name: str) -> list[str]:
@@ -45,7 +55,7 @@ def main() -> int:
     outcomes: dict[str, str] = {}
     for name in names:
         print(f"\n=== bench.{name} ===", flush=True)
-        if name == "nats_heartbeats" and not nats_answers():
+        if name in NEEDS_NATS and not nats_answers():
             print("skipped: no NATS server answers at NATS_URL (nats://127.0.0.1:4222 by default)")
             outcomes[name] = "SKIPPED (no NATS)"
             continue
