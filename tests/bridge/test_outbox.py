@@ -25,6 +25,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import pytest
+from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -425,7 +426,9 @@ def test_a_job_placed_again_after_a_timeout_reaches_only_its_new_island(nats_url
     wait_for(lambda: sent(job), what="the first AssignJob")
 
     # The first Island never answers; its lease runs out and the watcher moves the job.
-    assert Job.objects.time_out_expired(job.lease_expires_at + timedelta(seconds=1)) == ["job-moving"]
+    later = job.lease_expires_at + timedelta(seconds=1)
+    assert Job.objects.time_out_expired(later) == ["job-moving"]
+    assert Job.objects.place_queued(later) == 1
     job.refresh_from_db()
     assert (job.island_id, job.attempt) == (second.pk, 2)
     wait_for(all_sent, what="the second AssignJob and the first one's deletion")
@@ -509,10 +512,13 @@ def test_an_assign_job_withdrawn_while_its_publish_was_in_flight_is_taken_back(
     publish = harness.sender.js.publish
 
     def another_bridge_settles_the_delete() -> None:
-        OutboxMessage.objects.filter(pk=assign_row(job).pk).update(claimed_until=timezone.now())
-        Job.objects.cancel("job-slow-sender")
-        delete = OutboxMessage.objects.get(kind=OutboxMessage.Kind.DELETE)
-        assert OutboxMessage.objects.settle_target(delete, timezone.now())[0] == "unknown"
+        try:
+            OutboxMessage.objects.filter(pk=assign_row(job).pk).update(claimed_until=timezone.now())
+            Job.objects.cancel("job-slow-sender")
+            delete = OutboxMessage.objects.get(kind=OutboxMessage.Kind.DELETE)
+            assert OutboxMessage.objects.settle_target(delete, timezone.now())[0] == "unknown"
+        finally:
+            connection.close()  # this thread's: the test database is dropped after
 
     async def slow_publish(*args: Any, **kwargs: Any) -> Any:
         ack = await publish(*args, **kwargs)
