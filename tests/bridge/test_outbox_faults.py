@@ -29,7 +29,7 @@ from archipelag.nats import Subjects, default_stream
 from islands.models import Island, OutboxMessage
 from tests.bridge.test_nats import Agent, delete_stream
 from tests.bridge.test_outbox import all_sent, nats_island, submit
-from tests.faults.conftest import bridge_counters, faults, spawn, wait_for
+from tests.faults.conftest import bridge_counters, faults, spawn, terminate_backends, wait_for
 
 __all__ = ["faults", "spawn"]  # fixtures, imported to be used here
 
@@ -103,7 +103,7 @@ def place_jobs(owner: Any) -> list[str]:
     return hosts
 
 
-def start_bridge(spawn: Any, url: str, prefix: str, *options: str) -> Any:
+def start_bridge(spawn: Any, url: str, prefix: str, *options: str, app_name: str | None = None) -> Any:
     bridge = spawn.command(
         "bridge",
         "nats_bridge",
@@ -114,6 +114,7 @@ def start_bridge(spawn: Any, url: str, prefix: str, *options: str) -> Any:
         "--stats-interval",
         "0.5",
         *options,
+        app_name=app_name,
     )
     bridge.wait_for_log("event=bridge_ready")
     return bridge
@@ -199,6 +200,37 @@ def test_two_bridges_share_the_outbox_and_never_publish_a_message_twice(spawn, n
         assert len(seen) == JOBS and set(seen.values()) == {1}
         got = received_by_agents(nats_url, subjects, stream, hosts)
         assert got == Counter({f"job-two-{n:04d}": 1 for n in range(JOBS)})
+    finally:
+        publishes.close()
+        delete_stream(nats_url, stream)
+
+
+def test_the_sender_listens_again_after_its_database_connection_drops(spawn, nats_url, alice):
+    """Its LISTEN connection is terminated (a restart, a failover): it polls meanwhile and listens again."""
+    hosts = place_jobs(alice)
+    islands = list(Island.objects.all())
+    prefix = f"faults{uuid.uuid4().hex[:12]}."
+    subjects, stream = Subjects(prefix), default_stream(prefix)
+    app_name = f"faults-bridge-{uuid.uuid4().hex[:8]}"
+    publishes = Publishes(nats_url, subjects)
+    try:
+        bridge = start_bridge(spawn, nats_url, prefix, app_name=app_name)
+        submit("job-before", island=islands[0])
+        wait_for(lambda: publishes.seen, what="the first delivery")
+        # Every backend of the bridge goes, its LISTEN connection among them.
+        assert terminate_backends(app_name)
+        submit("job-meanwhile", island=islands[1])
+        bridge.wait_for_log("event=outbox_listening_again")
+        wait_for(lambda: "job-meanwhile:1" in publishes.snapshot(), what="the job placed meanwhile")
+        submit("job-after", island=islands[2])
+        wait_for(lambda: "job-after:1" in publishes.snapshot(), what="the job placed after")
+        assert bridge.stop(signal.SIGTERM) == 0
+        counters = bridge_counters(bridge.output())
+        assert counters["outbox_listen_errors"] >= 1
+        assert counters["outbox_sent_assign"] == 3
+        assert received_by_agents(nats_url, subjects, stream, hosts[:3]) == Counter(
+            {"job-before": 1, "job-meanwhile": 1, "job-after": 1}
+        )
     finally:
         publishes.close()
         delete_stream(nats_url, stream)
