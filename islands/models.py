@@ -2014,6 +2014,12 @@ class Job(models.Model):
         attempt = Attempt.objects.select_related("island", "assign_message").get(
             job=self, number=self.attempt
         )
+        assign = attempt.assign_message
+        if outcome == Attempt.Outcome.TIMED_OUT and assign is not None and assign.sent_at is None:
+            # Its AssignJob never reached JetStream (NATS was down, or the
+            # sender gave up): the Island never had the job, so this is
+            # not its failure. Neither counted nor charged.
+            outcome = Attempt.Outcome.UNDELIVERED
         attempt.outcome, attempt.finished_at = outcome, finished_at
         attempt.save(update_fields=["outcome", "finished_at"])
         counters: dict[str, Any] = {"jobs_running": F("jobs_running") - 1}
@@ -2024,7 +2030,7 @@ class Job(models.Model):
             }
         elif outcome in (Attempt.Outcome.FAILED, Attempt.Outcome.TIMED_OUT):
             counters |= {"jobs_failed": F("jobs_failed") + 1}
-        # A cancelled or withdrawn job neither counts nor pays.
+        # A cancelled, withdrawn or undelivered job neither counts nor pays.
         Island.objects.filter(pk=attempt.island_id, jobs_running__gt=0).update(**counters)
         job_finished.send(sender=Job, attempt_pk=attempt.pk, now=at or finished_at)
         if attempt.island.transport == Island.Transport.NATS:
@@ -2044,6 +2050,7 @@ class Attempt(models.Model):
         CANCELLED = "cancelled", "Cancelled by the Island"
         WITHDRAWN = "withdrawn", "Cancelled by the dispatcher"
         TIMED_OUT = "timed_out", "Timed out"
+        UNDELIVERED = "undelivered", "Timed out, never delivered to the Island"
 
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="attempts")
     number = models.PositiveSmallIntegerField()

@@ -50,6 +50,8 @@ JOB_TIMED_OUT = Decimal("-4.00")
 # A cancelled job changes nothing and records no event: cancelling is the
 # consumer's or the coordinator's decision (`host.{id}.cancel`), not the
 # Island's doing, and it neither counts nor pays (for_job returns None).
+# Nor does a lease that ran out on a job whose AssignJob never reached NATS
+# (the outcome "undelivered"): the Island never had it.
 
 # --- Disconnections -----------------------------------------------------------------
 # An incident is a `silence` StatusChange (the Island stopped sending
@@ -147,7 +149,7 @@ class Change:
 
 
 def for_job(job_id: str, state: str, assigned_at: datetime, started_at: datetime | None) -> Change | None:
-    """The karma a job's outcome earns; None when it changes nothing (cancelled, by anyone)."""
+    """The karma a job's outcome earns; None when it changes nothing (cancelled by anyone, never delivered)."""
     match state:
         case "succeeded":
             if started_at is None:
@@ -165,7 +167,7 @@ def for_job(job_id: str, state: str, assigned_at: datetime, started_at: datetime
             return Change(JOB_FAILED, f"Job {job_id} failed")
         case "timed_out":
             return Change(JOB_TIMED_OUT, f"Job {job_id} timed out: no final state before its lease expired")
-        case "cancelled" | "withdrawn":
+        case "cancelled" | "withdrawn" | "undelivered":
             return None
         case _:
             raise ValueError(f"{state!r} is not a terminal job state")

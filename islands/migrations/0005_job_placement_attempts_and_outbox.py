@@ -60,7 +60,7 @@ class Migration(migrations.Migration):
                 ('assigned_at', models.DateTimeField()),
                 ('started_at', models.DateTimeField(blank=True, null=True)),
                 ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('outcome', models.CharField(blank=True, choices=[('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled by the Island'), ('withdrawn', 'Cancelled by the dispatcher'), ('timed_out', 'Timed out')], max_length=16)),
+                ('outcome', models.CharField(blank=True, choices=[('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled by the Island'), ('withdrawn', 'Cancelled by the dispatcher'), ('timed_out', 'Timed out'), ('undelivered', 'Timed out, never delivered to the Island')], max_length=16)),
                 ('credits', models.DecimalField(decimal_places=4, max_digits=12)),
             ],
             options={

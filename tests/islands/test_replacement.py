@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from archipelag.management.commands.watch_islands import Command as Watcher
-from islands.models import Attempt, Island, Job, JobMoved, JobSpec
+from islands.models import Attempt, Island, Job, JobMoved, JobSpec, OutboxMessage
 from karma.models import KarmaEvent
 from tests.islands.conftest import T0, beat, make_island
 
@@ -69,6 +69,36 @@ def test_a_timed_out_job_goes_to_another_island_and_the_first_is_charged(alice, 
         (first.pk, Decimal(-4)),
         (second.pk, Decimal(1)),
     ]
+
+
+@pytest.mark.parametrize("published", [False, True], ids=["never-published", "published"])
+def test_a_nats_island_is_charged_for_a_timeout_only_if_its_assignjob_was_published(alice, published):
+    """NATS down (or the sender given up) for a whole lease: the Island never had the job."""
+    nats = online(make_island(alice, "nats-host-0001", transport=Island.Transport.NATS))
+    job = submit()
+    attempt = Attempt.objects.get(job=job)
+    assert attempt.assign_message is not None
+    if published:
+        OutboxMessage.objects.filter(pk=attempt.assign_message_id).update(sent_at=T0, stream_seq=7)
+    keep_online(nats)
+    step(T0 + LEASE + timedelta(seconds=1))
+    attempt.refresh_from_db()
+    nats.refresh_from_db()
+    if published:
+        assert attempt.outcome == "timed_out"
+        assert (nats.jobs_failed, nats.karma) == (1, Decimal(46))
+        assert KarmaEvent.objects.filter(island=nats).count() == 1
+    else:
+        assert attempt.outcome == "undelivered"
+        assert (nats.jobs_failed, nats.karma) == (0, Decimal(50))
+        assert not KarmaEvent.objects.filter(island=nats).exists()
+    job.refresh_from_db()
+    if published:
+        # Never again on an Island that timed out on it: it waits for another.
+        assert (job.attempt, job.state, nats.jobs_running) == (1, "queued", 0)
+    else:
+        # Not its fault, so it may take the job again.
+        assert (job.attempt, job.state, nats.jobs_running) == (2, "assigned", 1)
 
 
 def test_never_again_on_an_island_that_timed_out_on_it_and_three_attempts_at_most(alice):
