@@ -22,6 +22,7 @@ from islands.models import (
     Job,
     JobSpec,
     JobStateConflict,
+    OutboxMessage,
     StatusChange,
 )
 
@@ -409,6 +410,52 @@ class AttemptAdmin(ReadOnlyAdmin, admin.ModelAdmin[Attempt]):
     @admin.display(description="Outcome", ordering="outcome")
     def ending(self, obj: Attempt) -> str:
         return _ending(obj)
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(ReadOnlyAdmin, admin.ModelAdmin[OutboxMessage]):
+    """What the bridges' senders publish to NATS agents, and what became of it (docs/dispatch.md#delivery).
+
+    Read-only: the placement writes these rows and the senders settle them;
+    a row stuck unsent, retried or given up is the first place to look when
+    an agent did not get its job.
+    """
+
+    list_display = [
+        "msg_id",
+        "kind",
+        "subject",
+        "created_at",
+        "sent_at",
+        "withdrawn_at",
+        "tries",
+        "last_error",
+    ]
+    list_filter = [
+        "kind",
+        ("sent_at", admin.EmptyFieldListFilter),
+        ("withdrawn_at", admin.EmptyFieldListFilter),
+        "created_at",
+    ]
+    search_fields = ["msg_id", "subject", "job__job_id"]
+    list_select_related = ["job"]
+    date_hierarchy = "created_at"
+    fields = readonly_fields = (
+        "kind",
+        "job",
+        "subject",
+        "msg_id",
+        "payload",
+        "target",
+        "created_at",
+        "available_at",
+        "claimed_until",
+        "sent_at",
+        "withdrawn_at",
+        "tries",
+        "last_error",
+        "stream_seq",
+    )
 
 
 @admin.register(StatusChange)

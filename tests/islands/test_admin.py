@@ -10,7 +10,16 @@ from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from islands.models import RULES, Attempt, DispatcherKey, Island, IslandQuerySet, Job, StatusChange
+from islands.models import (
+    RULES,
+    Attempt,
+    DispatcherKey,
+    Island,
+    IslandQuerySet,
+    Job,
+    OutboxMessage,
+    StatusChange,
+)
 from karma.models import KarmaEvent
 from tests.conftest import admin_column
 from tests.islands.conftest import T0, beat, give_job, make_island
@@ -354,6 +363,30 @@ def test_attempts_are_listed_read_only(admin_client, moved_job):
     assert (
         admin_client.post(f"/admin/islands/attempt/{attempt.pk}/delete/", {"post": "yes"}).status_code == 403
     )
+
+
+def test_outbox_messages_are_listed_read_only(admin_client, alice):
+    nats = make_island(alice, "nats-host-0001", transport=Island.Transport.NATS)
+    beat(nats, T0)
+    give_job(island=nats, job_id="to-deliver", now=T0)
+    message = OutboxMessage.objects.get()
+    OutboxMessage.objects.filter(pk=message.pk).update(tries=2, last_error="no responders")
+    listing = admin_client.get("/admin/islands/outboxmessage/", {"sent_at__isempty": "1"}).content.decode()
+    assert re.search(r"<th class=\"field-msg_id\"><a [^>]*>to-deliver:1</a></th>", listing)
+    assert admin_column(listing, "subject") == ["host.nats-host-0001.jobs"]
+    assert admin_column(listing, "last_error") == ["no responders"]
+    page = admin_client.get(f"/admin/islands/outboxmessage/{message.pk}/change/").content.decode()
+    assert "&quot;job_id&quot;:&quot;to-deliver&quot;" in page
+    assert admin_client.get("/admin/islands/outboxmessage/add/").status_code == 403
+    assert (
+        admin_client.post(f"/admin/islands/outboxmessage/{message.pk}/change/", {"tries": "0"}).status_code
+        == 403
+    )
+    assert (
+        admin_client.post(f"/admin/islands/outboxmessage/{message.pk}/delete/", {"post": "yes"}).status_code
+        == 403
+    )
+    assert OutboxMessage.objects.get().tries == 2
 
 
 # --- Cancelling jobs ------------------------------------------------------------------
