@@ -27,6 +27,7 @@ BENCHMARKS = [
     "confirmation",
     "settings_page",
     "nats_heartbeats",
+    "placement",
     "dispatch_latency",
 ]
 NEEDS_NATS = {"nats_heartbeats", "dispatch_latency"}
