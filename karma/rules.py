@@ -149,7 +149,7 @@ class Change:
 
 
 def for_job(job_id: str, state: str, assigned_at: datetime, started_at: datetime | None) -> Change | None:
-    """The karma a job's outcome earns; None when it changes nothing (cancelled by anyone, never delivered)."""
+    """The karma a job's outcome earns; None when it changes nothing (cancelled, never delivered)."""
     match state:
         case "succeeded":
             if started_at is None:

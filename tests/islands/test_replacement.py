@@ -79,7 +79,7 @@ def test_a_nats_island_is_charged_for_a_timeout_only_if_its_assignjob_was_publis
     attempt = Attempt.objects.get(job=job)
     assert attempt.assign_message is not None
     if published:
-        OutboxMessage.objects.filter(pk=attempt.assign_message_id).update(sent_at=T0, stream_seq=7)
+        OutboxMessage.objects.filter(pk=attempt.assign_message.pk).update(sent_at=T0, stream_seq=7)
     keep_online(nats)
     step(T0 + LEASE + timedelta(seconds=1))
     attempt.refresh_from_db()
