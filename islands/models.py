@@ -2079,6 +2079,11 @@ class Attempt(models.Model):
     def __str__(self) -> str:
         return f"{self.job} #{self.number}"
 
+    @property
+    def took(self) -> timedelta | None:
+        """From assignment to its final state; None while it runs."""
+        return None if self.finished_at is None else self.finished_at - self.assigned_at
+
 
 class OutboxMessageManager(models.Manager["OutboxMessage"]):
     def assign(self, job: Job, attempt: Attempt, host_id: str) -> "OutboxMessage":

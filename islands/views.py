@@ -66,6 +66,8 @@ CANCELLED_SHOWN_FOR = timedelta(hours=1)
 NO_ISLAND_RETRY_AFTER = 15
 # The Island page lists this many of its newest karma events.
 KARMA_EVENTS_SHOWN = 50
+# The Island page's newest attempts: every placement of a job on it, however it ended.
+ATTEMPTS_SHOWN = 50
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 # Credits as text: ASCII digits with at most one point (and a sign, which
 # the range check then refuses with a clearer message).
@@ -434,8 +436,16 @@ def remove(request: AuthenticatedHttpRequest, pk: str) -> HttpResponse:
 
 @login_required
 def detail(request: AuthenticatedHttpRequest, pk: str) -> HttpResponse:
-    """One Island: its card's details and its newest karma events, each with its reason."""
+    """One Island: its card's details, its newest attempts and its newest karma events."""
     island = _island_for(request, pk)
     events = island.karma_events.order_by("-id")[:KARMA_EVENTS_SHOWN]
-    context = {"island": island, "events": events, "shown": KARMA_EVENTS_SHOWN, "now": timezone.now()}
+    attempts = island.attempts.select_related("job").order_by("-assigned_at", "-pk")[:ATTEMPTS_SHOWN]
+    context = {
+        "island": island,
+        "events": events,
+        "shown": KARMA_EVENTS_SHOWN,
+        "attempts": attempts,
+        "attempts_shown": ATTEMPTS_SHOWN,
+        "now": timezone.now(),
+    }
     return render(request, "islands/detail.html", context)

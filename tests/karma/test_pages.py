@@ -6,11 +6,12 @@ from decimal import Decimal
 
 import pytest
 
-from islands.models import Island
+from islands.models import Island, Job
 from karma import rules
 from karma.models import KarmaEvent
+from tests.islands.test_replacement import keep_online, online
 from tests.islands.test_settings_page import card, field
-from tests.karma.conftest import T0, beat, karma, make_island, run_job, watch
+from tests.karma.conftest import T0, beat, give, karma, make_island, run_job, watch
 
 
 def text(html: str) -> str:
@@ -214,3 +215,54 @@ def test_the_island_page_lists_the_newest_50_events(alice, alice_client):
     html = alice_client.get(f"/settings/islands/{island.pk}").content.decode()
     assert html.count('class="karma-event"') == 50
     assert "Adjustment 54" in html and "Adjustment 5<" in html and "Adjustment 4<" not in html
+
+
+def attempt_rows(html: str) -> list[tuple[str, list[str]]]:
+    found = re.findall(r'<tr class="attempt" data-outcome="(\w+)">(.*?)</tr>', html, re.S)
+    return [
+        (outcome, [text(cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)])
+        for outcome, row in found
+    ]
+
+
+def test_the_island_page_lists_the_jobs_placed_on_it_newest_first(alice, alice_client):
+    island = make_island(alice)
+    run_job(island, "job-1", T0, "succeeded", timedelta(seconds=3))
+    run_job(island, "job-2", T0 + timedelta(minutes=5), "failed", timedelta(seconds=3))
+    give(island, "job-3", T0 + timedelta(minutes=10))
+    html = alice_client.get(f"/settings/islands/{island.pk}").content.decode()
+    assert attempt_rows(html) == [
+        ("running", ["2026-03-01 12:10:00", "job-3", "llm-chat", "1", "Running", "1 offered", "–"]),
+        ("failed", ["2026-03-01 12:05:00", "job-2", "llm-chat", "1", "Failed", "1 offered", "33 s"]),
+        ("succeeded", ["2026-03-01 12:00:00", "job-1", "llm-chat", "1", "Succeeded", "1", "33 s"]),
+    ]
+
+
+def test_a_job_moved_elsewhere_stays_on_the_first_islands_page_as_timed_out(
+    alice, bob, alice_client, bob_client
+):
+    first = online(make_island(alice, "first-host-001"))
+    give(first, "job-1", T0)
+    second = online(make_island(bob, "second-host-01"))
+    keep_online(first, second)
+    watch(T0 + timedelta(minutes=5, seconds=1))
+    job = Job.objects.get(job_id="job-1")
+    assert (job.island, job.attempt) == (second, 2)
+    first_rows = attempt_rows(alice_client.get(f"/settings/islands/{first.pk}").content.decode())
+    assert [(outcome, cells[1], cells[3]) for outcome, cells in first_rows] == [("timed_out", "job-1", "1")]
+    second_rows = attempt_rows(bob_client.get(f"/settings/islands/{second.pk}").content.decode())
+    assert [(outcome, cells[1], cells[3]) for outcome, cells in second_rows] == [("running", "job-1", "2")]
+
+
+def test_the_island_page_lists_the_newest_50_attempts(alice, alice_client):
+    island = make_island(alice)
+    for n in range(53):
+        run_job(island, f"job-{n}", T0 + timedelta(minutes=n), "succeeded", timedelta(seconds=1))
+    html = alice_client.get(f"/settings/islands/{island.pk}").content.decode()
+    jobs = [cells[1] for _, cells in attempt_rows(html)]
+    assert len(jobs) == 50 and jobs[0] == "job-52" and jobs[-1] == "job-3"
+
+
+def test_an_island_with_no_jobs_says_so(alice, alice_client):
+    island = make_island(alice)
+    assert "No jobs yet." in alice_client.get(f"/settings/islands/{island.pk}").content.decode()
