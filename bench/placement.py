@@ -9,7 +9,10 @@ next to GET /api/v1/ping, interleaved, from concurrent keep-alive clients.
 Targets (docs/performance.md): at least 1,000 placements/s and at least 0.25
 of the bare-INSERT rate; submissions over HTTP at least 0.7 of ping.
 
-    python -m bench.placement [--islands 10000] [--placements 2000] [--rounds 3]
+    python -m bench.placement [--islands 10000] [--placements 2000] [--rounds 3] [--profile FILE]
+
+--profile samples daphne with py-spy during one more submission round and
+prints where its CPU went.
 """
 
 import argparse
@@ -19,6 +22,7 @@ import json
 import random
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from bench import common
@@ -165,7 +169,9 @@ def spread(latencies: list[float]) -> str:
     return f"p50 {common.ms(p50)} ms, p99 {common.ms(p99)} ms"
 
 
-def run(islands: int, placements: int, rounds: int, seconds: float, clients: int) -> bool:
+def run(
+    islands: int, placements: int, rounds: int, seconds: float, clients: int, profile: str | None = None
+) -> bool:
     common.setup_django()
     with common.stage(f"seeding {islands:,} online Islands"):
         key = seed(islands)
@@ -210,6 +216,11 @@ def run(islands: int, placements: int, rounds: int, seconds: float, clients: int
             submit_counts.append(done / seconds)
             submit_latencies += latencies
             submit_cpu += meter.share.server_seconds / max(done, 1) / rounds
+        if profile:
+            with common.stage(f"profiling daphne with py-spy during a submission round into {profile}"):
+                spy = common.py_spy(server.pid, seconds, profile)
+                asyncio.run(hammer(jobs_url, "POST", key, seconds, clients))
+                spy.wait()
     ping, submitted = common.median(ping_counts), common.median(submit_counts)
     http_ratio = submitted / ping
     table.add(
@@ -231,6 +242,8 @@ def run(islands: int, placements: int, rounds: int, seconds: float, clients: int
     )
     table.note(common.machine_line())
     table.print()
+    if profile and Path(profile).exists():
+        print(common.summarize_profile(Path(profile), top=45), flush=True)
     return in_process and over_http
 
 
@@ -243,8 +256,9 @@ def main(argv: list[str] | None = None) -> bool:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0, help="per HTTP round and kind")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--profile", metavar="FILE", help="py-spy samples of daphne during submissions")
     args = parser.parse_args(argv)
-    return run(args.islands, args.placements, args.rounds, args.seconds, args.clients)
+    return run(args.islands, args.placements, args.rounds, args.seconds, args.clients, args.profile)
 
 
 if __name__ == "__main__":
