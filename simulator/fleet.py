@@ -228,6 +228,9 @@ class Fleet:
                 "island_id", flat=True
             )
         )
+        # Karma moves with every outcome (a success earns some), so a long
+        # run drifts from the shares the starting karma gives: show both.
+        now = dict(Island.objects.filter(pk__in=islands).values_list("pk", "karma"))
         weights = [rules.placement_weight(member.karma) for member in self.members]
         total_weight = sum(weights) or 1.0
         total = sum(placed.values())
@@ -235,6 +238,7 @@ class Fleet:
             {
                 "name": member.island.name,
                 "karma": member.karma,
+                "karma_now": now.get(member.island.pk, member.karma),
                 "expected": weight / total_weight,
                 "jobs": placed[member.island.pk],
                 "share": placed[member.island.pk] / total if total else 0.0,

@@ -187,12 +187,25 @@ def test_thirty_jobs_spread_over_the_fleet_by_karma(daphne_server, alice, tmp_pa
         assert Job.objects.get(job_id=job_id).island.name == name
     # Where they went, at the end.
     table = lines[lines.index("Jobs placed on the fleet while it ran: 30") + 1 :]
-    assert table[0].split() == ["Island", "karma", "karma²", "share", "jobs", "share"]
+    assert table[0].split() == ["Island", "karma", "karma²", "share", "jobs", "share", "karma", "now"]
     for row, n, karma, expected in zip(
         table[1:4], (1, 2, 3), (90, 60, 30), ("64.3%", "28.6%", "7.1%"), strict=True
     ):
-        jobs = placed[f"demo-{alice.pk}-{n}"]
-        assert row.split() == ["Demo", "Island", str(n), str(karma), expected, str(jobs), f"{jobs / 30:.1%}"]
+        host = f"demo-{alice.pk}-{n}"
+        jobs, now = placed[host], fleet_islands[host]
+        now.refresh_from_db()
+        # Every job succeeded, so an Island that took some ends above where it began.
+        assert (now.karma > karma) == (jobs > 0)
+        assert row.split() == [
+            "Demo",
+            "Island",
+            str(n),
+            str(karma),
+            expected,
+            str(jobs),
+            f"{jobs / 30:.1%}",
+            str(int(now.karma)),
+        ]
     assert lines[-1] == "Stopped."
     assert output.count("Signed off: the coordinator shows this Island as offline.") == 3, output
     assert {island.status for island in Island.objects.filter(owner=alice)} == {Island.Status.SIGNED_OFF}

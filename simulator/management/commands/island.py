@@ -193,10 +193,14 @@ class Command(BaseCommand):
         total = sum(row["jobs"] for row in rows)
         width = max(len(row["name"]) for row in rows)
         self.stdout.write(f"Jobs placed on the fleet while it ran: {total}")
-        self.stdout.write(f"  {'Island':<{width}}  karma  karma² share  jobs  share")
+        self.stdout.write(f"  {'Island':<{width}}  karma  karma² share  jobs  share  karma now")
         for row in rows:
             self.stdout.write(
                 f"  {row['name']:<{width}}  {points(row['karma']):>5}  {row['expected']:>11.1%}"
-                f"  {row['jobs']:>4}  {row['share']:>5.1%}"
+                f"  {row['jobs']:>4}  {row['share']:>5.1%}  {points(row['karma_now']):>9}"
             )
+        self.stdout.write(
+            "Karma moves with each job's outcome (a success earns some), so over many jobs the "
+            "share drifts from the starting karma's toward the current karma's."
+        )
         self.stdout.write("Stopped.")
