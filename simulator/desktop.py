@@ -478,5 +478,33 @@ class IslandSimulator:
                     self.start_jobs(polled)
                 self.sleep(self.interval)
         except KeyboardInterrupt:
+            self.finish_jobs()
             self.sign_off()
             raise
+
+    def finish_jobs(self) -> None:
+        """Stopping with jobs in flight: take no new ones, and report those running through to their end.
+
+        A job left running would hold its slot until its lease ran out and
+        the watcher moved it, so a demo fleet run again soon after would find
+        its Islands full. At most DEMO_JOB_BEATS steps; a second Ctrl-C
+        leaves what is still running to the leases.
+        """
+        if not self.running:
+            return
+        self.say(f"Finishing {len(self.running)} job(s) in flight before signing off.")
+        try:
+            for _ in range(DEMO_JOB_BEATS):
+                # Not self.sleep: in a fleet it ends at once once the fleet stops.
+                time.sleep(self.interval)
+                if self.beat() is None:
+                    break
+                polled = self.poll()
+                if polled is not None:
+                    self.stop_cancelled(polled)
+                self.advance_jobs()
+                if not self.running:
+                    return
+        except KeyboardInterrupt:
+            pass
+        self.say(f"Left {len(self.running)} job(s) running: their leases run out and the watcher moves them.")

@@ -237,6 +237,35 @@ def test_the_island_command_signs_off_on_sigterm(daphne_server, alice, tmp_path)
     assert island.status_changes.filter(reason=StatusChange.Reason.GRACEFUL).count() == 1
 
 
+def test_stopping_with_a_job_in_flight_finishes_it_before_signing_off(daphne_server, alice, tmp_path):
+    """Left running, the job would hold its slot until its lease ran out: a rerun finds the Island full."""
+    island = make_island(alice)
+    state_path = tmp_path / "state.json"
+    paired_state(state_path, island, daphne_server.url)
+    log = tmp_path / "island.log"
+    argv = [sys.executable, "manage.py", "island", "--url", daphne_server.url, "--state", str(state_path)]
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [*argv, "--interval", "1"], cwd=BASE_DIR, stdout=sink, stderr=subprocess.STDOUT, text=True
+        )
+    try:
+        wait_for(lambda: Island.objects.get(pk=island.pk).status == Island.Status.ONLINE, "a heartbeat")
+        give(island, "in-flight-1")
+        wait_for(lambda: Job.objects.get(job_id="in-flight-1").state == Job.State.STARTED, "the job to start")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert "Finishing 1 job(s) in flight before signing off." in output
+    assert output.index("Job in-flight-1 (llm-chat): succeeded") < output.index("Signed off")
+    assert Job.objects.get(job_id="in-flight-1").state == Job.State.SUCCEEDED
+    island.refresh_from_db()
+    assert island.jobs_running == 0
+    assert island.status == Island.Status.SIGNED_OFF
+
+
 # --- Jobs the coordinator placed: the poll's fields, capacity, runtimes, cancels ------------
 
 
