@@ -186,11 +186,13 @@ class IslandQuerySet(models.QuerySet["Island"]):
                 return self.filter(removed_at__isnull=True, suspended_at__isnull=False)
             case Island.LiveStatus.SIGNED_OFF:
                 return present.filter(status=Island.Status.SIGNED_OFF)
+            case Island.LiveStatus.NEW:
+                return present.exclude(status=Island.Status.SIGNED_OFF).filter(last_heartbeat_at__isnull=True)
             case Island.LiveStatus.ONLINE:
                 return present.exclude(status=Island.Status.SIGNED_OFF).filter(offline_after__gt=now)
             case Island.LiveStatus.OFFLINE:
                 return present.exclude(status=Island.Status.SIGNED_OFF).filter(
-                    Q(offline_after__isnull=True) | Q(offline_after__lte=now)
+                    Q(offline_after__isnull=True) | Q(offline_after__lte=now), last_heartbeat_at__isnull=False
                 )
 
     def online(self, now: datetime | None = None) -> "IslandQuerySet":
@@ -751,8 +753,12 @@ class Island(models.Model):
         """What people are shown: derived from the clock when read, never stale."""
 
         ONLINE = "online", "Online"
-        OFFLINE = "offline", "Offline"
+        # Silent past its deadline without signing off: a crash, a lost
+        # network. Karma charges it once the silence outlasts the grace.
+        OFFLINE = "offline", "Down"
         SIGNED_OFF = "signed_off", "Signed off"
+        # Linked, and no heartbeat yet: nothing is wrong with it.
+        NEW = "new", "Waiting for its first heartbeat"
         SUSPENDED = "suspended", "Suspended"
         REMOVED = "removed", "Removed"
 
@@ -995,9 +1001,23 @@ class Island(models.Model):
             return self.LiveStatus.SUSPENDED
         if self.status == self.Status.SIGNED_OFF:
             return self.LiveStatus.SIGNED_OFF
+        if self.last_heartbeat_at is None:
+            return self.LiveStatus.NEW
         if self.offline_after is not None and now < self.offline_after:
             return self.LiveStatus.ONLINE
         return self.LiveStatus.OFFLINE
+
+    @property
+    def karma_charged_from(self) -> datetime | None:
+        """When a silence without sign-off starts costing karma, if it lasts.
+
+        The silence is dated at the deadline that passed (`offline_after`),
+        and the first disconnection charge falls one grace period later
+        (karma.rules.DISCONNECTION_GRACE); None for an Island never heard from.
+        """
+        if self.offline_after is None or self.last_heartbeat_at is None:
+            return None
+        return self.offline_after + karma_rules.DISCONNECTION_GRACE
 
     def _apply_heartbeat(
         self, heartbeat: EnhancedHeartbeat, received_at: datetime, threshold: timedelta

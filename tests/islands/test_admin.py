@@ -47,7 +47,8 @@ def fleet(alice, bob):
     never = make_island(alice, "never-host-00001", name="Never seen")
     return {
         Live.ONLINE: [online],
-        Live.OFFLINE: [silent, never],
+        Live.OFFLINE: [silent],
+        Live.NEW: [never],
         Live.SIGNED_OFF: [signed_off],
         Live.SUSPENDED: [suspended],
         Live.REMOVED: [removed],

@@ -167,8 +167,9 @@ def test_the_threshold_is_a_setting(send_heartbeat, island, settings):
     assert island.status_at(T0 + timedelta(seconds=20.1)) == Live.OFFLINE
 
 
-def test_an_island_that_never_beat_is_offline(island):
-    assert island.status_at(T0) == Live.OFFLINE
+def test_an_island_that_never_beat_waits_for_its_first_heartbeat(island):
+    assert island.status_at(T0) == Live.NEW
+    assert not Island.objects.online(T0).exists()
     assert island.status_changes.count() == 0
 
 

@@ -19,8 +19,8 @@ def test_refresh_islands_shows_a_status_change_without_a_reload(browser_page, da
     login_browser(page, daphne_server, alice)
     page.goto(daphne_server.url + "/settings")
     card = page.locator(f'[data-island="{island.pk}"]')
-    assert card.locator(".status").inner_text() == "Offline"
-    assert card.get_by_text("never").is_visible()
+    assert card.locator(".status").inner_text() == "Waiting for its first heartbeat"
+    assert card.get_by_text("none yet").is_visible()
     # Survives only if the page is not reloaded.
     page.evaluate("window.notReloaded = true")
 
@@ -34,12 +34,14 @@ def test_refresh_islands_shows_a_status_change_without_a_reload(browser_page, da
     Island.objects.filter(pk=island.pk).update(offline_after=timezone.now() - timedelta(seconds=1))
     page.get_by_role("link", name="Refresh Islands").click()
     card.locator('[data-status="offline"]').wait_for()
+    assert card.locator(".status").inner_text() == "Down"
+    assert card.get_by_text("costs karma from").is_visible()
 
     assert api.post("/api/v1/islands/heartbeat", {"status": "online"})[0] == 200
     assert api.post("/api/v1/islands/heartbeat", {"status": "offline"})[0] == 200
     page.get_by_role("link", name="Refresh Islands").click()
     card.locator('[data-status="signed_off"]').wait_for()
-    assert card.get_by_text("Offline (signed off)").is_visible()
+    assert card.get_by_text("Signed off: offline, no karma charge").is_visible()
 
     assert page.evaluate("window.notReloaded") is True
     assert page.url == daphne_server.url + "/settings"

@@ -115,7 +115,7 @@ def test_a_card_turns_offline_at_the_threshold(alice, alice_client):
     online = card(page_at(alice_client, T0 + timedelta(seconds=44.9)), island)
     offline = card(page_at(alice_client, T0 + timedelta(seconds=45.1)), island)
     assert field(online, "Status")[1] == "Online"
-    assert field(offline, "Status")[1] == "Offline"
+    assert field(offline, "Status")[1].startswith("Down, without signing off")
     assert field(offline, "Last heartbeat")[1] == "45 s ago"
 
 
@@ -124,15 +124,17 @@ def test_a_signed_off_island_says_so(alice, alice_client):
     beat(island, T0)
     beat(island, T0 + timedelta(seconds=1), status="offline")
     html = card(page_at(alice_client, T0 + timedelta(seconds=2)), island)
-    assert field(html, "Status")[1] == "Offline (signed off)"
+    assert field(html, "Status")[1] == "Signed off: offline, no karma charge"
     assert 'data-status="signed_off"' in html
 
 
-def test_a_new_island_has_never_checked_in(alice, alice_client):
+def test_a_new_island_waits_for_its_first_heartbeat(alice, alice_client):
     island = make_island(alice)
     html = card(page_at(alice_client, T0), island)
-    assert field(html, "Status")[1] == "Offline"
-    assert field(html, "Last heartbeat")[1] == "never"
+    assert field(html, "Status")[1] == "Waiting for its first heartbeat: linked, start the Island software"
+    assert 'data-status="new"' in html
+    assert "Offline" not in html and "Down" not in html
+    assert field(html, "Last heartbeat")[1] == "none yet"
     assert field(html, "Earnings")[1] == "0 credits"
     assert field(html, "Jobs completed")[1] == "0"
 
@@ -192,7 +194,7 @@ def test_refresh_with_htmx_shows_the_status_now(alice, alice_client):
     beat(island, T0)
     fragment = page_at(alice_client, T0 + timedelta(seconds=50), **{"HX-Request": "true"})
     assert fragment.strip().startswith('<div id="island-list">')
-    assert field(card(fragment, island), "Status")[1] == "Offline"
+    assert field(card(fragment, island), "Status")[1].startswith("Down")
 
 
 def test_the_page_costs_the_same_queries_for_one_island_or_two_hundred(alice, alice_client):
