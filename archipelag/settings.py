@@ -206,6 +206,10 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 NATS_URL = env_str("NATS_URL", "nats://127.0.0.1:4222")
+# The NATS address Islands are given in their key's `nats_url` (shown once at
+# /pair): what the agents reach, which is rarely what the service's own
+# processes use. `tls://` in production (the agent then requires TLS).
+NATS_PUBLIC_URL = env_str("NATS_PUBLIC_URL", "nats://127.0.0.1:4222")
 
 # An Island counts as online while its last heartbeat is younger than this
 # many seconds. The agent beats every 10 s, so the default allows three

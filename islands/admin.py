@@ -18,6 +18,7 @@ from islands.models import (
     DuplicateJob,
     Island,
     IslandIneligible,
+    IslandKey,
     IslandQuerySet,
     Job,
     JobSpec,
@@ -485,5 +486,41 @@ class DispatcherKeyAdmin(ReadOnlyAdmin, admin.ModelAdmin[DispatcherKey]):
 
     @admin.action(description="Revoke selected keys")
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[DispatcherKey]) -> None:
+        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+
+@admin.register(IslandKey)
+class IslandKeyAdmin(ReadOnlyAdmin, admin.ModelAdmin[IslandKey]):
+    """Keys are made at /pair or by `manage.py create_island_key`; the secret is never kept."""
+
+    list_display = [
+        "username",
+        "owner",
+        "host_id",
+        "island",
+        "created_at",
+        "first_used_at",
+        "last_used_at",
+        "revoked_at",
+    ]
+    list_filter = [("first_used_at", admin.EmptyFieldListFilter), ("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["username", "host_id", "owner__username"]
+    list_select_related = ["owner", "island"]
+    fields = readonly_fields = (
+        "username",
+        "owner",
+        "host_id",
+        "island",
+        "created_at",
+        "expires_at",
+        "first_used_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    actions = ["revoke_keys"]
+
+    @admin.action(description="Revoke selected keys")
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[IslandKey]) -> None:
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)

@@ -1,9 +1,11 @@
 import enum
 import functools
+import hmac
 import logging
 import operator
 import random
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -50,6 +52,11 @@ RUNTIME_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 # step continues where it stopped.
 WATCH_BATCH = 500
 DISPATCHER_KEY_PREFIX = "dsp_"
+# Island keys (per-Island NATS credentials). The username prefix tells the
+# auth callout at a glance that a connection claims to be a keyed Island.
+ISLAND_KEY_USER_PREFIX = "isl-"
+ISLAND_KEY_UNUSED_TTL = timedelta(hours=24)
+ISLAND_KEY_BATCH_MAX = 100
 # Agents send whole stack traces as errors; the ledger keeps the start.
 JOB_ERROR_MAX_LENGTH = 2000
 # An Island renews the lease of a job it is running (NATS `host.{id}.lease`,
@@ -2384,3 +2391,118 @@ class DispatcherKey(models.Model):
     def revoke(self, now: datetime | None = None) -> None:
         self.revoked_at = now or timezone.now()
         self.save(update_fields=["revoked_at"])
+
+
+class IslandKeyManager(models.Manager["IslandKey"]):
+    def owned_by(self, user: "User") -> "models.QuerySet[IslandKey]":
+        return self.filter(owner=user).select_related("island").order_by("-created_at", "-pk")
+
+    def issue(self, owner: "User", count: int = 1, now: datetime | None = None) -> list["IssuedKey"]:
+        """Mint `count` keys, each with its own host id; the secrets are returned, never stored."""
+        if not 1 <= count <= ISLAND_KEY_BATCH_MAX:
+            raise ValueError(f"count must be between 1 and {ISLAND_KEY_BATCH_MAX}")
+        now = now or timezone.now()
+        issued = []
+        for _ in range(count):
+            secret = generate_secret()
+            key = IslandKey(
+                owner=owner,
+                username=ISLAND_KEY_USER_PREFIX + secrets.token_hex(8),
+                secret_hash=hash_secret(secret),
+                host_id=str(uuid.uuid4()),
+                created_at=now,
+                expires_at=now + ISLAND_KEY_UNUSED_TTL,
+            )
+            issued.append(IssuedKey(key, secret))
+        # One transaction: a batch is minted whole or not at all.
+        with transaction.atomic():
+            self.bulk_create([item.key for item in issued])
+        return issued
+
+    def authenticate(self, username: str, secret: str, now: datetime | None = None) -> "IslandKey | None":
+        """The usable key these credentials name, or None (unknown, wrong secret, revoked, expired)."""
+        if not username.startswith(ISLAND_KEY_USER_PREFIX) or len(username) > 64 or len(secret) > 128:
+            return None
+        key = self.filter(username=username).first()
+        if key is None or not hmac.compare_digest(key.secret_hash, hash_secret(secret)):
+            return None
+        return key if key.usable_at(now or timezone.now()) else None
+
+
+class IslandKey(models.Model):
+    """A per-Island NATS credential, minted before the Island first connects.
+
+    Like a Tailscale pre-authorised key: the owner pastes its `host_id` and
+    `nats_url` into the agent's config.toml, and the NATS auth callout
+    (archipelag/nats_auth.py) lets that connection speak only for that host
+    id. Only the SHA-256 of the secret is kept; it has 256 random bits.
+    """
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="island_keys")
+    # The NATS username. Unique, so the callout finds a key with one indexed lookup.
+    username = models.CharField(max_length=64, unique=True, editable=False)
+    secret_hash = models.CharField(max_length=64, editable=False)
+    host_id = models.CharField(max_length=64, unique=True, editable=False)
+    # The Island this key's host registered as, once it has.
+    island = models.ForeignKey(Island, on_delete=models.SET_NULL, null=True, blank=True, related_name="keys")
+    created_at = models.DateTimeField(default=timezone.now)
+    # A key never used by this time is dead; once used it lasts until revoked.
+    expires_at = models.DateTimeField()
+    first_used_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = IslandKeyManager()
+
+    class Meta:
+        indexes = [
+            # /settings lists a user's keys, newest first.
+            models.Index(fields=["owner", "-created_at"], name="islandkey_owner_created"),
+        ]
+
+    def __str__(self) -> str:
+        return self.username
+
+    def usable_at(self, now: datetime) -> bool:
+        if self.revoked_at is not None:
+            return False
+        return self.first_used_at is not None or now < self.expires_at
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.first_used_at is None:
+            return "unused" if now < self.expires_at else "expired"
+        return "active"
+
+    def revoke(self, now: datetime | None = None) -> bool:
+        """Revoke once; True if this call did it. Conditional, so two clicks record one time."""
+        now = now or timezone.now()
+        done = IslandKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=now)
+        if done:
+            self.revoked_at = now
+        return bool(done)
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A freshly minted key with its secret: shown once, then only the hash remains."""
+
+    key: IslandKey
+    secret: str
+
+    @property
+    def nats_url(self) -> str:
+        return agent_nats_url(self.key.username, self.secret)
+
+    @property
+    def config_lines(self) -> str:
+        """The agent's config.toml lines. `host_id` is top-level; `nats_url` is under [coordinator]."""
+        return f'host_id = "{self.key.host_id}"\n\n[coordinator]\nnats_url = "{self.nats_url}"\n'
+
+
+def agent_nats_url(username: str, secret: str) -> str:
+    """NATS_PUBLIC_URL with the credentials in it, as the agent parses it (never percent-decoded)."""
+    scheme, _, rest = settings.NATS_PUBLIC_URL.partition("://")
+    hostport = rest.rsplit("@", 1)[-1].rstrip("/")
+    return f"{scheme}://{username}:{secret}@{hostport}"

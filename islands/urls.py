@@ -9,6 +9,7 @@ urlpatterns = [
     path("settings/islands/<uuid:pk>", views.detail, name="detail"),
     path("settings/islands/<uuid:pk>/rename", views.rename, name="rename"),
     path("settings/islands/<uuid:pk>/remove", views.remove, name="remove"),
+    path("settings/keys/<int:pk>/revoke", views.revoke_key, name="revoke-key"),
     path("api/v1/islands/heartbeat", views.api_heartbeat, name="api-heartbeat"),
     path("api/v1/islands/jobs/poll", views.api_jobs_poll, name="api-jobs-poll"),
     path("api/v1/islands/jobs/<str:job_id>/status", views.api_job_status, name="api-job-status"),

@@ -44,6 +44,7 @@ from islands.models import (
     HeartbeatOutcome,
     Island,
     IslandIneligible,
+    IslandKey,
     Job,
     JobMoved,
     JobNotFound,
@@ -396,6 +397,7 @@ def _render_settings(
     # row, and statuses are computed against one clock reading.
     context = {
         "islands": Island.objects.owned_by(request.user),
+        "keys": IslandKey.objects.owned_by(request.user),
         "now": timezone.now(),
         **(extra or {}),
     }
@@ -431,6 +433,22 @@ def remove(request: AuthenticatedHttpRequest, pk: str) -> HttpResponse:
     island = _island_for(request, pk)
     island.remove()
     messages.success(request, f"Island “{island.name}” was removed. Its token no longer works.")
+    return redirect("islands:settings")
+
+
+@login_required
+@require_POST
+def revoke_key(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
+    """Revoke an Island key: the NATS auth callout refuses it from now on."""
+    key = get_object_or_404(IslandKey, pk=pk, owner=request.user)
+    if key.revoke():
+        logger.info(
+            "event=island_key_revoked user_id=%s key=%s host_id=%s",
+            request.user.pk,
+            key.username,
+            key.host_id,
+        )
+    messages.success(request, f"Key {key.username} is revoked. An Island using it can no longer connect.")
     return redirect("islands:settings")
 
 

@@ -1,3 +1,4 @@
+import csv
 import logging
 import uuid
 from datetime import datetime
@@ -18,10 +19,10 @@ from archipelag.api import ApiError, client_ip, json_api, parse_body, retry_late
 from archipelag.http import AuthenticatedHtmxRequest
 from islands.agent import HostRegistration, PollRequest
 from islands.mobile import MobilePairRequest
-from islands.models import Island
+from islands.models import Island, IslandKey, IssuedKey
 from pairing import limits
 from pairing.codes import MalformedCode, normalize_code
-from pairing.forms import PairCodeForm
+from pairing.forms import IslandKeyForm, PairCodeForm
 from pairing.models import (
     POLL_INTERVAL,
     BadDeviceSecret,
@@ -93,6 +94,7 @@ def _render_step(
 ) -> HttpResponse:
     # One view serves the whole page and, for htmx, just the step that changes.
     template = "pairing/pair.html#step" if request.htmx else "pairing/pair.html"
+    context.setdefault("key_form", IslandKeyForm())
     response = render(request, template, context, status=status)
     if "retry_after" in context:
         response["Retry-After"] = str(context["retry_after"])
@@ -168,6 +170,34 @@ def pair(request: AuthenticatedHtmxRequest) -> HttpResponse:
     except PairingError as exc:
         return _failed(request, form, exc, now)
     return _render_step(request, {"form": form, "row": row, "code": form.cleaned_data["code"]})
+
+
+# --- Island keys: pairing with no code -------------------------------------------
+
+
+def _keys_csv(issued: list[IssuedKey]) -> HttpResponse:
+    response = HttpResponse(content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="island-keys.csv"'
+    writer = csv.writer(response)
+    writer.writerow(["host_id", "nats_url"])
+    for item in issued:
+        writer.writerow([item.key.host_id, item.nats_url])
+    return response
+
+
+@login_required
+@require_POST
+@never_cache
+def add_keys(request: AuthenticatedHtmxRequest) -> HttpResponse:
+    """Mint N Island keys and show their config.toml lines once (or hand them over as a CSV)."""
+    form = IslandKeyForm(request.POST)
+    if not form.is_valid():
+        return render(request, "pairing/pair.html", {"form": PairCodeForm(), "key_form": form}, status=400)
+    issued = IslandKey.objects.issue(request.user, form.cleaned_data["count"])
+    logger.info("event=island_keys_issued user_id=%s count=%s", request.user.pk, len(issued))
+    if request.POST.get("format") == "csv":
+        return _keys_csv(issued)
+    return render(request, "pairing/keys_issued.html", {"issued": issued})
 
 
 @login_required

@@ -7,7 +7,7 @@ from django import template
 from islands.models import gigabytes
 
 if TYPE_CHECKING:
-    from islands.models import Island
+    from islands.models import Island, IslandKey
 
 register = template.Library()
 register.filter("gigabytes", gigabytes)
@@ -17,6 +17,12 @@ register.filter("gigabytes", gigabytes)
 def status_at(island: "Island", now: datetime) -> str:
     """The Island's status at the page's `now`, one clock reading for the whole page."""
     return island.status_at(now)
+
+
+@register.filter
+def key_state(key: "IslandKey", now: datetime) -> str:
+    """An Island key's state at the page's `now`: unused, active, expired or revoked."""
+    return key.state(now)
 
 
 @register.filter
