@@ -166,3 +166,31 @@ def check_and_hit(buckets: list[Bucket], now: datetime, *, fail_open: bool = Fal
     """For actions counted whether or not they succeed (issuing codes)."""
     check(buckets, now, fail_open=fail_open)
     hit(buckets, now, fail_open=fail_open)
+
+
+def take(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
+    """Count first, then decide: raise RateLimited if any counter went past its limit.
+
+    The atomic increment's result decides, so a burst of concurrent callers
+    cannot all read "under the limit" before any of them counts (for
+    actions that cost something whatever the outcome: sending an email).
+    """
+    over: list[tuple[int, Limit]] = []
+    try:
+        for limit, ident in buckets:
+            window, retry_after = _window(limit, now)
+            key = _key(limit, ident, window)
+            cache.add(key, 0, timeout=retry_after + 60)
+            try:
+                count = cache.incr(key)
+            except ValueError:
+                cache.add(key, 1, timeout=retry_after + 60)
+                count = 1
+            if count > limit.max_hits:
+                over.append((retry_after, limit))
+    except CACHE_ERRORS as exc:
+        _unavailable(buckets, exc, fail_open)
+        return
+    if over:
+        retry_after, limit = max(over, key=lambda item: item[0])
+        raise RateLimited(limit, retry_after)

@@ -76,6 +76,8 @@ INSTALLED_APPS = [
     "pairing",
     "islands",
     "karma",
+    # Email addresses and what hosts are told (notify/: docs/notifications.md).
+    "notify",
     # The simulators and the karma example (manage.py island, karma_example).
     "simulator",
 ]
@@ -105,6 +107,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                # Whether the account has a confirmed email, for the nudge on /settings.
+                "notify.context_processors.account_email",
             ],
         },
     },
@@ -274,6 +278,35 @@ CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
 if env_bool("SECURE_PROXY_SSL_HEADER", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
+
+# Email, configured from the environment with Django's own names (EMAIL_HOST,
+# EMAIL_PORT, EMAIL_HOST_USER, EMAIL_HOST_PASSWORD, EMAIL_USE_TLS,
+# EMAIL_USE_SSL, EMAIL_TIMEOUT, DEFAULT_FROM_EMAIL). Django 6.1 deprecates
+# them as settings in favour of MAILERS, so they are read here and put in
+# MAILERS. With no EMAIL_HOST the embedded default prints each email to the
+# console of `make run`, so a newcomer can click the confirmation link.
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Archipelag.io <noreply@localhost>")
+SERVER_EMAIL = env_str("SERVER_EMAIL", DEFAULT_FROM_EMAIL)
+if env_str("EMAIL_HOST"):
+    MAILERS = {
+        "default": {
+            "BACKEND": "django.core.mail.backends.smtp.EmailBackend",
+            "OPTIONS": {
+                "host": env_str("EMAIL_HOST"),
+                "port": env_int("EMAIL_PORT", 25),
+                "username": env_str("EMAIL_HOST_USER"),
+                "password": env_str("EMAIL_HOST_PASSWORD"),
+                "use_tls": env_bool("EMAIL_USE_TLS", False),
+                "use_ssl": env_bool("EMAIL_USE_SSL", False),
+                # A slow mail server must not hold the sender for long.
+                "timeout": env_int("EMAIL_TIMEOUT", 10),
+            },
+        }
+    }
+else:
+    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.console.EmailBackend"}}
+# How long a confirmation link in an email stays valid.
+EMAIL_CONFIRMATION_DAYS = env_int("EMAIL_CONFIRMATION_DAYS", 3)
 
 LOGGING: dict[str, Any] = {
     "version": 1,

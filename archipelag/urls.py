@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from archipelag import views
+from notify import views as notify_views
 
 # API clients parse every answer as JSON, 404s included.
 handler404 = "archipelag.views.not_found"
@@ -10,7 +11,12 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("api/v1/ping", views.ping, name="ping"),
-    path("accounts/signup/", views.signup, name="signup"),
+    path("accounts/signup/", notify_views.signup, name="signup"),
+    # Django's own reset views, counted per address before they send (notify.views).
+    path(
+        "accounts/password_reset/", notify_views.ThrottledPasswordResetView.as_view(), name="password_reset"
+    ),
+    path("", include("notify.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("", include("pairing.urls")),

@@ -6,7 +6,7 @@ from tests.conftest import PASSWORD
 def test_sign_up_logs_in_and_lands_on_your_islands(client, db):
     response = client.post(
         "/accounts/signup/",
-        {"username": "carol", "password1": PASSWORD, "password2": PASSWORD},
+        {"username": "carol", "email": "carol@example.com", "password1": PASSWORD, "password2": PASSWORD},
         follow=True,
     )
     assert response.redirect_chain[-1] == ("/settings", 302)
@@ -15,7 +15,10 @@ def test_sign_up_logs_in_and_lands_on_your_islands(client, db):
 
 
 def test_sign_up_errors_are_shown_and_nothing_is_created(client, db):
-    response = client.post("/accounts/signup/", {"username": "carol", "password1": "a", "password2": "b"})
+    response = client.post(
+        "/accounts/signup/",
+        {"username": "carol", "email": "carol@example.com", "password1": "a", "password2": "b"},
+    )
     assert response.status_code == 400
     assert "The two password fields didn’t match." in response.content.decode()
     assert User.objects.count() == 0
@@ -24,12 +27,13 @@ def test_sign_up_errors_are_shown_and_nothing_is_created(client, db):
 def test_sign_up_follows_next_only_within_the_site(client, db):
     response = client.post(
         "/accounts/signup/?next=https://evil.example/",
-        {"username": "carol", "password1": PASSWORD, "password2": PASSWORD},
+        {"username": "carol", "email": "carol@example.com", "password1": PASSWORD, "password2": PASSWORD},
     )
     assert response["Location"] == "/settings"
     client.logout()
     response = client.post(
-        "/accounts/signup/?next=/pair", {"username": "dave", "password1": PASSWORD, "password2": PASSWORD}
+        "/accounts/signup/?next=/pair",
+        {"username": "dave", "email": "dave@example.com", "password1": PASSWORD, "password2": PASSWORD},
     )
     assert response["Location"] == "/pair"
 

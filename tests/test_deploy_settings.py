@@ -14,6 +14,8 @@ PRODUCTION = {
     "PUBLIC_URL": "https://islands.example.org",
     "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/archipelag",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
+    # Without a mail server Django's check refuses the console backend in production.
+    "EMAIL_HOST": "smtp.example.org",
 }
 
 

@@ -1,0 +1,11 @@
+from django.urls import path
+
+from notify import views
+
+app_name = "notify"
+
+urlpatterns = [
+    path("accounts/email/", views.add_email, name="add_email"),
+    path("accounts/email/resend", views.resend, name="resend"),
+    path("accounts/email/confirm/<str:token>/", views.confirm, name="confirm"),
+]
