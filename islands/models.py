@@ -19,7 +19,19 @@ import msgspec
 import psycopg
 from django.conf import settings
 from django.db import IntegrityError, connections, models, transaction
-from django.db.models import BooleanField, Case, Count, DecimalField, F, FloatField, Q, Subquery, Value, When
+from django.db.models import (
+    BooleanField,
+    Case,
+    Count,
+    DecimalField,
+    F,
+    FloatField,
+    Q,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast, Coalesce
@@ -64,6 +76,8 @@ JOB_ERROR_MAX_LENGTH = 2000
 # ahead, and none carries a job past the longest lease a dispatcher may give.
 LEASE_RENEWAL_MAX = timedelta(minutes=5)
 JOB_LEASE_MAX = timedelta(days=7)
+# The fleet summary's earnings: the last 7 days.
+FLEET_EARNINGS_WINDOW = timedelta(days=7)
 # Credits carry four decimal places; a job pays at most this much.
 CREDITS_PLACES = Decimal("0.0001")
 MAX_JOB_CREDITS = Decimal("99999999")
@@ -176,6 +190,17 @@ def _holds_token(token_hashes: str | Iterable[str], now: datetime) -> Q:
     return Q(token_hash__in=hashes) & (Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
 
 
+@dataclass(frozen=True, slots=True)
+class FleetSummary:
+    """The line above an owner's Islands (IslandQuerySet.summary)."""
+
+    total: int
+    online: int
+    completed_today: int
+    failed_today: int
+    earned_last_7_days: Decimal
+
+
 class IslandQuerySet(models.QuerySet["Island"]):
     def active(self) -> "IslandQuerySet":
         return self.filter(removed_at__isnull=True)
@@ -196,11 +221,45 @@ class IslandQuerySet(models.QuerySet["Island"]):
             case Island.LiveStatus.NEW:
                 return present.exclude(status=Island.Status.SIGNED_OFF).filter(last_heartbeat_at__isnull=True)
             case Island.LiveStatus.ONLINE:
-                return present.exclude(status=Island.Status.SIGNED_OFF).filter(offline_after__gt=now)
+                return self.filter(self.online_condition(now))
             case Island.LiveStatus.OFFLINE:
                 return present.exclude(status=Island.Status.SIGNED_OFF).filter(
                     Q(offline_after__isnull=True) | Q(offline_after__lte=now), last_heartbeat_at__isnull=False
                 )
+
+    def summary(self, now: datetime) -> "FleetSummary":
+        """Online of total, jobs ended today (UTC) and earnings of the last 7 days: two queries.
+
+        Earnings count the attempts that succeeded in the window, each at
+        the credits it paid (the same sum `earnings` keeps for all time).
+        """
+        counts = self.aggregate(
+            total=Count("pk"),
+            online=Count("pk", filter=self.online_condition(now)),
+        )
+        today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        week_ago = now - FLEET_EARNINGS_WINDOW
+        failed = [Attempt.Outcome.FAILED, Attempt.Outcome.TIMED_OUT]
+        attempts = Attempt.objects.filter(island__in=self.values("pk"), finished_at__gte=min(today, week_ago))
+        jobs = attempts.aggregate(
+            completed=Count("pk", filter=Q(outcome=Attempt.Outcome.SUCCEEDED, finished_at__gte=today)),
+            failed=Count("pk", filter=Q(outcome__in=failed, finished_at__gte=today)),
+            earned=Sum("credits", filter=Q(outcome=Attempt.Outcome.SUCCEEDED, finished_at__gte=week_ago)),
+        )
+        return FleetSummary(
+            total=counts["total"],
+            online=counts["online"],
+            completed_today=jobs["completed"],
+            failed_today=jobs["failed"],
+            earned_last_7_days=jobs["earned"] or Decimal(0),
+        )
+
+    @staticmethod
+    def online_condition(now: datetime) -> Q:
+        """The SQL twin of `status_at(now) == ONLINE`."""
+        return Q(removed_at__isnull=True, suspended_at__isnull=True, offline_after__gt=now) & ~Q(
+            status=Island.Status.SIGNED_OFF
+        )
 
     def online(self, now: datetime | None = None) -> "IslandQuerySet":
         """Islands shown as online at `now` (see Island.status_at), e.g. for routing."""

@@ -32,6 +32,7 @@ from islands.agent import (
     JobStatus,
     JobSubmission,
 )
+from islands.fleet import FILTERABLE, SORTS, FleetView
 from islands.forms import RenameIslandForm
 from islands.groupcommit import GroupCommit, GroupCommitFailed
 from islands.models import (
@@ -394,11 +395,21 @@ def _render_settings(
     request: AuthenticatedHtmxRequest, extra: dict[str, Any] | None = None, status: int = 200
 ) -> HttpResponse:
     # One query for all the cards: everything a card shows is on the Island
-    # row, and statuses are computed against one clock reading.
+    # row, and statuses are computed against one clock reading. The summary
+    # costs two more, and the Island keys one, whatever the number of Islands.
+    now = timezone.now()
+    owned = Island.objects.owned_by(request.user)
+    view = FleetView.from_query(request.GET)
+    summary = owned.summary(now)
     context = {
-        "islands": Island.objects.owned_by(request.user),
+        "islands": view.islands(owned, now),
         "keys": IslandKey.objects.owned_by(request.user),
-        "now": timezone.now(),
+        "summary": summary,
+        "view": view,
+        "layout": view.layout_for(summary.total),
+        "sorts": SORTS,
+        "filterable": FILTERABLE,
+        "now": now,
         **(extra or {}),
     }
     template = "islands/settings.html#island-list" if request.htmx else "islands/settings.html"

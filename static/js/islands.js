@@ -15,7 +15,9 @@
     root.querySelectorAll("time.local-time").forEach(function (el) {
       var when = new Date(el.getAttribute("datetime"));
       if (isNaN(when.getTime())) return;
-      el.textContent = pad(when.getHours()) + ":" + pad(when.getMinutes());
+      var text = pad(when.getHours()) + ":" + pad(when.getMinutes());
+      if (el.hasAttribute("data-seconds")) text += ":" + pad(when.getSeconds());
+      el.textContent = text;
       el.title = when.toString();
     });
   }
