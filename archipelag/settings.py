@@ -92,6 +92,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # After HtmxMiddleware, which sets request.htmx.
+    "archipelag.middleware.HtmxLoginRedirectMiddleware",
 ]
 
 ROOT_URLCONF = "archipelag.urls"

@@ -40,6 +40,11 @@ from pairing.models import (
 
 logger = logging.getLogger("archipelag.pairing")
 
+# Form errors answer 422: htmx swaps the form with its messages into place,
+# and django-htmx's DEBUG script, which replaces the whole page on a 400,
+# leaves it alone.
+FORM_ERROR = 422
+
 
 # --- The Island's side: JSON API -------------------------------------------
 
@@ -130,7 +135,7 @@ def _failed(
         ratelimit.hit(limits.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
     except ratelimit.Unavailable as unavailable:
         return _unavailable(request, form, unavailable)
-    return _render_step(request, {"form": form, "error": str(exc)}, status=400)
+    return _render_step(request, {"form": form, "error": str(exc)}, status=FORM_ERROR)
 
 
 def _linked_elsewhere(request: AuthenticatedHtmxRequest, form: PairCodeForm, island: Island) -> HttpResponse:
@@ -158,7 +163,7 @@ def pair(request: AuthenticatedHtmxRequest) -> HttpResponse:
     now = timezone.now()
     form = PairCodeForm(request.POST)
     if not form.is_valid():
-        return _render_step(request, {"form": form}, status=400)
+        return _render_step(request, {"form": form}, status=FORM_ERROR)
     try:
         row = _lookup(request, form, now)
     except ratelimit.RateLimited as exc:
@@ -206,7 +211,7 @@ def confirm(request: AuthenticatedHtmxRequest) -> HttpResponse:
     now = timezone.now()
     form = PairCodeForm(request.POST)
     if not form.is_valid():
-        return _render_step(request, {"form": form}, status=400)
+        return _render_step(request, {"form": form}, status=FORM_ERROR)
     try:
         row = _lookup(request, form, now)
         island = row.redeem(request.user, now)

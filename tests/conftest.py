@@ -192,8 +192,9 @@ def _test_database_url() -> str:
 
 
 class LiveServer:
-    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path):
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path, *, debug: bool = True):
         self.url = url
+        self.debug = debug
         self.process = process
         self.log = log
 
@@ -201,13 +202,43 @@ class LiveServer:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture
-def daphne_server(transactional_db: None, tmp_path: Path) -> Iterator[LiveServer]:
-    """The real ASGI app under daphne, in its own process, on the test database.
+# The environment of a daphne serving as production does, apart from TLS:
+# cookies and redirects stay on plain http on 127.0.0.1. SECRET_KEY is the
+# test process's own, so sessions made by login_browser() verify in daphne.
+def _production_env(static_root: Path) -> dict[str, str]:
+    return {
+        "DEBUG": "0",
+        "SECRET_KEY": str(settings.SECRET_KEY),
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "STATIC_ROOT": str(static_root),
+        "SECURE_SSL_REDIRECT": "0",
+        "SECURE_HSTS_SECONDS": "0",
+        "SESSION_COOKIE_SECURE": "0",
+        "CSRF_COOKIE_SECURE": "0",
+    }
 
-    Unlike Django's live_server (a WSGI thread) it serves websockets. With
-    REDIS_URL set it uses the channels-redis layer on that Redis.
-    """
+
+@pytest.fixture(scope="session")
+def collected_static(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """STATIC_ROOT as the Docker image builds it: what DEBUG=0 serves from."""
+    root = tmp_path_factory.mktemp("staticfiles")
+    env = {
+        **os.environ,
+        **_production_env(root),
+        "DATABASE_URL": "sqlite:///" + str(root / "unused.sqlite3"),
+        "DJANGO_SETTINGS_MODULE": "archipelag.settings",
+    }
+    subprocess.run(
+        [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"],
+        cwd=BASE_DIR,
+        env=env,
+        check=True,
+    )
+    return root
+
+
+def start_daphne(tmp_path: Path, *, debug: bool, static_root: Path | None = None) -> Iterator[LiveServer]:
+    """daphne on a spare port on the test database, DEBUG on or off; stops after the yield."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -217,7 +248,10 @@ def daphne_server(transactional_db: None, tmp_path: Path) -> Iterator[LiveServer
         "DEBUG": "1",
         "DJANGO_SETTINGS_MODULE": "archipelag.settings",
     }
-    log = tmp_path / "daphne.log"
+    if not debug:
+        assert static_root is not None, "DEBUG=0 serves collected static files: pass static_root"
+        env.update(_production_env(static_root))
+    log = tmp_path / f"daphne-{port}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             daphne_args(port),
@@ -226,7 +260,7 @@ def daphne_server(transactional_db: None, tmp_path: Path) -> Iterator[LiveServer
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
-    server = LiveServer(url, process, log)
+    server = LiveServer(url, process, log, debug=debug)
     deadline = time.monotonic() + 20
     while not _reachable(url, port):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -239,6 +273,34 @@ def daphne_server(transactional_db: None, tmp_path: Path) -> Iterator[LiveServer
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture
+def daphne_server(transactional_db: None, tmp_path: Path) -> Iterator[LiveServer]:
+    """The real ASGI app under daphne, in its own process, on the test database.
+
+    Unlike Django's live_server (a WSGI thread) it serves websockets. With
+    REDIS_URL set it uses the channels-redis layer on that Redis. DEBUG is
+    on, as `make run` serves; see live_server_debug for both modes.
+    """
+    yield from start_daphne(tmp_path, debug=True)
+
+
+@pytest.fixture(params=[True, False], ids=["debug-on", "debug-off"])
+def live_server_debug(
+    request: pytest.FixtureRequest, transactional_db: None, tmp_path: Path
+) -> Iterator[LiveServer]:
+    """daphne as daphne_server, once with DEBUG on (`make run`) and once off (production).
+
+    A test using it runs twice. Pages must behave the same in both: with
+    DEBUG on django-htmx adds a script that replaces the page on some error
+    answers, and pytest-django's own client always runs with DEBUG off.
+    Parametrise indirectly to pick one: @pytest.mark.parametrize(
+    "live_server_debug", [False], indirect=True).
+    """
+    debug = bool(request.param)
+    static_root = None if debug else request.getfixturevalue("collected_static")
+    yield from start_daphne(tmp_path, debug=debug, static_root=static_root)
 
 
 def login_browser(page: Any, server: LiveServer, user: User) -> None:

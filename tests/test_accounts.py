@@ -61,3 +61,19 @@ def test_a_forged_session_cookie_is_nobody_and_is_not_looked_up(client, db, djan
         response = client.get("/settings")
     assert response.status_code == 302
     assert response["Location"].startswith("/accounts/login/")
+
+
+def test_an_htmx_request_without_a_session_is_sent_to_the_login_page_by_hx_redirect(client, db):
+    response = client.get(
+        "/settings", headers={"HX-Request": "true", "HX-Current-URL": "http://testserver/settings?sort=karma"}
+    )
+    assert response.status_code == 204
+    assert response["HX-Redirect"] == "/accounts/login/?next=/settings%3Fsort%3Dkarma"
+    assert response.content == b""
+
+
+def test_a_plain_request_without_a_session_still_gets_the_redirect(client, db):
+    response = client.get("/settings")
+    assert response.status_code == 302
+    assert response["Location"] == "/accounts/login/?next=/settings"
+    assert "HX-Redirect" not in response

@@ -77,7 +77,7 @@ def test_htmx_gets_only_the_step_and_a_redirect_on_success(alice_client, issue_c
 @pytest.mark.parametrize("typed", ["A3X9K", "A3X9K2Z", "U3X9K2", "!!!!!!", ""])
 def test_malformed_input_gets_its_own_message(alice_client, db, typed):
     response = alice_client.post("/pair", {"code": typed})
-    assert response.status_code == 400
+    assert response.status_code == 422
     html = response.content.decode()
     assert "6" in html and ("letters and digits" in html or "Enter the 6-character code" in html)
     assert "unknown" not in html
@@ -88,7 +88,7 @@ def test_unknown_and_used_codes_get_one_message(alice_client, bob, issue_code):
     PairingCode.objects.find(issued.code).redeem(bob)
     unknown = alice_client.post("/pair", {"code": "ZZZZZZ" if issued.code != "ZZZZZZ" else "YYYYYY"})
     used = alice_client.post("/pair", {"code": issued.code})
-    assert unknown.status_code == used.status_code == 400
+    assert unknown.status_code == used.status_code == 422
     message = "That code is unknown or was already used."
     assert message in unknown.content.decode()
     assert message in used.content.decode()
@@ -123,7 +123,7 @@ def test_a_code_of_an_island_linked_to_another_account_is_refused(alice_client, 
 def test_a_mistyped_code_never_uses_up_the_right_one(alice, alice_client, issue_code):
     issued = issue_code()
     wrong = issued.code[:5] + ("0" if issued.code[5] != "0" else "1")
-    assert alice_client.post("/pair/confirm", {"code": wrong}).status_code == 400
+    assert alice_client.post("/pair/confirm", {"code": wrong}).status_code == 422
     assert alice_client.post("/pair/confirm", {"code": issued.code}).status_code == 302
     assert Island.objects.get().owner == alice
 
@@ -132,7 +132,7 @@ def test_a_code_redeems_once(alice_client, bob_client, issue_code):
     issued = issue_code()
     assert alice_client.post("/pair/confirm", {"code": issued.code}).status_code == 302
     second = bob_client.post("/pair/confirm", {"code": issued.code})
-    assert second.status_code == 400
+    assert second.status_code == 422
     assert "unknown or was already used" in second.content.decode()
     assert Island.objects.count() == 1
 

@@ -27,7 +27,7 @@ def test_five_failures_in_fifteen_minutes_lock_the_account_even_for_the_right_co
     with time_machine.travel(START, tick=False):
         issued = issue_code()
         for _ in range(5):
-            assert fail(alice_client).status_code == 400
+            assert fail(alice_client).status_code == 422
         limited = alice_client.post("/pair", {"code": issued.code}, REMOTE_ADDR="192.0.2.10")
         assert limited.status_code == 429
         assert limited["Retry-After"] == "900"
@@ -47,13 +47,13 @@ def test_the_limit_is_per_account(alice_client, bob_client, db):
     with time_machine.travel(START, tick=False):
         fail(alice_client, 5, ip="192.0.2.10")
         assert fail(alice_client, ip="192.0.2.10").status_code == 429
-        assert fail(bob_client, ip="192.0.2.11").status_code == 400
+        assert fail(bob_client, ip="192.0.2.11").status_code == 422
 
 
 def test_twenty_failures_a_day_lock_the_account_until_midnight(alice_client, db):
     for quarter in range(4):
         with time_machine.travel(START + timedelta(minutes=15 * quarter), tick=False):
-            assert fail(alice_client, 5).status_code == 400
+            assert fail(alice_client, 5).status_code == 422
     with time_machine.travel(START + timedelta(hours=1), tick=False):
         limited = fail(alice_client)
         assert limited.status_code == 429
@@ -69,11 +69,11 @@ def test_thirty_failures_an_hour_lock_an_address_for_every_account(django_user_m
         clients.append(client)
     with time_machine.travel(START, tick=False):
         for client in clients[:6]:
-            assert fail(client, 5, ip="198.51.100.9").status_code == 400
+            assert fail(client, 5, ip="198.51.100.9").status_code == 422
         limited = fail(clients[6], ip="198.51.100.9")
         assert limited.status_code == 429
         assert limited["Retry-After"] == "3600"
-        assert fail(clients[6], ip="198.51.100.10").status_code == 400
+        assert fail(clients[6], ip="198.51.100.10").status_code == 422
 
 
 def test_the_global_daily_budget_stops_everyone(alice_client, bob_client, monkeypatch, db):
