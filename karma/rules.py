@@ -101,11 +101,16 @@ class Level:
 
 
 # Ascending thresholds; an Island is at the highest level whose threshold
-# its score reaches. New Islands start at Harbor.
+# its score reaches. New Islands start at Harbor, START − 40 = 10 points
+# above its lower edge: a first failure (−2) or even a timed-out job (−4)
+# leaves a new Island in Harbor. (Harbor began at 50 until 2026-12, so the
+# first failure of every new Island demoted it to Anchored.) Levels are
+# derived from the score when shown, so moving a threshold reclassifies
+# existing Islands at once and records nothing.
 LEVELS = (
     Level("Adrift", Decimal(0), "Gets no jobs until its karma reaches the placement floor."),
     Level("Anchored", Decimal(25), "Gets jobs, but rarely: every point of karma counts."),
-    Level("Harbor", Decimal(50), "Where every new Island starts."),
+    Level("Harbor", Decimal(40), "Where every new Island starts."),
     Level("Lighthouse", Decimal(70), "Reliable: a steady share of jobs."),
     Level("Flagship", Decimal(90), "The most reliable Islands: the largest share of jobs."),
 )

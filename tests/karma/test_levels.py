@@ -13,10 +13,11 @@ from karma import rules
         ("0", "Adrift", "Anchored", 0),
         ("24.99", "Adrift", "Anchored", 99),
         ("25", "Anchored", "Harbor", 0),
-        ("37.5", "Anchored", "Harbor", 50),
-        ("49.99", "Anchored", "Harbor", 99),
-        ("50", "Harbor", "Lighthouse", 0),
-        ("51", "Harbor", "Lighthouse", 5),
+        ("32.5", "Anchored", "Harbor", 50),
+        ("39.99", "Anchored", "Harbor", 99),
+        ("40", "Harbor", "Lighthouse", 0),
+        ("50", "Harbor", "Lighthouse", 33),
+        ("51", "Harbor", "Lighthouse", 36),
         ("69.99", "Harbor", "Lighthouse", 99),
         ("70", "Lighthouse", "Flagship", 0),
         ("89.99", "Lighthouse", "Flagship", 99),
@@ -39,6 +40,13 @@ def test_what_is_left_to_the_next_level():
 
 def test_new_islands_start_at_harbor():
     assert rules.standing(rules.START).level.name == "Harbor"
+
+
+def test_a_new_islands_first_failure_or_timeout_leaves_it_in_harbor():
+    # Not on Harbor's lower edge: one bad job must not demote a new Island.
+    assert rules.standing(rules.START + rules.JOB_FAILED).level.name == "Harbor"
+    assert rules.standing(rules.START + rules.JOB_TIMED_OUT).level.name == "Harbor"
+    assert rules.standing(rules.START + 2 * rules.JOB_TIMED_OUT).level.name == "Harbor"
 
 
 def test_there_are_about_five_levels_in_order_covering_the_range():

@@ -40,8 +40,8 @@ def test_the_reference_is_public_and_states_the_rules_with_their_numbers(client,
     assert "New Islands start at 50 (Harbor)" in text(html)
     assert rows(html, "karma-levels") == [
         ["Adrift", "0 to below 25", "Gets no jobs until its karma reaches the placement floor."],
-        ["Anchored", "25 to below 50", "Gets jobs, but rarely: every point of karma counts."],
-        ["Harbor", "50 to below 70", "Where every new Island starts."],
+        ["Anchored", "25 to below 40", "Gets jobs, but rarely: every point of karma counts."],
+        ["Harbor", "40 to below 70", "Where every new Island starts."],
         ["Lighthouse", "70 to below 90", "Reliable: a steady share of jobs."],
         ["Flagship", "90 to 100", "The most reliable Islands: the largest share of jobs."],
     ]
@@ -117,8 +117,8 @@ def karma_field(client, island):
 @pytest.mark.parametrize(
     ("score", "shown", "bar"),
     [
-        ("50", "Harbor · 50 0% to Lighthouse", 'value="0"'),
-        ("62.5", "Harbor · 62.5 62% to Lighthouse", 'value="62"'),
+        ("50", "Harbor · 50 33% to Lighthouse", 'value="33"'),
+        ("62.5", "Harbor · 62.5 75% to Lighthouse", 'value="75"'),
         ("24.99", "Adrift · 24.99 99% to Anchored", 'value="99"'),
         ("95", "Flagship · 95 Top level", 'value="100"'),
     ],
@@ -142,7 +142,7 @@ def test_the_karma_field_sits_between_hardware_and_jobs_completed_as_in_the_seed
 def test_a_card_follows_the_islands_karma(alice, alice_client):
     island = make_island(alice)
     run_job(island, "job-1", T0, "succeeded", timedelta(seconds=1))
-    assert karma_field(alice_client, island)[1] == "Harbor · 51 5% to Lighthouse"
+    assert karma_field(alice_client, island)[1] == "Harbor · 51 36% to Lighthouse"
 
 
 def test_a_card_opens_the_island_page(alice, alice_client):
@@ -167,7 +167,7 @@ def test_the_island_page_says_why_karma_moved_newest_first(alice, alice_client):
     assert response.status_code == 200
     html = response.content.decode()
     assert "Garage rig" in html
-    assert "Harbor · 53 15% to Lighthouse (at 70)" in text(html)
+    assert "Harbor · 53 43% to Lighthouse (at 70)" in text(html)
     events = re.findall(r'<tr class="karma-event" data-cause="(\w+)">(.*?)</tr>', html, re.S)
     assert [
         (cause, [text(cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)])
