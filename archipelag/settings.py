@@ -287,7 +287,8 @@ X_FRAME_OPTIONS = "DENY"
 # them as settings in favour of MAILERS, so they are read here and put in
 # MAILERS. With no EMAIL_HOST the embedded default prints each email to the
 # console of `make run`, so a newcomer can click the confirmation link.
-DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Archipelag.io <noreply@localhost>")
+# Quoted: the period in the name is not allowed in an unquoted phrase (RFC 5322).
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", '"Archipelag.io" <noreply@localhost>')
 SERVER_EMAIL = env_str("SERVER_EMAIL", DEFAULT_FROM_EMAIL)
 if env_str("EMAIL_HOST"):
     MAILERS = {
@@ -307,6 +308,9 @@ if env_str("EMAIL_HOST"):
     }
 else:
     MAILERS = {"default": {"BACKEND": "django.core.mail.backends.console.EmailBackend"}}
+# How long the notification sender holds a delivery it claimed before
+# another sender may take it over (a sender killed mid-send).
+NOTIFY_CLAIM_LEASE = env_int("NOTIFY_CLAIM_LEASE", 60)
 # How long a confirmation link in an email stays valid.
 EMAIL_CONFIRMATION_DAYS = env_int("EMAIL_CONFIRMATION_DAYS", 3)
 

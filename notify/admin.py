@@ -1,6 +1,7 @@
 from django.contrib import admin
 
-from notify.models import EmailAddress
+from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline
+from notify.models import Delivery, EmailAddress, Notification
 
 
 @admin.register(EmailAddress)
@@ -13,3 +14,25 @@ class EmailAddressAdmin(admin.ModelAdmin[EmailAddress]):
     @admin.display(boolean=True)
     def confirmed(self, obj: EmailAddress) -> bool:
         return obj.confirmed
+
+
+class DeliveryInline(ReadOnlyInline[Delivery, Notification]):
+    model = Delivery
+    fields = ["channel", "target", "status", "attempts", "sent_at", "last_error"]
+
+
+@admin.register(Notification)
+class NotificationAdmin(ReadOnlyAdmin, admin.ModelAdmin[Notification]):
+    list_display = ["kind", "user", "island_id", "created_at", "key"]
+    list_filter = ["kind"]
+    search_fields = ["user__username", "key"]
+    readonly_fields = ["user", "island_id", "kind", "key", "data", "created_at"]
+    inlines = [DeliveryInline]
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(ReadOnlyAdmin, admin.ModelAdmin[Delivery]):
+    list_display = ["message_id", "channel", "target", "status", "attempts", "next_attempt_at", "sent_at"]
+    list_filter = ["channel", "status"]
+    search_fields = ["message_id", "target", "notification__user__username"]
+    readonly_fields = ["message_id", "claim", "claimed_until", "last_error"]

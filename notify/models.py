@@ -1,3 +1,4 @@
+import uuid
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -8,6 +9,10 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 
 CONFIRM_SALT = "notify.email.confirm"
+
+
+def _message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
 
 
 class EmailAddressManager(models.Manager["EmailAddress"]):
@@ -102,3 +107,169 @@ class EmailAddress(models.Model):
 
     def confirmation_token(self) -> str:
         return signing.dumps({"u": self.user_id, "e": self.email.lower()}, salt=CONFIRM_SALT)
+
+
+# The sender claims a delivery for this long; a sender killed mid-send
+# leaves it claimed, and another sender takes it over once the lease ends
+# (the same message id: email is at least once, webhooks de-duplicate).
+CLAIM_LEASE = timedelta(seconds=settings.NOTIFY_CLAIM_LEASE)
+# Retries after a failure: 1, 2, 4, ... minutes, about an hour in all, then given up.
+RETRY_BASE = timedelta(minutes=1)
+MAX_ATTEMPTS = 7
+SEND_BATCH = 50
+
+
+class NotificationManager(models.Manager["Notification"]):
+    def record(
+        self,
+        user: User,
+        kind: str,
+        key: str,
+        data: dict[str, object],
+        now: datetime,
+        island_id: int | None = None,
+    ) -> "Notification | None":
+        """Write a notification and its deliveries once per `key`, in the caller's transaction.
+
+        Returns None when one with this key exists already (another watcher
+        recorded it): the unique key makes recording idempotent, so two
+        processes deriving the same event write it once.
+        """
+        with transaction.atomic():
+            try:
+                # A savepoint: a duplicate key fails this insert only, not the caller's transaction.
+                with transaction.atomic():
+                    notification = self.create(
+                        user=user, kind=kind, key=key, data=data, created_at=now, island_id=island_id
+                    )
+            except IntegrityError:
+                return None
+            if user.email:
+                # User.email holds the confirmed address only (EmailAddress).
+                Delivery.objects.create(
+                    notification=notification,
+                    channel=Delivery.Channel.EMAIL,
+                    target=user.email,
+                    next_attempt_at=now,
+                )
+            return notification
+
+
+class Notification(models.Model):
+    """Something a host is told: one row per event, whatever the number of channels."""
+
+    class Kind(models.TextChoices):
+        OFFLINE = "island.offline", "An Island went offline"
+        ONLINE = "island.online", "An Island is back online"
+        LINKED = "island.linked", "A new Island was linked"
+        KARMA_LEVEL = "island.karma_level", "An Island's karma level changed"
+        FLAPPING = "island.flapping", "An Island kept going up and down"
+        TEST = "test", "A test event"
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="notifications")
+    # Not a foreign key to islands.Island on purpose: the notice outlives the
+    # Island (a "This wasn't me" removal must not delete its own notice).
+    island_id = models.BigIntegerField(null=True, blank=True)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    # What makes it once-only: e.g. "offline:<status change id>".
+    key = models.CharField(max_length=100, unique=True)
+    data = models.JSONField(default=dict)
+    created_at = models.DateTimeField()
+
+    objects = NotificationManager()
+
+    class Meta:
+        indexes = [
+            # The account's recent notifications, newest first (settings page, flapping counts).
+            models.Index(fields=["user", "-created_at"], name="notification_user_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} for {self.user_id} ({self.key})"
+
+
+class DeliveryManager(models.Manager["Delivery"]):
+    def due(self, now: datetime) -> "models.QuerySet[Delivery]":
+        return self.filter(status=Delivery.Status.PENDING, next_attempt_at__lte=now).filter(
+            models.Q(claimed_until__isnull=True) | models.Q(claimed_until__lt=now)
+        )
+
+    def claim(self, now: datetime, limit: int = SEND_BATCH) -> list["Delivery"]:
+        """Claim up to `limit` due deliveries for this sender.
+
+        Each claim is one conditional UPDATE whose row count decides: of two
+        senders that read the same candidate, one wins it, the other skips it.
+        """
+        claimed = []
+        for pk in self.due(now).order_by("next_attempt_at").values_list("pk", flat=True)[:limit]:
+            token = uuid.uuid4()
+            won = (
+                self.due(now)
+                .filter(pk=pk)
+                .update(claim=token, claimed_until=now + CLAIM_LEASE, attempts=models.F("attempts") + 1)
+            )
+            if won:
+                claimed.append(self.select_related("notification__user").get(pk=pk))
+        return claimed
+
+
+class Delivery(models.Model):
+    """One notification to one destination (an email address, a webhook endpoint): the outbox row."""
+
+    class Channel(models.TextChoices):
+        EMAIL = "email", "Email"
+        WEBHOOK = "webhook", "Webhook"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENT = "sent", "Sent"
+        FAILED = "failed", "Failed"
+
+    notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.CharField(max_length=8, choices=Channel.choices)
+    # The address or URL it goes to, fixed when it was written.
+    target = models.CharField(max_length=2000)
+    # Stable across retries and takeovers: the email's Message-ID, the webhook-id.
+    message_id = models.CharField(max_length=40, unique=True, default=_message_id, editable=False)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    claim = models.UUIDField(null=True, blank=True, editable=False)
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+
+    objects = DeliveryManager()
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        indexes = [
+            # The sender's claim query: pending rows by due time; partial, so
+            # the sent history costs it nothing.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(status="pending"),
+                name="delivery_due_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} {self.message_id} ({self.status})"
+
+    def mark_sent(self, now: datetime) -> bool:
+        """Mark it sent if this sender still holds the claim (a taken-over claim is not ours)."""
+        return bool(
+            Delivery.objects.filter(pk=self.pk, claim=self.claim, status=self.Status.PENDING).update(
+                status=self.Status.SENT, sent_at=now, claim=None, claimed_until=None, last_error=""
+            )
+        )
+
+    def mark_failed(self, now: datetime, error: str) -> None:
+        """Schedule the next try with backoff, or give up after MAX_ATTEMPTS."""
+        if self.attempts >= MAX_ATTEMPTS:
+            update: dict[str, object] = {"status": self.Status.FAILED}
+        else:
+            update = {"next_attempt_at": now + RETRY_BASE * 2 ** (self.attempts - 1)}
+        Delivery.objects.filter(pk=self.pk, claim=self.claim).update(
+            claim=None, claimed_until=None, last_error=error[:500], **update
+        )
