@@ -2487,6 +2487,58 @@ class IslandKeyManager(models.Manager["IslandKey"]):
             return None
         return key if key.usable_at(now or timezone.now()) else None
 
+    def link_host(
+        self,
+        host_id: str,
+        capabilities: Capabilities | None,
+        version: str | None,
+        now: datetime | None = None,
+    ) -> "Island | None":
+        """The keyed host's Island, created for the key's owner on its first registration.
+
+        None if no usable key minted this host id. No code is needed: whoever
+        minted the key chose to own this host. The hardware is taken only
+        when the Island is created: registrations travel on a subject every
+        Island may publish on, so a later one could be forged by another
+        Island; heartbeats (on the host's own subject) keep it current.
+        """
+        now = now or timezone.now()
+        key = self.filter(host_id=host_id).select_related("island").first()
+        if key is None or not key.usable_at(now):
+            return None
+        linked = Island.objects.linked_host(host_id)
+        if linked is not None:
+            if linked.owner_id != key.owner_id:
+                # Paired by code to another account before the key was used:
+                # that link stands; the key does not move it.
+                return linked
+            if key.island_id != linked.pk:
+                self.filter(pk=key.pk).update(island=linked)
+            return linked
+        island = Island(
+            owner_id=key.owner_id,
+            host_id=host_id,
+            kind=Island.Kind.DESKTOP,
+            transport=Island.Transport.NATS,
+            agent_version=version or "",
+            paired_at=now,
+        )
+        island.take_capabilities(capabilities or Capabilities())
+        try:
+            with transaction.atomic():
+                island.save(force_insert=True)
+                self.filter(pk=key.pk).update(island=island)
+        except IntegrityError:
+            # Another bridge handled the same host's registration first.
+            return Island.objects.linked_host(host_id)
+        logger.info(
+            "event=island_linked channel=key user_id=%s island_id=%s host_id=%s",
+            key.owner_id,
+            island.pk,
+            host_id,
+        )
+        return island
+
 
 class IslandKey(models.Model):
     """A per-Island NATS credential, minted before the Island first connects.

@@ -21,7 +21,7 @@ from archipelag import ratelimit
 from archipelag.secrets import generate_secret, hash_secret
 from islands.agent import Capabilities, HostRegistration
 from islands.mobile import MobileDevice
-from islands.models import Island
+from islands.models import Island, IslandKey
 from pairing import limits
 from pairing.codes import generate_code, hash_code
 
@@ -270,7 +270,10 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
         """
         now = now or timezone.now()
         host_id = registration.host_id
-        linked = Island.objects.linked_host(host_id)
+        # A host minted with an Island key is its owner's already: the agent
+        # hears "already paired", so no code exists to intercept or guess.
+        linked = IslandKey.objects.link_host(host_id, registration.capabilities, registration.version, now)
+        linked = linked or Island.objects.linked_host(host_id)
         if linked is not None:
             raise HostAlreadyLinked(linked)
         by_http = channel == PairingCode.Channel.HTTP
@@ -329,6 +332,10 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
         """
         now = now or timezone.now()
         capabilities = registration.capabilities or Capabilities()
+        if IslandKey.objects.link_host(registration.host_id, capabilities, registration.version, now):
+            # Created with this hardware if new; never rewritten by a
+            # registration, which any Island could forge (see link_host).
+            return True
         if Island.objects.register_host(registration.host_id, capabilities, registration.version):
             return True
         cache.set(

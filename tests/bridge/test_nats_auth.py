@@ -24,8 +24,11 @@ from django.core.management import call_command
 from django.test import override_settings
 from django.utils import timezone
 
+from archipelag.nats import Bridge
 from archipelag.nats_auth import AuthService
-from islands.models import ISLAND_KEY_UNUSED_TTL, IslandKey, IssuedKey
+from islands.models import ISLAND_KEY_UNUSED_TTL, Island, IslandKey, IssuedKey
+from pairing.models import PairingCode
+from tests.bridge.test_nats import run_bridge, stop_bridge
 from tests.conftest import _free_port
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
@@ -323,3 +326,145 @@ def test_a_revoked_keys_connection_ends_when_its_session_does(callout, alice):
     assert not nc.is_connected
     with pytest.raises((nats.errors.Error, OSError)):
         callout.connect(issued.nats_url)
+
+
+# --- With the bridge: pairing with no code, and the attacks of issue 13 ------------------
+
+REGISTRATION = {
+    "capabilities": {"gpu_model": "RTX 4090", "gpu_vram_mb": 24576, "cpu_cores": 16, "ram_mb": 65536},
+    "version": "0.5.0",
+}
+
+
+@pytest.fixture
+def keyed_bridge(callout: CalloutServer) -> Iterator[Bridge]:
+    """The real bridge on the callout server, connecting as the service's own user (no prefix)."""
+    bridge = Bridge([callout.url()], flush_interval=0.05, stats_interval=3600, outbox_poll=0.1)
+    thread = run_bridge(bridge)
+    yield bridge
+    stop_bridge(bridge, thread)
+
+
+def _wait_for(condition: Any, what: str, timeout: float = 10) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_a_keyed_agent_pairs_with_no_code_and_heartbeats(callout, keyed_bridge, alice):
+    (issued,) = key_for(alice)
+    host = issued.key.host_id
+    agent = callout.connect(issued.nats_url)
+
+    async def start_like_the_agent() -> dict[str, Any]:
+        await agent.publish(
+            "coordinator.hosts.register", json.dumps({"host_id": host, **REGISTRATION}).encode()
+        )
+        reply = await agent.request(
+            "coordinator.hosts.pairing", json.dumps({"host_id": host}).encode(), timeout=10
+        )
+        beat = {
+            "host_id": host,
+            "status": "online",
+            "active_jobs": 0,
+            "timestamp": 1,
+            "agent_version": "0.5.0",
+        }
+        await agent.publish(f"host.{host}.heartbeat", json.dumps(beat).encode())
+        await agent.flush()
+        return dict(json.loads(reply.data))
+
+    assert callout.loop.run(start_like_the_agent()) == {"success": False, "error": "already paired"}
+    island = _wait_for(
+        lambda: Island.objects.filter(host_id=host, last_heartbeat_at__isnull=False).first(), "a beat"
+    )
+    assert island.owner == alice
+    assert island.gpu_model == "RTX 4090"
+    assert island.status_at(timezone.now()) == "online"
+    assert IslandKey.objects.get().island == island
+    assert PairingCode.objects.count() == 0
+    callout.loop.run(agent.close())
+
+
+def test_the_pairing_reply_interception_attack_finds_no_code(callout, keyed_bridge, alice, bob):
+    """Issue 13: Bob's Island reads every inbox and rushes the victim's code to /pair/confirm."""
+    (victim,) = key_for(alice)
+    (attacker_key,) = key_for(bob)
+    attacker = callout.connect(attacker_key.nats_url)
+    snooped: list[bytes] = []
+
+    async def snoop() -> None:
+        async def cb(msg: Any) -> None:
+            snooped.append(msg.data)
+
+        await attacker.subscribe("_INBOX.>", cb=cb)
+        await attacker.flush()
+
+    callout.loop.run(snoop())
+    agent = callout.connect(victim.nats_url)
+    host = victim.key.host_id
+
+    async def ask() -> None:
+        await agent.request(
+            "coordinator.hosts.pairing", json.dumps({"host_id": host, **REGISTRATION}).encode(), timeout=10
+        )
+        await asyncio.sleep(0.2)
+
+    callout.loop.run(ask())
+    # The attacker reads the reply (inboxes stay readable) but there is no code in it.
+    assert [json.loads(data) for data in snooped] == [{"success": False, "error": "already paired"}]
+    assert Island.objects.get(host_id=host).owner == alice
+    assert not Island.objects.filter(owner=bob).exists()
+    callout.loop.run(agent.close())
+    callout.loop.run(attacker.close())
+
+
+def test_another_islands_forgeries_leave_a_keyed_island_unchanged(callout, keyed_bridge, alice, bob):
+    (victim,) = key_for(alice)
+    (attacker_key,) = key_for(bob)
+    host = victim.key.host_id
+    agent = callout.connect(victim.nats_url)
+    callout.loop.run(
+        agent.publish("coordinator.hosts.register", json.dumps({"host_id": host, **REGISTRATION}).encode())
+    )
+    island = _wait_for(lambda: Island.objects.filter(host_id=host).first(), "the Island")
+    before = Island.objects.filter(pk=island.pk).values().get()
+
+    attacker = callout.connect(attacker_key.nats_url)
+
+    async def forge() -> None:
+        fake = {
+            "host_id": host,
+            "capabilities": {"gpu_model": "Fake GPU", "cpu_cores": 1},
+            "version": "6.6.6",
+        }
+        # The shared subjects take it; the bridge must not believe it.
+        await attacker.publish("coordinator.hosts.register", json.dumps(fake).encode())
+        # Its own subjects: the server refuses these.
+        beat = {
+            "host_id": host,
+            "status": "online",
+            "active_jobs": 9,
+            "timestamp": 1,
+            "agent_version": "6.6.6",
+        }
+        await attacker.publish(f"host.{host}.heartbeat", json.dumps(beat).encode())
+        await attacker.publish(
+            f"host.{host}.status", json.dumps({"job_id": "j1", "state": "failed", "timestamp": 1}).encode()
+        )
+        await attacker.publish(
+            f"host.{host}.lease", json.dumps({"job_id": "j1", "extend_seconds": 60}).encode()
+        )
+        await attacker.flush()
+        await asyncio.sleep(1.0)
+
+    callout.loop.run(forge())
+    after = Island.objects.filter(pk=island.pk).values().get()
+    assert after == before
+    assert after["gpu_model"] == "RTX 4090"
+    assert sum("permissions violation for publish" in str(e).lower() for e in attacker._test_errors) == 3
+    callout.loop.run(agent.close())
+    callout.loop.run(attacker.close())
