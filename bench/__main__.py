@@ -11,7 +11,8 @@ bridge's throughput, docs/nats.md) needs a NATS server at NATS_URL and is
 skipped, saying so, when none answers; it prints whether its target was met
 rather than failing on it. dispatch_latency (submit → AssignJob received,
 docs/dispatch.md#delivery) needs NATS with JetStream too, and is skipped
-the same way.
+the same way. nats_callout (1,000 Islands connecting through the NATS auth
+callout, docs/nats.md) starts a nats-server of its own from the venv.
 """
 
 import os
@@ -29,6 +30,7 @@ BENCHMARKS = [
     "nats_heartbeats",
     "placement",
     "dispatch_latency",
+    "nats_callout",
 ]
 NEEDS_NATS = {"nats_heartbeats", "dispatch_latency"}
 
