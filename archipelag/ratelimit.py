@@ -1,8 +1,11 @@
 """Fixed-window counters in the shared cache, for anything guessable.
 
 Counters live in Django's default cache: Redis in production, so every
-process shares them and INCR keeps them exact under concurrency; local
-memory with the embedded default. Windows are aligned to the clock
+process shares them; local memory with the embedded default. Every limit
+counts first: `attempt()` increments and the count it gets back decides
+(one Lua script on Redis, a lock around add/incr in local memory), so of any
+number of concurrent attempts at most the limit go ahead. Where only
+failures count, a successful attempt is taken back with `refund()`. Windows are aligned to the clock
 (a 15-minute window runs :00-:15, :15-:30, ...), which makes the wait
 before the next attempt easy to state exactly. What is limited, and by how
 much, is each caller's business (pairing/limits.py).
@@ -23,10 +26,13 @@ action is worth without it:
 Both are logged as `event=rate_limit_unavailable` with the policy applied.
 """
 
+import contextlib
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.core.cache import cache
 from redis.exceptions import RedisError
@@ -116,81 +122,145 @@ def _unavailable(buckets: list[Bucket], exc: Exception, fail_open: bool) -> None
         raise Unavailable from exc
 
 
-def check(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
-    """Raise RateLimited, with the longest wait, if any bucket is full.
+@dataclass(frozen=True)
+class Attempt:
+    """The counters one allowed attempt went into, for `refund()`."""
 
-    Raises Unavailable when the counters cannot be read, unless `fail_open`.
+    keys: tuple[str, ...] = ()
+
+
+# One round trip, atomic in Redis: count the attempt in every bucket (a new
+# counter gets its expiry in the same step), and if any bucket went past
+# its limit, take the attempt back out of all of them. The counts it
+# returns are the ones the attempt saw, which decide.
+_ATTEMPT_SCRIPT = """
+local counts = {}
+local over = false
+for i, key in ipairs(KEYS) do
+    local n = redis.call('INCR', key)
+    if n == 1 then redis.call('EXPIRE', key, ARGV[2 * i]) end
+    counts[i] = n
+    if n > tonumber(ARGV[2 * i - 1]) then over = true end
+end
+if over then
+    for _, key in ipairs(KEYS) do redis.call('DECR', key) end
+end
+return counts
+"""
+_REFUND_SCRIPT = """
+for _, key in ipairs(KEYS) do
+    if redis.call('EXISTS', key) == 1 then redis.call('DECR', key) end
+end
+return 0
+"""
+# Other caches (local memory with the embedded default) have no scripts: a
+# lock makes the same increment-then-decide step atomic among this
+# process's threads, which is all that shares a local-memory cache.
+_local_lock = threading.Lock()
+
+
+def _redis_client() -> Any:
+    """The redis-py client behind Django's Redis cache, or None for other caches."""
+    backend = getattr(cache, "_cache", None)
+    get_client = getattr(backend, "get_client", None)
+    if get_client is None or not type(cache).__module__.startswith("django.core.cache.backends.redis"):
+        return None
+    return get_client(write=True)
+
+
+def _count(keys: list[str], maxima: list[int], timeouts: list[int]) -> list[int]:
+    client = _redis_client()
+    if client is not None:
+        raw_keys = [cache.make_and_validate_key(key) for key in keys]
+        args: list[int] = []
+        for max_hits, timeout in zip(maxima, timeouts, strict=True):
+            args += [max_hits, timeout]
+        return [int(n) for n in client.eval(_ATTEMPT_SCRIPT, len(raw_keys), *raw_keys, *args)]
+    with _local_lock:
+        counts = []
+        for key, timeout in zip(keys, timeouts, strict=True):
+            if cache.add(key, 1, timeout=timeout):
+                counts.append(1)
+            else:
+                try:
+                    counts.append(cache.incr(key))
+                except ValueError:
+                    # Expired between add() and incr(): this attempt starts it again.
+                    cache.set(key, 1, timeout=timeout)
+                    counts.append(1)
+        if any(n > max_hits for n, max_hits in zip(counts, maxima, strict=True)):
+            _uncount(keys)
+        return counts
+
+
+def _uncount(keys: list[str] | tuple[str, ...]) -> None:
+    client = _redis_client()
+    if client is not None:
+        raw_keys = [cache.make_and_validate_key(key) for key in keys]
+        client.eval(_REFUND_SCRIPT, len(raw_keys), *raw_keys)
+        return
+    for key in keys:
+        # A key that expired meanwhile has nothing left to take back.
+        with contextlib.suppress(ValueError):
+            cache.decr(key)
+
+
+def attempt(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> Attempt:
+    """Count one attempt in every bucket; the counts decide whether it may go ahead.
+
+    Counting first is what makes a limit hold under concurrency: of any
+    number of simultaneous attempts, at most `max_hits` see a count within
+    the limit. A refused attempt is taken back out of every bucket, so
+    refusals do not extend a lockout, and raises RateLimited with the
+    longest wait among the full buckets. Where only failures count, call
+    `refund()` with the result when the attempt succeeds.
+
+    Raises Unavailable when the counters cannot be reached, unless
+    `fail_open`, which lets the attempt go ahead uncounted.
     """
-    windows: dict[str, tuple[Limit, int]] = {}
+    keys: list[str] = []
+    maxima: list[int] = []
+    timeouts: list[int] = []
+    waits: list[int] = []
     for limit, ident in buckets:
         window, retry_after = _window(limit, now)
-        windows[_key(limit, ident, window)] = (limit, retry_after)
+        keys.append(_key(limit, ident, window))
+        maxima.append(limit.max_hits)
+        timeouts.append(retry_after + 60)
+        waits.append(retry_after)
     try:
-        counts = cache.get_many(list(windows))
+        counts = _count(keys, maxima, timeouts)
     except CACHE_ERRORS as exc:
         _unavailable(buckets, exc, fail_open)
-        return
+        return Attempt()
     full = [
         (retry_after, limit)
-        for key, (limit, retry_after) in windows.items()
-        if int(counts.get(key, 0)) >= limit.max_hits
+        for (limit, _), n, retry_after in zip(buckets, counts, waits, strict=True)
+        if n > limit.max_hits
     ]
     if full:
         retry_after, limit = max(full, key=lambda item: item[0])
         raise RateLimited(limit, retry_after)
+    return Attempt(tuple(keys))
 
 
-def hit(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
-    """Count one attempt in every bucket.
+def refund(counted: Attempt) -> None:
+    """Take a successful attempt back out of its counters, where only failures count.
 
-    Raises Unavailable when it cannot be counted, unless `fail_open`: a
-    Redis that answers reads but refuses writes (out of memory) must not
-    let guesses through uncounted.
+    Best effort: if Redis is away, the attempt stays counted, which errs
+    towards the limit.
     """
+    if not counted.keys:
+        return
     try:
-        for limit, ident in buckets:
-            window, retry_after = _window(limit, now)
-            key = _key(limit, ident, window)
-            # add() is a no-op when the key exists; incr() is atomic in Redis.
-            cache.add(key, 0, timeout=retry_after + 60)
-            try:
-                cache.incr(key)
-            except ValueError:
-                # The key expired between add() and incr(); start it again.
-                cache.add(key, 1, timeout=retry_after + 60)
+        _uncount(counted.keys)
     except CACHE_ERRORS as exc:
-        _unavailable(buckets, exc, fail_open)
-
-
-def check_and_hit(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
-    """For actions counted whether or not they succeed (issuing codes)."""
-    check(buckets, now, fail_open=fail_open)
-    hit(buckets, now, fail_open=fail_open)
+        logger.warning("event=rate_limit_refund_failed error=%s", type(exc).__name__)
 
 
 def take(buckets: list[Bucket], now: datetime, *, fail_open: bool = False) -> None:
-    """Count first, then decide: raise RateLimited if any counter went past its limit.
+    """Count an attempt that costs something whatever its outcome (sending an email).
 
-    The atomic increment's result decides, so a burst of concurrent callers
-    cannot all read "under the limit" before any of them counts (for
-    actions that cost something whatever the outcome: sending an email).
+    The same atomic count-first step as `attempt()`, never refunded.
     """
-    over: list[tuple[int, Limit]] = []
-    try:
-        for limit, ident in buckets:
-            window, retry_after = _window(limit, now)
-            key = _key(limit, ident, window)
-            cache.add(key, 0, timeout=retry_after + 60)
-            try:
-                count = cache.incr(key)
-            except ValueError:
-                cache.add(key, 1, timeout=retry_after + 60)
-                count = 1
-            if count > limit.max_hits:
-                over.append((retry_after, limit))
-    except CACHE_ERRORS as exc:
-        _unavailable(buckets, exc, fail_open)
-        return
-    if over:
-        retry_after, limit = max(over, key=lambda item: item[0])
-        raise RateLimited(limit, retry_after)
+    attempt(buckets, now, fail_open=fail_open)

@@ -65,6 +65,14 @@ class CodeNotFound(PairingError):
         super().__init__(message)
 
 
+class CodeJustUsed(CodeNotFound):
+    """A code redeemed within its lifetime: whoever types it knew it, so it is not a guess.
+
+    Typically another tab or person confirming the same code, who lost the
+    race. Shown exactly like an unknown code.
+    """
+
+
 class CodeExpired(PairingError):
     pass
 
@@ -192,6 +200,8 @@ class ExpiringCode(models.Model):
 
     def check_redeemable(self, now: datetime) -> None:
         state = self.state(now)
+        if state == "used" and self.used_at is not None and now - self.used_at < CODE_TTL:
+            raise CodeJustUsed()
         if state == "expired":
             raise CodeExpired("That code has expired.")
         if state != "live":
@@ -279,7 +289,7 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
         by_http = channel == PairingCode.Channel.HTTP
         buckets = limits.issue_buckets(ip=ip or "") if by_http else limits.nats_issue_buckets(host_id=host_id)
         try:
-            ratelimit.check_and_hit(buckets, now)
+            ratelimit.attempt(buckets, now)
         except ratelimit.RateLimited as exc:
             logger.warning(
                 "event=rate_limited action=issue_code channel=%s host_id=%s ip=%s limit=%s",

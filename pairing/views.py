@@ -27,6 +27,7 @@ from pairing.models import (
     POLL_INTERVAL,
     BadDeviceSecret,
     CodeExpired,
+    CodeJustUsed,
     HostAlreadyLinked,
     HostIdTaken,
     IssueRefused,
@@ -127,14 +128,8 @@ def _unavailable(
     return _render_step(request, {"form": form, "error": error, "retry_after": exc.retry_after}, status=503)
 
 
-def _failed(
-    request: AuthenticatedHtmxRequest, form: PairCodeForm, exc: PairingError, now: datetime
-) -> HttpResponse:
-    """A wrong or expired code: count it against the limits and say what happened."""
-    try:
-        ratelimit.hit(limits.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
-    except ratelimit.Unavailable as unavailable:
-        return _unavailable(request, form, unavailable)
+def _failed(request: AuthenticatedHtmxRequest, form: PairCodeForm, exc: PairingError) -> HttpResponse:
+    """A wrong or expired code, already counted against the limits: say what happened."""
     return _render_step(request, {"form": form, "error": str(exc)}, status=FORM_ERROR)
 
 
@@ -149,10 +144,25 @@ def _linked_elsewhere(request: AuthenticatedHtmxRequest, form: PairCodeForm, isl
     return _render_step(request, {"form": form, "error": error}, status=409)
 
 
-def _lookup(request: AuthenticatedHtmxRequest, form: PairCodeForm, now: datetime) -> PairingCode:
-    """The live code the form names; raises PairingError or RateLimited."""
-    ratelimit.check(limits.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
-    return PairingCode.objects.lookup(form.cleaned_data["code"], now)
+def _lookup(
+    request: AuthenticatedHtmxRequest, form: PairCodeForm, now: datetime
+) -> tuple[PairingCode, ratelimit.Attempt]:
+    """The live code the form names, and the attempt counted for it.
+
+    The attempt is counted before the code is looked at (past a limit even
+    the right code teaches a guesser nothing) and stays counted only if the
+    code is wrong: a code that exists, even one linked already, is refunded
+    here. Raises PairingError, RateLimited or Unavailable.
+    """
+    counted = ratelimit.attempt(limits.redeem_buckets(ip=client_ip(request), user_id=request.user.pk), now)
+    try:
+        row = PairingCode.objects.lookup(form.cleaned_data["code"], now)
+    except (HostAlreadyLinked, CodeJustUsed):
+        # The right code, linked already or just redeemed by a racing
+        # confirm: not a guess.
+        ratelimit.refund(counted)
+        raise
+    return row, counted
 
 
 @login_required
@@ -165,7 +175,7 @@ def pair(request: AuthenticatedHtmxRequest) -> HttpResponse:
     if not form.is_valid():
         return _render_step(request, {"form": form}, status=FORM_ERROR)
     try:
-        row = _lookup(request, form, now)
+        row, counted = _lookup(request, form, now)
     except ratelimit.RateLimited as exc:
         return _limited(request, form, exc)
     except ratelimit.Unavailable as exc:
@@ -173,7 +183,8 @@ def pair(request: AuthenticatedHtmxRequest) -> HttpResponse:
     except HostAlreadyLinked as exc:
         return _linked_elsewhere(request, form, exc.island)
     except PairingError as exc:
-        return _failed(request, form, exc, now)
+        return _failed(request, form, exc)
+    ratelimit.refund(counted)
     return _render_step(request, {"form": form, "row": row, "code": form.cleaned_data["code"]})
 
 
@@ -213,8 +224,7 @@ def confirm(request: AuthenticatedHtmxRequest) -> HttpResponse:
     if not form.is_valid():
         return _render_step(request, {"form": form}, status=FORM_ERROR)
     try:
-        row = _lookup(request, form, now)
-        island = row.redeem(request.user, now)
+        row, counted = _lookup(request, form, now)
     except ratelimit.RateLimited as exc:
         return _limited(request, form, exc)
     except ratelimit.Unavailable as exc:
@@ -222,7 +232,17 @@ def confirm(request: AuthenticatedHtmxRequest) -> HttpResponse:
     except HostAlreadyLinked as exc:
         return _linked_elsewhere(request, form, exc.island)
     except PairingError as exc:
-        return _failed(request, form, exc, now)
+        return _failed(request, form, exc)
+    # The code was live when looked up, so whoever typed it knew it: not a
+    # guess, whether this request links the Island or loses a race to
+    # another confirm of the same code.
+    ratelimit.refund(counted)
+    try:
+        island = row.redeem(request.user, now)
+    except HostAlreadyLinked as exc:
+        return _linked_elsewhere(request, form, exc.island)
+    except PairingError as exc:
+        return _render_step(request, {"form": form, "error": str(exc)}, status=FORM_ERROR)
     logger.info(
         "event=island_linked channel=desktop user_id=%s island_id=%s host_id=%s",
         request.user.pk,
@@ -247,13 +267,6 @@ def _typed_codes_unavailable(exc: ratelimit.Unavailable) -> ApiError:
     )
 
 
-def _count_mobile_failure(buckets: list[ratelimit.Bucket], now: datetime, fail_open: bool) -> None:
-    try:
-        ratelimit.hit(buckets, now, fail_open=fail_open)
-    except ratelimit.Unavailable as exc:
-        raise _typed_codes_unavailable(exc) from None
-
-
 @json_api
 def api_mobile_pair(request: HttpRequest) -> HttpResponse:
     now = timezone.now()
@@ -273,13 +286,14 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
     # secret (256 random bits) pairs uncounted. See archipelag/ratelimit.py.
     fail_open = not by_code
     try:
-        # Refused before the code is looked at: past a limit even the right code
-        # teaches a guesser nothing.
-        ratelimit.check(buckets, now, fail_open=fail_open)
+        # Counted before the code is looked at: past a limit even the right
+        # code teaches a guesser nothing, and of any number of concurrent
+        # guesses at most the limit get through. Refunded unless wrong.
+        counted = ratelimit.attempt(buckets, now, fail_open=fail_open)
     except ratelimit.RateLimited as exc:
         logger.warning("event=rate_limited action=mobile_redeem ip=%s limit=%s", ip, exc.limit.name)
         raise retry_later(
-            429, f"too many wrong codes from this address; retry in {exc.wait_words}", exc.retry_after
+            429, f"too many wrong codes from {exc.limit.per}; retry in {exc.wait_words}", exc.retry_after
         ) from None
     except ratelimit.Unavailable as exc:
         raise _typed_codes_unavailable(exc) from None
@@ -289,15 +303,15 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
         )
     except HostIdTaken as exc:
         # Not a guess: the code was right, so it is not counted, and not used up.
+        ratelimit.refund(counted)
         logger.info("event=mobile_pair_refused reason=host_taken host_id=%s ip=%s", body.host_id, ip)
         raise ApiError(409, str(exc)) from None
     except CodeExpired:
-        _count_mobile_failure(buckets, now, fail_open)
         raise ApiError(410, "that code has expired; open /pair/mobile again for a new one") from None
     except PairingError:
-        _count_mobile_failure(buckets, now, fail_open)
         what = "code" if by_code else "QR code"
         raise ApiError(401, f"unknown or already used {what}") from None
+    ratelimit.refund(counted)
     island = paired.island
     logger.info(
         "event=island_linked channel=mobile via=%s user_id=%s island_id=%s host_id=%s ip=%s",
@@ -344,7 +358,7 @@ def pair_mobile(request: AuthenticatedHtmxRequest) -> HttpResponse:
     try:
         # Fails open: opening retires the account's earlier session, so the
         # number of live mobile codes does not depend on this count.
-        ratelimit.check_and_hit(buckets, now, fail_open=True)
+        ratelimit.attempt(buckets, now, fail_open=True)
     except ratelimit.RateLimited as exc:
         error = f"You opened many pairing codes in a short time. Try again in {exc.wait_words}."
         response = render(request, template, {"error": error}, status=429)

@@ -73,3 +73,30 @@ def test_two_codes_for_one_host_racing_link_it_once(postgres, issue_code, django
     assert Island.objects.count() == 1
     # The losing code was rolled back, not half-used.
     assert PairingCode.objects.filter(used_at__isnull=False).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_losing_a_confirm_race_is_not_counted_as_a_wrong_guess(postgres, issue_code, alice):
+    """40 tabs confirm one right code at once: one links it, and none is left charged.
+
+    Counting comes first, so while the burst is in flight more than five
+    attempts at once from one account are refused (429) for the moment;
+    what matters is that every right code is refunded, winner or loser.
+    """
+    from django.test import Client
+
+    issued = issue_code()
+    client = Client()
+    client.force_login(alice)
+
+    def confirm():
+        return client.post("/pair/confirm", {"code": issued.code}, REMOTE_ADDR="192.0.2.60").status_code
+
+    statuses = race(confirm, [() for _ in range(40)])
+    assert statuses.count(302) == 1, statuses
+    assert set(statuses) <= {302, 409, 422, 429}, statuses
+    assert Island.objects.get().owner == alice
+    # Nothing left in the wrong-code counters: the account still has all five wrong codes.
+    for _ in range(5):
+        assert client.post("/pair", {"code": "ZZZZZZ"}, REMOTE_ADDR="192.0.2.61").status_code == 422
+    assert client.post("/pair", {"code": "ZZZZZZ"}, REMOTE_ADDR="192.0.2.61").status_code == 429

@@ -114,24 +114,72 @@ def test_x_forwarded_for_is_used_behind_a_configured_proxy(alice_client, setting
         assert cache.get(f"rl:redeem-ip-hour:203.0.113.9:{int(START.timestamp() // 3600)}") == 1
 
 
-def test_counters_are_exact_under_concurrent_hits(redis_url):
-    """Many processes share Redis; INCR must not lose updates."""
-    buckets = limits.redeem_buckets(ip="192.0.2.77")
-    barrier = threading.Barrier(20)
+def _concurrent_attempts(buckets, n, refund_passed=False):
+    """n threads released at once, each making one attempt; how many were let through."""
+    barrier = threading.Barrier(n)
+    passed = []
 
     def worker():
         barrier.wait()
-        for _ in range(5):
-            ratelimit.hit(buckets, START)
+        try:
+            counted = ratelimit.attempt(buckets, START)
+        except ratelimit.RateLimited:
+            return
+        passed.append(counted)
+        if refund_passed:
+            ratelimit.refund(counted)
 
-    threads = [threading.Thread(target=worker) for _ in range(20)]
+    threads = [threading.Thread(target=worker) for _ in range(n)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert cache.get(f"rl:redeem-ip-hour:192.0.2.77:{int(START.timestamp() // 3600)}") == 100
+    return len(passed)
+
+
+def _hour_key(name, ident):
+    return f"rl:{name}:{ident}:{int(START.timestamp() // 3600)}"
+
+
+def test_a_thousand_concurrent_attempts_pass_exactly_the_limit_in_local_memory(db):
+    buckets = limits.mobile_redeem_buckets(ip="192.0.2.77", by_code=True)
+    assert _concurrent_attempts(buckets, 1000) == 30
+    assert cache.get(_hour_key("mobile-redeem-ip-hour", "192.0.2.77")) == 30
+
+
+def test_a_thousand_concurrent_attempts_pass_exactly_the_limit_on_redis(redis_url):
+    """Many processes share Redis: the increment that decides is one atomic script."""
+    buckets = limits.mobile_redeem_buckets(ip="192.0.2.78", by_code=True)
+    assert _concurrent_attempts(buckets, 1000) == 30
+    assert cache.get(_hour_key("mobile-redeem-ip-hour", "192.0.2.78")) == 30
     with pytest.raises(ratelimit.RateLimited):
-        ratelimit.check(buckets, START)
+        ratelimit.attempt(buckets, START)
+
+
+@pytest.mark.parametrize("backend", ["locmem", "redis"])
+def test_refunded_attempts_do_not_use_up_the_limit(backend, request, db):
+    if backend == "redis":
+        request.getfixturevalue("redis_url")
+    buckets = limits.redeem_buckets(ip="192.0.2.79", user_id=1)
+    # Every attempt succeeds and is refunded, so none is refused for the limit's sake
+    # once the burst is over: the counters are back at zero.
+    _concurrent_attempts(buckets, 200, refund_passed=True)
+    assert cache.get(_hour_key("redeem-ip-hour", "192.0.2.79")) == 0
+    assert _concurrent_attempts(buckets, 5) == 5
+
+
+@pytest.mark.parametrize("backend", ["locmem", "redis"])
+def test_every_limit_lets_exactly_its_number_through_a_burst(backend, request, db):
+    if backend == "redis":
+        request.getfixturevalue("redis_url")
+    cases = [
+        (limits.redeem_buckets(ip="192.0.2.80", user_id=7), 5),
+        (limits.issue_buckets(ip="192.0.2.81"), limits.ISSUE_PER_IP[0].max_hits),
+        (limits.nats_issue_buckets(host_id="host-burst-0001"), limits.ISSUE_PER_HOST[0].max_hits),
+        (limits.mobile_open_buckets(user_id=8), limits.MOBILE_OPEN_PER_ACCOUNT[0].max_hits),
+    ]
+    for buckets, expected in cases:
+        assert _concurrent_attempts(buckets, 500) == expected
 
 
 def test_wait_words():

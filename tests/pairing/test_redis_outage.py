@@ -17,10 +17,10 @@ import time
 import msgspec
 import pytest
 from channels.layers import get_channel_layer
-from django.core.cache import cache
 from redis.exceptions import ResponseError
 
 from archipelag import nats as bridge
+from archipelag import ratelimit
 from islands.agent import HostRegistration
 from islands.models import Island
 from pairing.models import MobilePairingSession, PairingCode
@@ -78,12 +78,17 @@ def test_a_typed_mobile_code_waits_with_a_503_and_writes_nothing(client, alice, 
     assert "event=rate_limit_unavailable policy=closed" in redis_down.text
 
 
-def test_a_wrong_typed_code_that_cannot_be_counted_gets_a_503(client, alice, open_session, monkeypatch):
-    """Redis out of memory answers reads but refuses writes: the guess must not pass uncounted."""
+def test_a_typed_code_that_cannot_be_counted_gets_a_503(client, alice, open_session, monkeypatch):
+    """Redis out of memory answers reads but refuses writes: no guess may pass uncounted.
+
+    Counting comes first, so the right code waits too: until the attempt is
+    counted, nobody knows whether it is a guess.
+    """
     opened = open_session(alice)
-    monkeypatch.setattr(cache, "add", refuse_writes)
+    monkeypatch.setattr(ratelimit, "_count", refuse_writes)
     assert_unavailable(pair_phone(client, code="ZZZZZZ"), UNAVAILABLE)
-    # The right code still pairs: a success counts nothing.
+    assert_unavailable(pair_phone(client, code=opened.code), UNAVAILABLE)
+    monkeypatch.undo()
     assert pair_phone(client, code=opened.code).status_code == 201
 
 
@@ -127,7 +132,7 @@ def test_the_pair_page_asks_to_try_again_for_a_typed_code(alice_client, issued_b
 
 
 def test_a_wrong_desktop_code_that_cannot_be_counted_gets_a_503(alice_client, db, monkeypatch):
-    monkeypatch.setattr(cache, "incr", refuse_writes)
+    monkeypatch.setattr(ratelimit, "_count", refuse_writes)
     response = alice_client.post("/pair", {"code": "ZZZZZZ"})
     assert response.status_code == 503
     assert "Try again in 30 seconds" in response.content.decode()
