@@ -1,0 +1,131 @@
+"""Every page a first visit meets, in a real browser, with DEBUG on and off.
+
+Each test walks the same page states (`walk`): signed out, then signed in
+with no Islands, then with Islands whose names and reasons are long. At
+each state it checks the page as a person meets it: nothing wider than
+the window at 1280 and 390 px.
+"""
+
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from islands.models import Island
+from karma.models import KarmaEvent
+from tests.conftest import PASSWORD, login_browser
+from tests.islands.conftest import make_island
+
+LONG_NAME = "Workstation-" + "x" * 88  # 100 characters, no space to break at
+
+
+def walk(page, server, alice, newcomer: str) -> Iterator[str]:
+    """Go through the page states one by one; yield each one's name while it is shown."""
+    url = server.url
+    page.goto(url + "/")
+    yield "home"
+    page.goto(url + "/accounts/login/")
+    yield "login"
+    page.goto(url + "/accounts/signup/")
+    yield "signup"
+    page.get_by_label("Username").fill(newcomer)
+    page.get_by_label("Email").fill(f"{newcomer}@example.org")
+    page.locator("#id_password1").fill("a")
+    page.locator("#id_password2").fill("b")
+    page.get_by_role("button", name="Create account").click()
+    page.get_by_text("The two password fields didn’t match.").wait_for()
+    yield "signup with errors"
+    page.locator("#id_password1").fill(PASSWORD)
+    page.locator("#id_password2").fill(PASSWORD)
+    page.get_by_role("button", name="Create account").click()
+    page.wait_for_url(url + "/settings")
+    yield "settings, no Islands, with a message"
+    page.context.clear_cookies()
+    if not server.debug:
+        # With DEBUG on a 404 is Django's technical page, not the site's.
+        page.goto(url + "/no-such-page")
+        yield "404"
+    login_browser(page, server, alice)
+    page.goto(url + "/pair")
+    yield "pair"
+    page.get_by_role("button", name="Continue").click()
+    page.get_by_text("Enter the 6-character code").wait_for()
+    yield "pair with errors"
+    page.goto(url + "/pair/mobile")
+    yield "pair from a phone"
+    island = _islands(alice)
+    page.goto(url + "/settings")
+    yield "settings with Islands"
+    page.goto(url + f"/settings/islands/{island.pk}")
+    yield "an Island's page"
+    page.goto(url + "/reference/karma")
+    yield "karma reference"
+
+
+def _islands(alice):
+    existing = Island.objects.filter(owner=alice, name=LONG_NAME).first()
+    if existing:
+        return existing
+    now = timezone.now()
+    long = make_island(alice, name=LONG_NAME, host_id="host-" + "0" * 95)
+    make_island(alice, name="Garage rig", host_id="garage-rig", last_heartbeat_at=now)
+    for minutes in range(3):
+        KarmaEvent.objects.adjust(
+            long,
+            Decimal(-1),
+            "A long reason that keeps going: " + "supercalifragilistic" * 6,
+            by=None,
+            now=now - timedelta(minutes=minutes),
+        )
+    return long
+
+
+# The page's width and, when it is wider than the window, the innermost
+# elements that reach past the window's right edge (for the failure message).
+OVERFLOW = """() => {
+  const scroll = document.scrollingElement.scrollWidth, width = window.innerWidth;
+  const past = scroll <= width ? [] : [...document.body.querySelectorAll("*")].filter(
+    el => el.getBoundingClientRect().right > width + 1 && el.children.length === 0
+  ).slice(0, 3).map(el => el.tagName.toLowerCase() + (el.className ? "." + el.className : ""));
+  return {scroll, width, past};
+}"""
+
+
+TITLES = {
+    "home": "Welcome · Archipelag.io",
+    "login": "Log in · Archipelag.io",
+    "signup": "Sign up · Archipelag.io",
+    "signup with errors": "Sign up · Archipelag.io",
+    "404": "Page not found · Archipelag.io",
+    "pair": "Pair an Island · Archipelag.io",
+    "karma reference": "Karma · Archipelag.io",
+}
+
+
+@pytest.mark.browser
+def test_no_page_is_wider_than_the_window(browser_page, live_server_debug, alice):
+    """Nor misses a file it loads (the favicon was a 404 on every page), nor has a stray title."""
+    page = browser_page
+    wide = []
+    missing = []
+
+    def note_missing(response) -> None:
+        # Pages and htmx's form answers may be errors; the files a page loads may not.
+        if response.status >= 400 and response.request.resource_type not in ("document", "xhr", "fetch"):
+            missing.append(f"{response.status} {response.url}")
+
+    page.on("response", note_missing)
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.context.clear_cookies()
+        for state in walk(page, live_server_debug, alice, f"carol{width}"):
+            size = page.evaluate(OVERFLOW)
+            if size["scroll"] > size["width"]:
+                wide.append(f"{state} at {width} px: {size['scroll']} px wide, past the edge: {size['past']}")
+            if state in TITLES:
+                assert page.title() == TITLES[state]
+    assert page.evaluate("() => document.querySelector('link[rel=icon]').href").endswith(".svg")
+    assert missing == []
+    assert wide == [], "\n".join(wide)
