@@ -27,6 +27,7 @@ Both are logged as `event=rate_limit_unavailable` with the policy applied.
 """
 
 import contextlib
+import ipaddress
 import logging
 import math
 import threading
@@ -80,6 +81,23 @@ class RateLimited(Exception):
 
 
 type Bucket = tuple[Limit, str]
+
+
+def network_of(ip: str) -> str:
+    """The network an address is counted with: its /24 for IPv4, its /56 for IPv6.
+
+    One customer or cloud tenant usually holds a whole /24 or /56, so a
+    per-network counter stops a guesser from renting neighbouring
+    addresses. Anything unparsable is its own network.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 56
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 def _period_words(seconds: int) -> str:

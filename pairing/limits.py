@@ -7,7 +7,7 @@ hits a limit cannot keep trying even with the right code.
 docs/security.md turns these numbers into odds of guessing a live code.
 """
 
-from archipelag.ratelimit import Bucket, Limit
+from archipelag.ratelimit import Bucket, Limit, network_of
 
 # Failed redemptions of desktop codes at /pair, per signed-in account.
 REDEEM_PER_ACCOUNT = (
@@ -16,13 +16,17 @@ REDEEM_PER_ACCOUNT = (
 )
 # Failed redemptions from one address, whoever is signed in.
 REDEEM_PER_IP = (Limit("redeem-ip-hour", 30, 3600, "this address"),)
-# All failed redemptions on the service in a day. This caps what a botnet
-# with many accounts and addresses can try; reaching it pauses redemption
-# for everyone until the window ends, which is the price of that cap.
-REDEEM_GLOBAL = (Limit("redeem-global-day", 10_000, 24 * 3600, "all accounts"),)
+# Failed redemptions from one network (a /24 for IPv4, a /56 for IPv6: what
+# one customer or one cloud tenant usually holds), so renting neighbouring
+# addresses buys little. There is no service-wide budget: one that an
+# attacker can fill locks out every honest user (issue 14), and what bounds
+# the odds of guessing is the per-account, per-address and per-network
+# arithmetic in docs/security.md.
+REDEEM_PER_NETWORK = (Limit("redeem-net-hour", 90, 3600, "your network"),)
 # Codes issued to one address. An Island asks once per start; a rack of
 # machines behind one NAT address still fits comfortably.
 ISSUE_PER_IP = (Limit("issue-ip-hour", 60, 3600, "this address"),)
+ISSUE_PER_NETWORK = (Limit("issue-net-hour", 240, 3600, "your network"),)
 # Codes asked for over NATS, where no address is known and all Islands
 # share one credential. Per host: the agent asks once per start, so ten an
 # hour covers a person restarting it while troubleshooting. On the whole
@@ -30,17 +34,20 @@ ISSUE_PER_IP = (Limit("issue-ip-hour", 60, 3600, "this address"),)
 # each side of a window boundary) can be live at once, whoever asks; that is
 # what bounds the odds of guessing a code in docs/security.md.
 ISSUE_PER_HOST = (Limit("issue-host-hour", 10, 3600, "this Island"),)
-ISSUE_NATS_GLOBAL = (Limit("issue-nats-global-10m", 300, 600, "all Islands"),)
+# A one-minute window: a flood of made-up hosts can hold a genuine Island's
+# request back for at most a minute, and a code lives 10 minutes, so at most
+# 11 windows' worth (330) are live at once.
+ISSUE_NATS_GLOBAL = (Limit("issue-nats-global-1m", 30, 60, "all Islands"),)
 
 # Mobile codes are their own namespace with their own budgets, so the odds
 # of guessing one can be stated apart from desktop codes (docs/security.md).
 # Failed mobile redemptions from one address: typed codes and scanned
 # secrets alike, so an address cannot hammer either door.
 MOBILE_REDEEM_PER_IP = (Limit("mobile-redeem-ip-hour", 30, 3600, "this address"),)
-# All failed mobile *code* redemptions on the service in a day. Secrets are
-# not counted here: 256 random bits cannot be guessed, and a guesser who
-# drains the budget with codes must not stop people scanning QR codes.
-MOBILE_REDEEM_GLOBAL = (Limit("mobile-redeem-global-day", 10_000, 24 * 3600, "all addresses"),)
+# Failed mobile *code* redemptions from one network (/24 or /56). Secrets
+# are not counted here: 256 random bits cannot be guessed, and a guesser who
+# fills it with codes must not stop neighbours scanning QR codes.
+MOBILE_REDEEM_PER_NETWORK = (Limit("mobile-redeem-net-hour", 90, 3600, "your network"),)
 # Mobile pairing sessions one account opens (each load of /pair/mobile).
 MOBILE_OPEN_PER_ACCOUNT = (Limit("mobile-open-account-hour", 30, 3600, "this account"),)
 
@@ -50,12 +57,14 @@ def redeem_buckets(*, ip: str, user_id: int | None = None) -> list[Bucket]:
     if user_id is not None:
         buckets += [(limit, str(user_id)) for limit in REDEEM_PER_ACCOUNT]
     buckets += [(limit, ip) for limit in REDEEM_PER_IP]
-    buckets += [(limit, "all") for limit in REDEEM_GLOBAL]
+    buckets += [(limit, network_of(ip)) for limit in REDEEM_PER_NETWORK]
     return buckets
 
 
 def issue_buckets(*, ip: str) -> list[Bucket]:
-    return [(limit, ip) for limit in ISSUE_PER_IP]
+    buckets: list[Bucket] = [(limit, ip) for limit in ISSUE_PER_IP]
+    buckets += [(limit, network_of(ip)) for limit in ISSUE_PER_NETWORK]
+    return buckets
 
 
 def nats_issue_buckets(*, host_id: str) -> list[Bucket]:
@@ -67,7 +76,7 @@ def nats_issue_buckets(*, host_id: str) -> list[Bucket]:
 def mobile_redeem_buckets(*, ip: str, by_code: bool) -> list[Bucket]:
     buckets: list[Bucket] = [(limit, ip) for limit in MOBILE_REDEEM_PER_IP]
     if by_code:
-        buckets += [(limit, "all") for limit in MOBILE_REDEEM_GLOBAL]
+        buckets += [(limit, network_of(ip)) for limit in MOBILE_REDEEM_PER_NETWORK]
     return buckets
 
 

@@ -116,7 +116,7 @@ def _limited(
         client_ip(request),
         exc.limit.name,
     )
-    error = f"Too many attempts with wrong codes. Try again in {exc.wait_words}."
+    error = f"Too many wrong codes from {exc.limit.per}. Try again in {exc.wait_words}."
     return _render_step(request, {"form": form, "error": error, "retry_after": exc.retry_after}, status=429)
 
 

@@ -159,7 +159,7 @@ def test_pairing_over_nats_is_limited_per_host(db):
 def test_pairing_over_nats_has_a_service_wide_budget(db, monkeypatch):
     from archipelag import ratelimit
 
-    monkeypatch.setattr(limits, "ISSUE_NATS_GLOBAL", (ratelimit.Limit("issue-nats-global-10m", 3, 600),))
+    monkeypatch.setattr(limits, "ISSUE_NATS_GLOBAL", (ratelimit.Limit("issue-nats-global-1m", 3, 60),))
     hosts = [f"made-up-host-{n:04d}" for n in range(4)]
     outcomes = [bridge.request_code(HostRegistration(host_id=host))[0] for host in hosts]
     assert outcomes == ["issued", "issued", "issued", "rate_limited"]

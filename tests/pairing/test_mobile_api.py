@@ -8,9 +8,7 @@ import pytest
 import time_machine
 from django.test import Client
 
-from archipelag import ratelimit
 from islands.models import MOBILE_TOKEN_TTL, Island
-from pairing import limits
 from pairing.models import MobilePairingSession
 from tests.conftest import HOST_ID
 from tests.pairing.conftest import IPHONE, MOBILE_PAIR, PHONE_HOST_ID, PIXEL, pair_phone
@@ -297,19 +295,50 @@ def test_failed_secrets_count_per_address(client, alice, open_session):
         assert pair_phone(client, secret=opened.secret).status_code == 429
 
 
-def test_the_global_budget_stops_codes_from_everywhere_but_not_scanned_secrets(
-    client, alice, open_session, monkeypatch
+def test_a_flood_from_twelve_addresses_does_not_lock_out_an_honest_new_account(
+    client, alice, bob, open_session
 ):
-    monkeypatch.setattr(
-        limits, "MOBILE_REDEEM_GLOBAL", (ratelimit.Limit("mobile-redeem-global-day", 3, 86400),)
-    )
-    opened = open_session(alice)
-    for n in range(3):
-        assert pair_phone(client, code=wrong_code(opened), REMOTE_ADDR=f"198.51.100.{n}").status_code == 401
-    limited = pair_phone(client, code=opened.code, REMOTE_ADDR="203.0.113.99")
-    assert limited.status_code == 429
-    assert int(limited["Retry-After"]) > 0
-    assert pair_phone(client, secret=opened.secret, REMOTE_ADDR="203.0.113.99").status_code == 201
+    """Issue 14: 12 attacking addresses once filled a service-wide budget and locked everyone out."""
+    with time_machine.travel(START, tick=False):
+        opened = open_session(alice)
+        for n in range(12):
+            attacker = f"198.{n + 10}.100.7"
+            statuses = [
+                pair_phone(client, code=wrong_code(opened), REMOTE_ADDR=attacker).status_code
+                for _ in range(40)
+            ]
+            assert statuses.count(401) == 30 and statuses.count(429) == 10
+        honest = open_session(bob)
+        response = pair_phone(client, code=honest.code, REMOTE_ADDR="203.0.113.50")
+    assert response.status_code == 201, response.json()
+    assert Island.objects.get().owner == bob
+
+
+def test_failed_codes_are_limited_per_network_and_the_message_says_so(client, alice, open_session):
+    with time_machine.travel(START, tick=False):
+        opened = open_session(alice)
+        for host in (1, 2, 3):
+            for _ in range(30):
+                assert (
+                    pair_phone(client, code=wrong_code(opened), REMOTE_ADDR=f"192.0.2.{host}").status_code
+                    == 401
+                )
+        neighbour = pair_phone(client, code=opened.code, REMOTE_ADDR="192.0.2.200")
+        # Scanned secrets are not held back by a neighbour's typed guesses.
+        assert pair_phone(client, secret=opened.secret, REMOTE_ADDR="192.0.2.201").status_code == 201
+    assert neighbour.status_code == 429
+    assert neighbour.json()["error"] == "too many wrong codes from your network; retry in 60 minutes"
+
+
+def test_ipv6_addresses_are_counted_per_56(client, alice, open_session):
+    with time_machine.travel(START, tick=False):
+        opened = open_session(alice)
+        for host in (1, 2, 3):
+            addr = f"2001:db8:0:ff{host:02x}::1"  # three /64s in one /56
+            for _ in range(30):
+                assert pair_phone(client, code=wrong_code(opened), REMOTE_ADDR=addr).status_code == 401
+        assert pair_phone(client, code=opened.code, REMOTE_ADDR="2001:db8:0:ffaa::9").status_code == 429
+        assert pair_phone(client, code=opened.code, REMOTE_ADDR="2001:db8:0:100::9").status_code == 201
 
 
 def test_successes_and_conflicts_are_not_counted(client, alice, bob, open_session):

@@ -31,7 +31,7 @@ def test_five_failures_in_fifteen_minutes_lock_the_account_even_for_the_right_co
         limited = alice_client.post("/pair", {"code": issued.code}, REMOTE_ADDR="192.0.2.10")
         assert limited.status_code == 429
         assert limited["Retry-After"] == "900"
-        assert "Too many attempts with wrong codes. Try again in 15 minutes." in limited.content.decode()
+        assert "Too many wrong codes from this account. Try again in 15 minutes." in limited.content.decode()
         confirm = alice_client.post("/pair/confirm", {"code": issued.code}, REMOTE_ADDR="192.0.2.10")
         assert confirm.status_code == 429
         assert Island.objects.count() == 0
@@ -76,14 +76,23 @@ def test_thirty_failures_an_hour_lock_an_address_for_every_account(django_user_m
         assert fail(clients[6], ip="198.51.100.10").status_code == 422
 
 
-def test_the_global_daily_budget_stops_everyone(alice_client, bob_client, monkeypatch, db):
-    monkeypatch.setattr(limits, "REDEEM_GLOBAL", (Limit("redeem-global-day", 3, 86400),))
+def test_failures_are_limited_per_network(alice_client, bob_client, monkeypatch, db):
+    monkeypatch.setattr(limits, "REDEEM_PER_NETWORK", (Limit("redeem-net-hour", 3, 3600, "your network"),))
     with time_machine.travel(START, tick=False):
         fail(alice_client, 2, ip="192.0.2.1")
         fail(bob_client, 1, ip="192.0.2.2")
         limited = fail(bob_client, ip="192.0.2.3")
         assert limited.status_code == 429
-        assert limited["Retry-After"] == str(14 * 3600)
+        assert limited["Retry-After"] == "3600"
+        assert "Too many wrong codes from your network. Try again in 60 minutes." in limited.content.decode()
+        assert fail(bob_client, ip="198.51.100.3").status_code == 422
+
+
+def test_networks_are_a_24_or_a_56():
+    assert ratelimit.network_of("192.0.2.77") == "192.0.2.0/24"
+    assert ratelimit.network_of("::ffff:192.0.2.77") == "192.0.2.0/24"
+    assert ratelimit.network_of("2001:db8:1:2ff:aaaa::1") == "2001:db8:1:200::/56"
+    assert ratelimit.network_of("not an address") == "not an address"
 
 
 def test_successful_redemptions_are_not_counted(alice_client, issue_code):
