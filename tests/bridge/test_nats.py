@@ -206,7 +206,7 @@ def test_registration_updates_a_paired_islands_hardware(agent, alice, bridge):
 
 
 def test_heartbeats_make_a_paired_island_online_and_drop_unknown_hosts(agent, island, bridge):
-    assert island.status_at(timezone.now()) == Island.LiveStatus.OFFLINE
+    assert island.status_at(timezone.now()) == Island.LiveStatus.NEW
     agent.send("heartbeat", AGENT_HEARTBEAT)
     agent.send("heartbeat", {**AGENT_HEARTBEAT, "host_id": "unpaired-host-1"}, host_id="unpaired-host-1")
 
