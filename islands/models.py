@@ -2497,10 +2497,13 @@ class IslandKeyManager(models.Manager["IslandKey"]):
         """The keyed host's Island, created for the key's owner on its first registration.
 
         None if no usable key minted this host id. No code is needed: whoever
-        minted the key chose to own this host. The hardware is taken only
-        when the Island is created: registrations travel on a subject every
-        Island may publish on, so a later one could be forged by another
-        Island; heartbeats (on the host's own subject) keep it current.
+        minted the key chose to own this host. A registration only fills in
+        hardware the Island has not reported yet, never rewrites it:
+        registrations travel on a subject every Island may publish on, so a
+        later one could be forged by another Island; heartbeats (on the
+        host's own subject) keep it current. Filling in matters because the
+        agent's pairing request (no hardware) may be handled before the
+        RegisterHost it published just before it.
         """
         now = now or timezone.now()
         key = self.filter(host_id=host_id).select_related("island").first()
@@ -2514,6 +2517,19 @@ class IslandKeyManager(models.Manager["IslandKey"]):
                 return linked
             if key.island_id != linked.pk:
                 self.filter(pk=key.pk).update(island=linked)
+            missing = {
+                name: value
+                for name, value in (capabilities or Capabilities()).island_fields().items()
+                if getattr(linked, name) in (None, "", [], {})
+            }
+            if version and not linked.agent_version:
+                missing["agent_version"] = version
+            for name, value in missing.items():
+                # Only where the column is still empty, so of two racing
+                # registrations the first fills it and the second changes nothing.
+                empty = {name: ""} if isinstance(value, str) else {f"{name}__isnull": True}
+                Island.objects.filter(pk=linked.pk, **empty).update(**{name: value})
+                setattr(linked, name, value)
             return linked
         island = Island(
             owner_id=key.owner_id,

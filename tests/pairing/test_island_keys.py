@@ -13,7 +13,9 @@ from django.test import override_settings
 from django.utils import timezone
 
 from archipelag.secrets import hash_secret
-from islands.models import ISLAND_KEY_UNUSED_TTL, IslandKey
+from islands.agent import Capabilities, HostRegistration
+from islands.models import ISLAND_KEY_UNUSED_TTL, Island, IslandKey
+from pairing.models import PairingCode
 
 NATS_LINE = re.compile(r'nats_url = "(?P<url>[^"]+)"')
 HOST_LINE = re.compile(r'host_id = "(?P<host_id>[0-9a-f-]{36})"')
@@ -155,3 +157,22 @@ def test_the_command_refuses_an_unknown_user_or_a_bad_count(alice):
     with pytest.raises(CommandError, match="between 1 and"):
         call_command("create_island_key", "alice", "--count", "0")
     assert IslandKey.objects.count() == 0
+
+
+def test_a_registration_fills_in_hardware_the_pairing_request_lacked_but_never_rewrites_it(alice):
+    """The agent publishes RegisterHost, then asks for a code; the bridge may handle the ask first."""
+    (issued,) = IslandKey.objects.issue(alice, 1)
+    host = issued.key.host_id
+    assert PairingCode.objects.register(HostRegistration(host_id=host)) is True  # as the ask links it
+    island = Island.objects.get(host_id=host)
+    assert (island.gpu_model, island.cpu_cores, island.agent_version) == ("", None, "")
+
+    hardware = Capabilities(gpu_model="RTX 4090", gpu_vram_mb=24576, cpu_cores=16)
+    PairingCode.objects.register(HostRegistration(host_id=host, capabilities=hardware, version="0.5.0"))
+    forged = Capabilities(gpu_model="Forged GPU", gpu_vram_mb=1, cpu_cores=1, ram_mb=2048)
+    PairingCode.objects.register(HostRegistration(host_id=host, capabilities=forged, version="9.9.9"))
+
+    island.refresh_from_db()
+    assert (island.gpu_model, island.gpu_vram_mb, island.cpu_cores) == ("RTX 4090", 24576, 16)
+    assert island.agent_version == "0.5.0"
+    assert island.ram_mb == 2048  # still empty when the second came, so filled, not rewritten
