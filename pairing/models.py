@@ -624,6 +624,23 @@ class MobilePairingSessionManager(_CodeManagerBase["MobilePairingSession"]):
                 session.announce(now)
         return OpenedSession(row=row, code=code, secret=secret)
 
+    def end_for(self, owner: "User", now: datetime | None = None) -> int:
+        """Retire `owner`'s sessions not yet used: signing out ends them. Returns how many were live.
+
+        A code shown on /pair/mobile lets whoever types it add a phone to the
+        account, so it must not outlive the signed-in session that showed
+        it. Pages still showing one are told after the commit.
+        """
+        now = now or timezone.now()
+        with transaction.atomic():
+            unused = self.unused().filter(owner=owner)
+            live = list(unused.filter(expires_at__gt=now))
+            unused.update(retired_at=now)
+            for session in live:
+                session.retired_at = now
+                session.announce(now)
+        return len(live)
+
     def redeem(
         self,
         *,

@@ -214,6 +214,29 @@ def test_removing_the_paired_phone_from_the_page_stops_its_token(alice, alice_cl
     assert status(alice_client, opened.row.id).json()["island"]["removed"] is True
 
 
+def test_signing_out_ends_the_code_shown_so_the_phone_is_refused(alice, alice_client, client):
+    html = alice_client.get("/pair/mobile").content.decode()
+    code = shown_code(html)
+    session = MobilePairingSession.objects.get()
+
+    assert alice_client.post("/accounts/logout/").status_code == 302
+    response = pair_phone(client, code=code)
+
+    assert response.status_code == 401
+    assert response.json() == {"success": False, "error": "unknown or already used code"}
+    assert Island.objects.count() == 0
+    session.refresh_from_db()
+    assert session.used_at is None and session.retired_at is not None
+
+
+def test_signing_out_leaves_other_accounts_sessions_alone(alice, bob, alice_client, client, open_session):
+    bobs = open_session(bob)
+    alice_client.get("/pair/mobile")
+    alice_client.post("/accounts/logout/")
+    assert pair_phone(client, secret=bobs.secret).status_code == 201
+    assert Island.objects.get().owner == bob
+
+
 # --- Around the page --------------------------------------------------------------------
 
 
