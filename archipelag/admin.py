@@ -3,9 +3,22 @@
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.auth import get_permission_codename
 from django.db.models import Model, QuerySet
 from django.forms import BaseInlineFormSet
 from django.http import HttpRequest
+
+
+def has_model_permission(request: HttpRequest, model: type[Model], action: str) -> bool:
+    """Whether the user holds the model's own `action` permission ("change", "add", ...).
+
+    For admin actions whose admin answers no to has_change_permission (a
+    read-only ledger) but which some staff may still run, such as revoking
+    a key: the action asks for the permission the user was given, not for
+    what the admin's forms allow.
+    """
+    opts = model._meta
+    return request.user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
 
 
 class ReadOnlyAdmin:

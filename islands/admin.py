@@ -10,7 +10,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, newest_first
+from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, has_model_permission, newest_first
 from islands.models import (
     ELIGIBILITY,
     Attempt,
@@ -194,7 +194,12 @@ class IslandAdmin(admin.ModelAdmin[Island]):
             '<a href="{}">All jobs of this Island</a> · <a href="{}">All its attempts</a>', jobs, attempts
         )
 
-    @admin.action(description="Remove selected Islands (revoke their tokens at once)")
+    # Every action declares the permission it needs (docs/deploy.md, admin
+    # roles): Django offers an action, and runs a posted one, only to staff
+    # who hold it. Support staff, who may only view, see none of these.
+    @admin.action(
+        description="Remove selected Islands (revoke their tokens at once)", permissions=("change",)
+    )
     def remove_islands(self, request: HttpRequest, queryset: QuerySet[Island]) -> None:
         now = timezone.now()
         removed = 0
@@ -205,12 +210,12 @@ class IslandAdmin(admin.ModelAdmin[Island]):
             request, f"Removed {removed} Island(s); their tokens no longer work.", messages.SUCCESS
         )
 
-    @admin.action(description="Suspend selected Islands (no new jobs)")
+    @admin.action(description="Suspend selected Islands (no new jobs)", permissions=("change",))
     def suspend_islands(self, request: HttpRequest, queryset: QuerySet[Island]) -> None:
         count = queryset.filter(suspended_at__isnull=True).update(suspended_at=timezone.now())
         self.message_user(request, f"Suspended {count} Island(s).", messages.SUCCESS)
 
-    @admin.action(description="Lift the suspension of selected Islands")
+    @admin.action(description="Lift the suspension of selected Islands", permissions=("change",))
     def unsuspend_islands(self, request: HttpRequest, queryset: QuerySet[Island]) -> None:
         count = queryset.filter(suspended_at__isnull=False).update(suspended_at=None)
         self.message_user(request, f"Lifted the suspension of {count} Island(s).", messages.SUCCESS)
@@ -484,10 +489,15 @@ class DispatcherKeyAdmin(ReadOnlyAdmin, admin.ModelAdmin[DispatcherKey]):
     fields = readonly_fields = ("name", "created_at", "revoked_at")
     actions = ["revoke_keys"]
 
-    @admin.action(description="Revoke selected keys")
+    # Revoking stops the dispatcher's submissions: for staff given the key's
+    # change permission (superusers; no role has it).
+    @admin.action(description="Revoke selected keys", permissions=("revoke",))
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[DispatcherKey]) -> None:
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return has_model_permission(request, DispatcherKey, "change")
 
 
 @admin.register(IslandKey)
@@ -520,7 +530,10 @@ class IslandKeyAdmin(ReadOnlyAdmin, admin.ModelAdmin[IslandKey]):
     )
     actions = ["revoke_keys"]
 
-    @admin.action(description="Revoke selected keys")
+    @admin.action(description="Revoke selected keys", permissions=("revoke",))
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[IslandKey]) -> None:
         count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return has_model_permission(request, IslandKey, "change")

@@ -5,7 +5,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 
-from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, newest_first
+from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline, has_model_permission, newest_first
 from islands.admin import IslandAdmin
 from islands.models import Island
 from karma.forms import KarmaAdjustmentForm
@@ -16,7 +16,9 @@ from karma.models import KarmaEvent, UptimeSweep
 INLINE_EVENTS = 20
 
 
-@admin.action(description="Adjust karma of selected Islands…")
+# For staff who may add karma events (operators): the ledger's admin adds
+# none itself, but an adjustment is exactly one admin event per Island.
+@admin.action(description="Adjust karma of selected Islands…", permissions=("adjust_karma",))
 def adjust_karma(
     modeladmin: admin.ModelAdmin[Island], request: HttpRequest, queryset: QuerySet[Island]
 ) -> TemplateResponse | None:
@@ -61,6 +63,9 @@ class IslandWithKarmaAdmin(IslandAdmin):
     inlines = [*IslandAdmin.inlines, KarmaEventInline]
     # Karma changes only through events: adjust_karma records one per Island.
     actions = [*IslandAdmin.actions, adjust_karma]
+
+    def has_adjust_karma_permission(self, request: HttpRequest) -> bool:
+        return has_model_permission(request, KarmaEvent, "add")
 
 
 admin.site.unregister(Island)
