@@ -48,6 +48,7 @@ EXPOSE 8000
 # host name from ALLOWED_HOSTS, so the check sends the first one.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os,sys,urllib.request as u; h=(os.environ.get('ALLOWED_HOSTS') or 'localhost').split(',')[0].strip(); r=u.urlopen(u.Request('http://127.0.0.1:%s/healthz' % os.environ.get('PORT','8000'), headers={'Host': h, 'X-Forwarded-Proto': 'https'}), timeout=4); sys.exit(0 if r.status == 200 else 1)"]
+# daphne with request bodies bounded while they arrive (archipelag/server.py).
 # An endpoint string instead of -b/-p: Twisted's default listen backlog of 50
 # drops connections when hundreds of pages open their websockets at once.
-CMD ["sh", "-c", "exec daphne -e \"tcp:port=$PORT:interface=0.0.0.0:backlog=1024\" archipelag.asgi:application"]
+CMD ["sh", "-c", "exec python -m archipelag.server -e \"tcp:port=$PORT:interface=0.0.0.0:backlog=1024\" archipelag.asgi:application"]

@@ -61,7 +61,10 @@ if _public_host and _public_host not in ALLOWED_HOSTS and "*" not in ALLOWED_HOS
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", PUBLIC_URL)
 
 INSTALLED_APPS = [
-    # daphne first: its runserver replaces Django's, serving HTTP and websockets.
+    # archipelag first: its runserver (daphne's, with request bodies bounded
+    # as archipelag/server.py bounds them in production) replaces daphne's,
+    # which replaces Django's; daphne's serves HTTP and websockets.
+    "archipelag",
     "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -72,7 +75,6 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "channels",
     "django_htmx",
-    "archipelag",
     "pairing",
     "islands",
     "karma",
@@ -292,6 +294,9 @@ CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
 if env_bool("SECURE_PROXY_SSL_HEADER", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
+# The largest form body, as archipelag/server.py's PAGE_MAX_BODY_BYTES bounds
+# it under daphne before Django sees it.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
 
 # Email, configured from the environment with Django's own names (EMAIL_HOST,
 # EMAIL_PORT, EMAIL_HOST_USER, EMAIL_HOST_PASSWORD, EMAIL_USE_TLS,

@@ -197,7 +197,7 @@ class Daphne:
     def __enter__(self) -> "Daphne":
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-e", self.endpoint, self.application],
+                [sys.executable, "-m", "archipelag.server", "-e", self.endpoint, self.application],
                 cwd=BASE_DIR,
                 env=self.env,
                 stdout=sink,

@@ -176,8 +176,11 @@ def _free_port() -> int:
 
 
 def daphne_args(port: int) -> list[str]:
-    """The command line of a daphne serving the app on 127.0.0.1:`port`."""
-    return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "archipelag.asgi:application"]
+    """The command line of a daphne serving the app on 127.0.0.1:`port`, as the Dockerfile runs it."""
+    return [
+        *[sys.executable, "-m", "archipelag.server"],
+        *["-b", "127.0.0.1", "-p", str(port), "archipelag.asgi:application"],
+    ]
 
 
 def _test_database_url() -> str:
