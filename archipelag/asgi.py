@@ -16,7 +16,8 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator, WebsocketDenier  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
-from pairing.routing import websocket_urlpatterns  # noqa: E402
+from islands.routing import websocket_urlpatterns as islands_sockets  # noqa: E402
+from pairing.routing import websocket_urlpatterns as pairing_sockets  # noqa: E402
 
 
 def _origin_parses(value: bytes) -> bool:
@@ -56,7 +57,7 @@ application = ProtocolTypeRouter(
         "websocket": RefuseMalformedOrigin(
             AllowedHostsOriginValidator(
                 AuthMiddlewareStack(
-                    URLRouter([*websocket_urlpatterns, re_path(r"", WebsocketDenier.as_asgi())])
+                    URLRouter([*pairing_sockets, *islands_sockets, re_path(r"", WebsocketDenier.as_asgi())])
                 )
             )
         ),

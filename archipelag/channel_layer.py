@@ -12,10 +12,16 @@ quiet machine with a pool of 2,000).
 A `BlockingConnectionPool` of the same size makes the surplus wait its turn
 for up to `pool_timeout` seconds instead; Redis answers each command in
 microseconds, so the queue drains quickly.
+
+`send_to_groups` sends live page updates from `transaction.on_commit`.
 """
 
+import asyncio
+from collections.abc import Mapping
 from typing import Any
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from channels_redis.core import RedisChannelLayer as BaseRedisChannelLayer
 from redis.asyncio import BlockingConnectionPool
 
@@ -32,3 +38,27 @@ class RedisChannelLayer(BaseRedisChannelLayer):
         address = host.pop("address")
         timeout = host.pop("pool_timeout", DEFAULT_POOL_TIMEOUT)
         return BlockingConnectionPool.from_url(address, timeout=timeout, **host)
+
+
+# How long a page-update send may hold up the request or step that caused it.
+SEND_TIMEOUT = 2.0  # seconds
+
+
+def send_to_groups(messages: Mapping[str, dict[str, Any]], timeout: float = SEND_TIMEOUT) -> None:
+    """Send each message to its group, all at once, giving up after `timeout` seconds in all.
+
+    For `transaction.on_commit(..., robust=True)` callbacks: live page updates
+    are a nicety, so a channel layer that is down costs the caller at most
+    `timeout` (raising TimeoutError, which on_commit logs), never one wait
+    per group.
+    """
+    if not messages:
+        return
+
+    async def send() -> None:
+        layer = get_channel_layer()
+        assert layer is not None  # settings always configure one
+        sends = (layer.group_send(group, message) for group, message in messages.items())
+        await asyncio.wait_for(asyncio.gather(*sends), timeout)
+
+    async_to_sync(send)()

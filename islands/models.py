@@ -37,6 +37,7 @@ from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
+from archipelag.channel_layer import send_to_groups
 from archipelag.secrets import generate_secret, hash_secret
 from islands.agent import Capabilities, EnhancedHeartbeat
 from islands.signals import job_finished
@@ -188,6 +189,34 @@ def newest(earlier: Beat, later: Beat) -> Beat:
 def _holds_token(token_hashes: str | Iterable[str], now: datetime) -> Q:
     hashes = [token_hashes] if isinstance(token_hashes, str) else list(token_hashes)
     return Q(token_hash__in=hashes) & (Q(token_expires_at__isnull=True) | Q(token_expires_at__gt=now))
+
+
+def fleet_group(owner_id: int) -> str:
+    """The Channels group of one account's open "Your Islands" pages (islands/consumers.py)."""
+    return f"fleet.{owner_id}"
+
+
+def announce_fleet(changed: Iterable[tuple[int, Any]]) -> None:
+    """Tell the owners' open "Your Islands" pages which of their Islands changed, on commit.
+
+    `changed` holds (owner id, Island id) pairs. Called for status
+    transitions and ended jobs only, never for a plain heartbeat, so the
+    heartbeat path sends nothing while nothing changes. The message names
+    the Islands; the page reads their state from the database (the channel
+    layer is at-most-once, the database is the truth). Robust: a channel
+    layer that is down loses the live update, not the change, and the page
+    finds it by polling.
+    """
+    by_owner: dict[int, list[str]] = {}
+    for owner_id, island_id in changed:
+        by_owner.setdefault(owner_id, []).append(str(island_id))
+    if not by_owner:
+        return
+    messages = {
+        fleet_group(owner_id): {"type": "fleet.changed", "islands": sorted(set(ids))}
+        for owner_id, ids in by_owner.items()
+    }
+    transaction.on_commit(lambda: send_to_groups(messages), robust=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +430,7 @@ class IslandManager(_IslandManagerBase["Island"]):
             self._write_heartbeat_fields(written)
             if changes:
                 StatusChange.objects.bulk_create(changes)
+                announce_fleet((change.island.owner_id, change.island_id) for change in changes)
         return outcomes
 
     def _lock_for_heartbeats(
@@ -424,7 +454,7 @@ class IslandManager(_IslandManagerBase["Island"]):
         islands = self.active().filter(functools.reduce(operator.or_, conditions))
         kept = (name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
         return list(
-            islands.only("host_id", "name", "token_hash", "kind", *kept)
+            islands.only("host_id", "name", "token_hash", "kind", "owner", *kept)
             .select_for_update(no_key=True)
             .order_by("pk")
         )
@@ -773,7 +803,8 @@ class IslandManager(_IslandManagerBase["Island"]):
         The change is dated at the deadline, not when a watcher noticed.
         """
         changes: list[StatusChange] = []
-        for pk, deadline in self.due_offline(now).values_list("pk", "offline_after")[:limit]:
+        due = self.due_offline(now).values_list("pk", "offline_after", "owner_id")[:limit]
+        for pk, deadline, owner_id in due:
             if deadline is None:  # never: due_offline compares it with now
                 continue
             with transaction.atomic():
@@ -781,6 +812,7 @@ class IslandManager(_IslandManagerBase["Island"]):
                     status=Island.Status.OFFLINE
                 )
                 if won:
+                    announce_fleet([(owner_id, pk)])
                     changes.append(
                         StatusChange.objects.create(
                             island_id=pk,
@@ -1084,6 +1116,29 @@ class Island(models.Model):
         if self.offline_after is None or self.last_heartbeat_at is None:
             return None
         return self.offline_after + karma_rules.DISCONNECTION_GRACE
+
+    def live_key(self, now: datetime) -> str:
+        """What "Your Islands" shows of this Island that changes without a reload: status and counters.
+
+        The list renders it (`data-live`) and the live socket's snapshot
+        sends it, so the page can tell whether what it shows is current.
+        """
+        return f"{self.status_at(now)}|{self.jobs_completed}|{self.jobs_failed}|{self.earnings}|{self.karma}"
+
+    def shown_until(self, now: datetime) -> datetime | None:
+        """When what this Island's card says changes by the clock alone, with no event: None if never.
+
+        Online turns Down at its deadline; Down turns from "costs karma from"
+        to "costing karma since" when the grace ends. The page reloads its
+        list then, so neither waits for the watcher or a poll.
+        """
+        status = self.status_at(now)
+        if status == self.LiveStatus.ONLINE:
+            return self.offline_after
+        charge = self.karma_charged_from
+        if status == self.LiveStatus.OFFLINE and charge is not None and charge > now:
+            return charge
+        return None
 
     def _apply_heartbeat(
         self, heartbeat: EnhancedHeartbeat, received_at: datetime, threshold: timedelta
@@ -2118,6 +2173,7 @@ class Job(models.Model):
             counters |= {"jobs_failed": F("jobs_failed") + 1}
         # A cancelled, withdrawn or undelivered job neither counts nor pays.
         Island.objects.filter(pk=attempt.island_id, jobs_running__gt=0).update(**counters)
+        announce_fleet([(attempt.island.owner_id, attempt.island_id)])
         job_finished.send(sender=Job, attempt_pk=attempt.pk, now=at or finished_at)
         if attempt.island.transport == Island.Transport.NATS:
             if outcome == Attempt.Outcome.WITHDRAWN:

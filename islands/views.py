@@ -401,8 +401,12 @@ def _render_settings(
     owned = Island.objects.owned_by(request.user)
     view = FleetView.from_query(request.GET)
     summary = owned.summary(now)
+    islands = view.islands(owned, now)
+    # The list is rendered again when its next card changes by the clock alone.
+    changes = [when for island in islands if (when := island.shown_until(now)) is not None]
     context = {
-        "islands": view.islands(owned, now),
+        "islands": islands,
+        "next_change": min(changes, default=None),
         "keys": IslandKey.objects.owned_by(request.user),
         "summary": summary,
         "view": view,

@@ -20,6 +20,12 @@ def status_at(island: "Island", now: datetime) -> str:
 
 
 @register.filter
+def live_key(island: "Island", now: datetime) -> str:
+    """What the live socket's snapshot compares with (Island.live_key)."""
+    return island.live_key(now)
+
+
+@register.filter
 def key_state(key: "IslandKey", now: datetime) -> str:
     """An Island key's state at the page's `now`: unused, active, expired or revoked."""
     return key.state(now)
