@@ -48,7 +48,7 @@ def test_refresh_with_htmx_renders_only_the_list(alice, alice_client):
     response = alice_client.get("/settings", headers={"HX-Request": "true"})
     html = response.content.decode()
     assert "<html" not in html
-    assert html.strip().startswith('<div id="island-list">')
+    assert html.strip().startswith('<div id="island-list" ')
     assert "alice-host-0001" in html
 
 
@@ -191,7 +191,7 @@ def test_refresh_with_htmx_shows_the_status_now(alice, alice_client):
     island = make_island(alice)
     beat(island, T0)
     fragment = page_at(alice_client, T0 + timedelta(seconds=50), **{"HX-Request": "true"})
-    assert fragment.strip().startswith('<div id="island-list">')
+    assert fragment.strip().startswith('<div id="island-list" ')
     assert field(card(fragment, island), "Status")[1].startswith("Down")
 
 
