@@ -86,6 +86,21 @@ MAX_JOB_CREDITS = Decimal("99999999")
 # Columns kept by the job ledger and the karma ledger, each changed only by
 # its own UPDATE in the transaction that records the change (see Island.save).
 LEDGER_FIELDS = frozenset({"jobs_completed", "jobs_failed", "earnings", "karma", "jobs_running"})
+# What an Island its owner removed keeps when its host pairs with the same
+# account again (IslandManager.link): who it is and what it did. Everything
+# else is taken from the new pairing, as a new Island would have it.
+KEPT_ON_RETURN = LEDGER_FIELDS | {
+    "id",
+    "owner",
+    "host_id",
+    "name",
+    "suspended_at",
+    "status",
+    "last_heartbeat_at",
+    "offline_after",
+    "draw_next",
+    "draw_consumed",
+}
 # The columns a heartbeat may change; record_heartbeats writes exactly these.
 HEARTBEAT_FIELDS = [
     "status",
@@ -342,6 +357,45 @@ _IslandManagerBase = models.Manager.from_queryset(IslandQuerySet)
 class IslandManager(_IslandManagerBase["Island"]):
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
+
+    def link(self, island: "Island") -> "Island":
+        """Save a newly paired Island; or, if its owner removed an Island of the same host, bring that back.
+
+        A host paired again to the same account is the same Island: it keeps
+        its id, name, karma, job counters, earnings, history and any
+        suspension, so removing an Island and pairing it again is not a reset
+        of a bad score. It takes what the new pairing says (kind, transport,
+        hardware, version, paired_at) as a new Island would, and comes back
+        as it was removed: signed off, until its next heartbeat. Another
+        account pairing the host starts a new Island (host ids are chosen by
+        the Island software, so one account's record must not follow a host
+        id into another's hands).
+
+        Call it inside the pairing's transaction: two accounts racing for one
+        host meet the unique constraint on active hosts whichever path they
+        take (IntegrityError, as for an insert).
+        """
+        removed = (
+            self.filter(owner_id=island.owner_id, host_id=island.host_id, removed_at__isnull=False)
+            .order_by("-removed_at")
+            .select_for_update(no_key=True)
+            .first()
+        )
+        if removed is None:
+            island.save(force_insert=True)
+            return island
+        fields = [field.attname for field in Island._meta.concrete_fields if field.name not in KEPT_ON_RETURN]
+        for name in fields:
+            setattr(removed, name, getattr(island, name))
+        removed.save(update_fields=fields)
+        logger.info(
+            "event=island_returned island_id=%s host_id=%s owner_id=%s karma=%s",
+            removed.pk,
+            removed.host_id,
+            removed.owner_id,
+            removed.karma,
+        )
+        return removed
 
     def register_host(self, host_id: str, capabilities: Capabilities, version: str | None) -> bool:
         """Take the hardware and version a linked host registers with; False if none is linked.
@@ -1078,11 +1132,42 @@ class Island(models.Model):
         return token
 
     def remove(self, now: datetime | None = None) -> None:
-        """Unlink the Island: its token stops working at once."""
-        self.removed_at = now or timezone.now()
-        self.token_hash = None
-        self.token_expires_at = None
-        self.save(update_fields=["removed_at", "token_hash", "token_expires_at"])
+        """Unlink the Island: its token stops working at once, and it is recorded as signed off.
+
+        Removing is deliberate, like a sign-off, and recorded as one (reason
+        `removed`): it ends a disconnection going on, so karma charges
+        nothing after it, and an Island its owner pairs again
+        (IslandManager.link) comes back signed off until its next heartbeat.
+        A silence the watcher has not recorded yet is recorded first, at its
+        deadline, as a heartbeat would.
+        """
+        now = now or timezone.now()
+        with transaction.atomic():
+            row = (
+                Island.objects.select_for_update(no_key=True)
+                .filter(pk=self.pk, removed_at__isnull=True)
+                .values("status", "offline_after")
+                .first()
+            )
+            if row is None:
+                return  # already removed
+            current, deadline = row["status"], row["offline_after"]
+            changes: list[StatusChange] = []
+            if current == self.Status.ONLINE and deadline is not None and deadline <= now:
+                changes.append(
+                    self._change(current, self.Status.OFFLINE, StatusChange.Reason.SILENCE, deadline)
+                )
+                current = self.Status.OFFLINE
+            if current != self.Status.SIGNED_OFF:
+                changes.append(
+                    self._change(current, self.Status.SIGNED_OFF, StatusChange.Reason.REMOVED, now)
+                )
+            StatusChange.objects.bulk_create(changes)
+            self.removed_at = now
+            self.status = self.Status.SIGNED_OFF
+            self.token_hash = None
+            self.token_expires_at = None
+            self.save(update_fields=["removed_at", "status", "token_hash", "token_expires_at"])
         logger.info(
             "event=island_removed island_id=%s host_id=%s owner_id=%s", self.pk, self.host_id, self.owner_id
         )
@@ -1241,6 +1326,7 @@ class StatusChange(models.Model):
         GRACEFUL = "graceful", "Signed off"
         BACK_ONLINE = "back_online", "Back online"
         FIRST_HEARTBEAT = "first_heartbeat", "First heartbeat"
+        REMOVED = "removed", "Removed by its owner or an administrator"
 
     island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="status_changes")
     at = models.DateTimeField()
@@ -2598,7 +2684,7 @@ class IslandKeyManager(models.Manager["IslandKey"]):
         island.take_capabilities(capabilities or Capabilities())
         try:
             with transaction.atomic():
-                island.save(force_insert=True)
+                island = Island.objects.link(island)
                 self.filter(pk=key.pk).update(island=island)
         except IntegrityError:
             # Another bridge handled the same host's registration first.

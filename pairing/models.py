@@ -492,7 +492,7 @@ class PairingCode(ExpiringCode):
         try:
             with transaction.atomic():
                 self._claim(now, used_by=user)
-                island.save(force_insert=True)
+                island = Island.objects.link(island)
                 PairingCode.objects.filter(pk=self.pk).update(island=island)
         except IntegrityError:
             # Another account linked this host between lookup and confirm.
@@ -786,12 +786,15 @@ class MobilePairingSession(ExpiringCode):
             raise HostIdTaken(island, LINKED_ELSEWHERE)
         if island is not None and island.kind != Island.Kind.MOBILE:
             raise HostIdTaken(island, "this host_id belongs to a desktop or server Island, not a phone")
-        new = island is None
         if island is None:
-            island = Island(owner_id=self.owner_id, host_id=host_id, kind=Island.Kind.MOBILE, paired_at=now)
+            # A new Island, or the one this account removed for this phone (its karma and history).
+            fresh = Island(owner_id=self.owner_id, host_id=host_id, kind=Island.Kind.MOBILE, paired_at=now)
+            fresh.platform = device.platform
+            fresh.take_capabilities(device.capabilities())
+            return Island.objects.link(fresh)
         island.platform = device.platform
         island.take_capabilities(device.capabilities())
         # An existing Island gets only its device fields written, so whatever
         # else is kept on it (name, history, status) is left as it is.
-        island.save(update_fields=None if new else PHONE_FIELDS)
+        island.save(update_fields=PHONE_FIELDS)
         return island

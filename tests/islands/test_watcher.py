@@ -69,10 +69,30 @@ def test_the_watcher_uses_the_threshold_setting(island, settings):
     assert step(T0 + timedelta(seconds=120.1)).silences == 1
 
 
-def test_removed_islands_that_were_online_are_recorded_too(island):
+def history(island):
+    return [(c.from_status, c.to_status, c.reason, c.at) for c in island.status_changes.order_by("at", "pk")]
+
+
+def test_removing_an_online_island_records_it_signed_off_and_the_watcher_leaves_it(island):
     beat(island, T0)
-    island.remove()
-    assert step(T0 + timedelta(minutes=1)).silences == 1
+    island.remove(T0 + timedelta(seconds=10))
+    assert step(T0 + timedelta(minutes=1)).silences == 0
+    assert history(island) == [
+        (Status.OFFLINE, Status.ONLINE, Reason.FIRST_HEARTBEAT, T0),
+        (Status.ONLINE, Status.SIGNED_OFF, Reason.REMOVED, T0 + timedelta(seconds=10)),
+    ]
+
+
+def test_removing_an_island_past_its_deadline_records_the_silence_first(island):
+    beat(island, T0)
+    island.remove(T0 + timedelta(minutes=5))
+    island.remove(T0 + timedelta(minutes=6))  # once removed, removing again records nothing
+    assert history(island) == [
+        (Status.OFFLINE, Status.ONLINE, Reason.FIRST_HEARTBEAT, T0),
+        (Status.ONLINE, Status.OFFLINE, Reason.SILENCE, T0 + timedelta(seconds=45)),
+        (Status.OFFLINE, Status.SIGNED_OFF, Reason.REMOVED, T0 + timedelta(minutes=5)),
+    ]
+    assert Island.objects.get(pk=island.pk).removed_at == T0 + timedelta(minutes=5)
 
 
 def test_the_command_can_run_one_step(island):

@@ -97,14 +97,6 @@ def test_pairing_the_same_phone_again_replaces_its_token_instead_of_adding_an_is
     assert (island.device_model, island.os_version) == ("iPhone 15 Pro Max", "19.0")
 
 
-def test_a_removed_phone_pairs_again_as_a_new_island(client, alice, open_session):
-    first = pair_phone(client, secret=open_session(alice).secret).json()
-    Island.objects.get(pk=first["island_id"]).remove()
-    second = pair_phone(client, secret=open_session(alice).secret).json()
-    assert second["island_id"] != first["island_id"]
-    assert Island.objects.active().get().pk == Island.objects.get(pk=second["island_id"]).pk
-
-
 # --- Refusals --------------------------------------------------------------------
 
 
