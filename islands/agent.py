@@ -85,6 +85,9 @@ class HostRegistration(msgspec.Struct):
     host_id: HostId
     capabilities: Capabilities | None = None
     version: ShortText | None = None
+    # The device_secret of this device's earlier pairing request, whose code
+    # the new one replaces (HTTP only; the agent's PairingRequest has none).
+    device_secret: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
 
 
 class PollRequest(msgspec.Struct):

@@ -316,6 +316,7 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
             version=registration.version or (registered.version if registered else None),
             ip=ip,
             channel=channel,
+            replaces=registration.device_secret,
             now=now,
         )
         if not by_http and registered is None:
@@ -371,9 +372,17 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
         version: str | None,
         ip: str | None,
         channel: "PairingCode.Channel",
+        replaces: str | None,
         now: datetime,
     ) -> IssuedCode:
-        """Draw a code for a host, retiring its earlier codes.
+        """Draw a code for a host, retiring the earlier code whose device secret is `replaces`.
+
+        Nothing else is retired: anyone may ask for a code for any host id,
+        so a request that does not prove it comes from the same device (by
+        its earlier device secret) must not void a code another requester
+        holds, or a stranger who knows the host id could make the owner's
+        code fail and race to link the host to their own account. Live codes
+        for one host coexist until one is redeemed, which retires the rest.
 
         Codes asked for over NATS get no device secret: the real agent never
         polls, it learns nothing more until it is restarted.
@@ -388,7 +397,9 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
             device_secret_hash=hash_secret(device_secret) if device_secret else "",
         )
         with transaction.atomic():
-            self.unused().filter(host_id=host_id).update(retired_at=now)
+            if replaces:
+                earlier = self.unused().filter(host_id=host_id, device_secret_hash=hash_secret(replaces))
+                earlier.exclude(device_secret_hash="").update(retired_at=now)
             code = self.insert_with_fresh_code(row, now)
         return IssuedCode(row=row, code=code, device_secret=device_secret)
 
@@ -494,6 +505,11 @@ class PairingCode(ExpiringCode):
                 self._claim(now, used_by=user)
                 island = Island.objects.link(island)
                 PairingCode.objects.filter(pk=self.pk).update(island=island)
+                # The host's other live codes (other requesters', its own
+                # earlier ones over NATS) can link nothing now: their polls
+                # say "expired", and the host's next request "already paired".
+                others = PairingCode.objects.unused().filter(host_id=self.host_id).exclude(pk=self.pk)
+                others.update(retired_at=now)
         except IntegrityError:
             # Another account linked this host between lookup and confirm.
             linked = Island.objects.linked_host(self.host_id)

@@ -273,6 +273,7 @@ class IslandSimulator:
         self.state.coordinator = self.url
         self._save_state()
         client = Client(self.url)
+        earlier_secret = None
         while True:
             status, body = self._post_with_retry(
                 client,
@@ -281,6 +282,8 @@ class IslandSimulator:
                     "host_id": self.state.host_id,
                     "capabilities": self.capabilities,
                     "version": SIMULATOR_VERSION,
+                    # Replaces this device's expired code, and no one else's.
+                    "device_secret": earlier_secret,
                 },
             )
             if status == 409 and "already paired" in str(body.get("error", "")):
@@ -293,7 +296,8 @@ class IslandSimulator:
             self.say(f"Pairing code: {body['code']}")
             self.say(f"Enter this code at {body['pair_url']}")
             self.say(f"Code expires in {round(body['expires_in_seconds'] / 60)} minutes")
-            if self._poll(client, body["device_secret"], int(body["poll_interval_seconds"])):
+            earlier_secret = body["device_secret"]
+            if self._poll(client, earlier_secret, int(body["poll_interval_seconds"])):
                 return
             self.say("The code expired before anyone entered it; asking for a new one.")
 

@@ -25,10 +25,11 @@ def api(client):
     return client
 
 
-def request_code(api, host_id=HOST_ID, **extra):
-    response = post(
-        api, PAIRING, {"host_id": host_id, "capabilities": CAPABILITIES, "version": "0.5.0"}, **extra
-    )
+def request_code(api, host_id=HOST_ID, device_secret=None, **extra):
+    payload = {"host_id": host_id, "capabilities": CAPABILITIES, "version": "0.5.0"}
+    if device_secret is not None:
+        payload["device_secret"] = device_secret
+    response = post(api, PAIRING, payload, **extra)
     assert response.status_code == 201, response.json()
     return response.json()
 
@@ -89,13 +90,45 @@ def test_a_host_already_linked_gets_already_paired(api, alice):
     assert PairingCode.objects.count() == 0
 
 
-def test_a_new_request_retires_the_earlier_live_code(api, db):
+def test_a_request_with_the_earlier_device_secret_replaces_that_code(api, db):
     first = request_code(api)
-    second = request_code(api)
+    second = request_code(api, device_secret=first["device_secret"])
     assert first["code"] != second["code"]
     now = timezone.now()
     assert PairingCode.objects.find(first["code"]).state(now) == "retired"
     assert PairingCode.objects.find(second["code"]).state(now) == "live"
+
+
+def test_a_request_for_a_host_id_leaves_another_requesters_code_live(api, alice):
+    """Someone else asks for the owner's host id: the owner's code still links the host, to them."""
+    owners = request_code(api, REMOTE_ADDR="198.51.100.7")
+    strangers = request_code(api, REMOTE_ADDR="203.0.113.66")
+    # A wrong or unmatched device_secret proves nothing, and replaces nothing.
+    request_code(api, device_secret="not-the-owners-secret", REMOTE_ADDR="203.0.113.66")
+    now = timezone.now()
+    assert PairingCode.objects.find(owners["code"]).state(now) == "live"
+    assert poll(api, owners).json()["status"] == "pending"
+
+    island = PairingCode.objects.lookup(owners["code"]).redeem(alice)
+
+    with time_machine.travel(now + timedelta(seconds=6)):
+        answer = poll(api, owners).json()
+        assert answer["status"] == "paired" and answer["island_id"] == str(island.pk)
+        # Redeeming one code retires the host's others: the stranger's links nothing.
+        assert PairingCode.objects.find(strangers["code"]).state(timezone.now()) == "retired"
+        assert poll(api, strangers).json() == {"status": "expired"}
+    assert not PairingCode.objects.unused().filter(host_id=HOST_ID).exists()
+
+
+def test_what_squatting_a_known_host_id_still_allows(api, alice, bob):
+    """A stranger who knows the host id and links it first has it; the owner hears so (docs/security.md)."""
+    owners = request_code(api, REMOTE_ADDR="198.51.100.7")
+    strangers = request_code(api, REMOTE_ADDR="203.0.113.66")
+    PairingCode.objects.lookup(strangers["code"]).redeem(bob)
+    assert poll(api, owners).json() == {"status": "expired"}
+    response = post(api, PAIRING, {"host_id": HOST_ID}, REMOTE_ADDR="198.51.100.7")
+    assert response.status_code == 409
+    assert Island.objects.get(host_id=HOST_ID).owner == bob
 
 
 @pytest.mark.parametrize(
@@ -220,9 +253,9 @@ def test_poll_says_expired_after_ten_minutes(api, db):
         assert poll(api, body).json() == {"status": "expired"}
 
 
-def test_poll_of_a_retired_code_says_expired(api, db):
+def test_poll_of_a_replaced_code_says_expired(api, db):
     first = request_code(api)
-    request_code(api)
+    request_code(api, device_secret=first["device_secret"])
     assert poll(api, first).json() == {"status": "expired"}
 
 

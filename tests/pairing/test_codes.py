@@ -83,14 +83,22 @@ def test_code_is_valid_until_600_seconds_and_not_after(issue_code, alice):
     assert island.owner == alice
 
 
-def test_a_new_request_retires_the_hosts_earlier_code(issue_code):
+def test_live_codes_for_one_host_coexist_over_http_and_nats(issue_code):
     first = issue_code()
-    second = issue_code()
+    second = issue_code(channel=PairingCode.Channel.NATS)
+    third = issue_code(channel=PairingCode.Channel.NATS)
+    fourth = issue_code(ip="198.51.100.9")
     now = timezone.now()
-    old, new = PairingCode.objects.find(first.code), PairingCode.objects.find(second.code)
-    assert old is not None and new is not None
-    assert old.state(now) == "retired"
-    assert new.state(now) == "live"
+    states = {PairingCode.objects.find(issued.code).state(now) for issued in (first, second, third, fourth)}
+    assert states == {"live"}
+
+
+def test_redeeming_one_code_retires_the_hosts_others(issue_code, alice):
+    codes = [issue_code(), issue_code(channel=PairingCode.Channel.NATS), issue_code(ip="198.51.100.9")]
+    PairingCode.objects.lookup(codes[1].code).redeem(alice)
+    now = timezone.now()
+    states = [PairingCode.objects.find(issued.code).state(now) for issued in codes]
+    assert states == ["retired", "used", "retired"]
 
 
 def test_live_codes_are_unique(issue_code, monkeypatch):
