@@ -215,9 +215,13 @@ class ExpiringCode(models.Model):
         transaction that does what the code was for, so a redemption that
         fails afterwards leaves the code unused.
         """
-        live = type(self)._default_manager.filter(pk=self.pk, used_at__isnull=True, retired_at__isnull=True)
+        rows = type(self)._default_manager.filter(pk=self.pk)
+        live = rows.filter(used_at__isnull=True, retired_at__isnull=True)
         if not live.filter(expires_at__gt=now).update(used_at=now, **fields):
-            raise CodeExpired("That code has expired.") if self.expires_at <= now else CodeNotFound()
+            if self.expires_at <= now:
+                raise CodeExpired("That code has expired.")
+            # Used since it was looked up: a racing caller who knew it too won.
+            raise CodeJustUsed() if rows.filter(used_at__isnull=False).exists() else CodeNotFound()
 
 
 def pair_url() -> str:
@@ -679,6 +683,7 @@ class MobilePairingSessionManager(_CodeManagerBase["MobilePairingSession"]):
             raise ValueError("a code or a secret is needed")
         if session is None:
             raise CodeNotFound()
+        session.check_redeemable(now)
         return session.redeem(host_id=host_id, device=device, via=via, ip=ip, now=now)
 
 

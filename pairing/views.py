@@ -308,6 +308,11 @@ def api_mobile_pair(request: HttpRequest) -> HttpResponse:
         raise ApiError(409, str(exc)) from None
     except CodeExpired:
         raise ApiError(410, "that code has expired; open /pair/mobile again for a new one") from None
+    except CodeJustUsed:
+        # The right code, redeemed a moment ago (by a racing request of this
+        # phone, or another phone that read the same screen): not a guess.
+        ratelimit.refund(counted)
+        raise ApiError(401, f"unknown or already used {'code' if by_code else 'QR code'}") from None
     except PairingError:
         what = "code" if by_code else "QR code"
         raise ApiError(401, f"unknown or already used {what}") from None

@@ -1,13 +1,16 @@
 """Single use of mobile sessions under real concurrency, on PostgreSQL with real threads."""
 
+import json
 from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.test import Client
 
 from islands.models import Island
+from pairing.limits import MOBILE_REDEEM_PER_IP
 from pairing.models import HostIdTaken, MobilePairingSession, PairingError
-from tests.pairing.conftest import PHONE_HOST_ID, device
+from tests.pairing.conftest import IPHONE, MOBILE_PAIR, PHONE_HOST_ID, device
 from tests.pairing.test_concurrency import race
 
 RACERS = 50
@@ -55,3 +58,31 @@ def test_one_phone_racing_into_two_accounts_joins_one(postgres):
     assert Island.objects.count() == 1
     # The losers' sessions were rolled back, not half-used.
     assert MobilePairingSession.objects.filter(used_at__isnull=False).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_phones_losing_a_race_for_the_right_code_are_not_counted_as_wrong_guesses(postgres, alice):
+    """40 requests of one address redeem one right code at once: one pairs, and none is left charged."""
+    opened = MobilePairingSession.objects.open(alice)
+
+    def pair(n):
+        body = {"code": opened.code, "host_id": f"racing-phone-{n:04}", "device": IPHONE}
+        response = Client().post(
+            MOBILE_PAIR, json.dumps(body), content_type="application/json", REMOTE_ADDR="192.0.2.70"
+        )
+        return response.status_code
+
+    statuses = race(pair, [(n,) for n in range(40)])
+
+    assert statuses.count(201) == 1, statuses
+    # Counting comes first: while the burst is in flight, attempts past the
+    # address's 30 are refused for the moment; none stays counted.
+    assert set(statuses) <= {201, 401, 429}, statuses
+    wrong = {"code": "ZZZZZZ", "host_id": PHONE_HOST_ID, "device": IPHONE}
+
+    def guess():
+        body = json.dumps(wrong)
+        return Client().post(MOBILE_PAIR, body, content_type="application/json", REMOTE_ADDR="192.0.2.70")
+
+    assert [guess().status_code for _ in range(MOBILE_REDEEM_PER_IP[0].max_hits)] == [401] * 30
+    assert guess().status_code == 429
