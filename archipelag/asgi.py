@@ -1,4 +1,8 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels."""
+"""ASGI entry point: HTTP through Django, websockets through Channels.
+
+HTTP under /api/ goes to the JSON API's own handler, with its short
+middleware (archipelag/handlers.py); pages go through the browser stack.
+"""
 
 import os
 from typing import Any
@@ -10,6 +14,10 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "archipelag.settings")
 # Initialise Django (and the app registry) before importing anything that
 # touches models, such as consumers and their routing.
 django_asgi_app = get_asgi_application()
+
+from archipelag.handlers import ApiASGIHandler, is_api_path  # noqa: E402
+
+api_asgi_app = ApiASGIHandler()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
@@ -45,9 +53,25 @@ class RefuseMalformedOrigin:
         return await self.application(scope, receive, send)
 
 
+class RouteApi:
+    """Send HTTP under /api/ to `api`, everything else to `pages`."""
+
+    def __init__(self, api: Any, pages: Any):
+        self.api = api
+        self.pages = pages
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        path: str = scope["path"]
+        root_path: str = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        app = self.api if is_api_path(path) else self.pages
+        return await app(scope, receive, send)
+
+
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": RouteApi(api_asgi_app, django_asgi_app),
         # Browser sockets: the session cookie says who is there, and the
         # Origin header must be one of ALLOWED_HOSTS, so another site cannot
         # open a socket with the user's cookie. An Origin that is no URL, and a

@@ -98,6 +98,12 @@ MIDDLEWARE = [
     "archipelag.middleware.HtmxLoginRedirectMiddleware",
 ]
 
+# The JSON API's whole middleware (requests under /api/, routed in asgi.py
+# by archipelag/handlers.py): no sessions, CSRF, auth, messages, htmx or
+# static files, which API clients neither send nor need. Each entry must run
+# in both sync and async mode.
+API_MIDDLEWARE = ["archipelag.middleware.ApiMiddleware"]
+
 ROOT_URLCONF = "archipelag.urls"
 ASGI_APPLICATION = "archipelag.asgi.application"
 

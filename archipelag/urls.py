@@ -5,7 +5,9 @@ from archipelag import views
 from notify import views as notify_views
 
 # API clients parse every answer as JSON, 404s included.
+handler400 = "archipelag.views.bad_request"
 handler404 = "archipelag.views.not_found"
+handler500 = "archipelag.views.server_error"
 
 urlpatterns = [
     path("", views.home, name="home"),

@@ -6,10 +6,11 @@ from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
-from django.views.defaults import page_not_found
 
 from archipelag.api import error_response
+from archipelag.handlers import is_api_path
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,28 @@ def ping(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"success": True})
 
 
+# Errors Django answers itself, outside any view: in JSON under /api/, where
+# clients parse every answer; Django's pages (the site's templates) elsewhere.
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """400s Django raises before a view runs: a Host not in ALLOWED_HOSTS, a malformed request."""
+    if is_api_path(request.path):
+        return error_response(400, "bad request: the Host header or the request is not accepted")
+    return defaults.bad_request(request, exception or Exception())
+
+
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    """404s: in JSON under /api/, where clients parse every answer; Django's page elsewhere."""
-    if request.path.startswith("/api/"):
+    if is_api_path(request.path):
         return error_response(404, "no such endpoint: see docs/api.md")
-    return page_not_found(request, exception or Http404())
+    return defaults.page_not_found(request, exception or Http404())
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """An exception no view turned into an answer (the traceback is logged by Django)."""
+    if is_api_path(request.path):
+        return error_response(500, "the coordinator failed to handle this request")
+    return defaults.server_error(request)
 
 
 def _database_ok() -> None:

@@ -1,12 +1,16 @@
-"""HTTP heartbeats at full speed, next to the trivial endpoint on the same server.
+"""HTTP heartbeats at full speed, next to Django's floor and the trivial endpoint.
 
 Many simulated Islands (each with its own token and host_id) send the real
 agent's full EnhancedHeartbeat to POST /api/v1/islands/heartbeat over
-keep-alive connections, as fast as one daphne process answers. The baseline,
-measured in the same run on the same server, is POST /api/v1/ping with the
-same headers and body: what Django, its middleware and daphne cost with no
-database at all. Rounds alternate between the two so a neighbour's burst of
-CPU hits both alike.
+keep-alive connections, as fast as one daphne process answers. Two
+baselines are measured in the same run with the same headers and bodies:
+POST /api/v1/ping on the same server (the API's own request cycle, no
+database), and POST /bare on a second daphne started alike, serving one
+plain Django view with no middleware at all (bench/bare_asgi.py): what
+Django on daphne costs with nothing in the way. Rounds rotate among the
+three so a neighbour's burst of CPU hits all alike.
+
+Targets: ping at least 0.9 and the heartbeat at least 0.8 of the bare view.
 
     python -m bench.heartbeats [--islands 1000] [--connections 64] [--seconds 8] [--rounds 3]
                                [--profile FILE | --no-profile]
@@ -26,7 +30,8 @@ from pathlib import Path
 from bench import common
 from islands.agent import REFERENCE_HEARTBEAT
 
-TARGET_RATIO = 0.8
+# Throughput next to the bare Django view's, on a daphne of its own.
+TARGETS = {"ping": 0.9, "heartbeat": 0.8}
 
 
 @dataclass
@@ -130,35 +135,50 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
         ({"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, agent_heartbeat(host_id))
         for host_id, token in pairs
     ]
-    endpoints = {"trivial": "/api/v1/ping", "heartbeat": "/api/v1/islands/heartbeat"}
-    results = {name: Round(name) for name in endpoints}
-    with common.Daphne(name="heartbeats") as server:
-        with common.stage("warming up both endpoints"):
-            for path in endpoints.values():
-                asyncio.run(drive(server.url + path, requests, connections, 2, Round("warm-up")))
+    # Two daphne processes started alike, one loaded at a time: the bare
+    # Django view on its own (bench/bare_asgi.py), and the application.
+    with (
+        common.Daphne(name="heartbeats") as server,
+        common.Daphne(
+            "bench.bare_asgi:application", name="bare", DJANGO_SETTINGS_MODULE="bench.bare_settings"
+        ) as bare,
+    ):
+        endpoints = {
+            "bare": Endpoint("bare Django view, no middleware", bare, "/bare"),
+            "ping": Endpoint("ping", server, "/api/v1/ping"),
+            "heartbeat": Endpoint("heartbeat", server, "/api/v1/islands/heartbeat"),
+        }
+        results = {name: Round(name) for name in endpoints}
+        with common.stage("warming up the three endpoints"):
+            for endpoint in endpoints.values():
+                asyncio.run(drive(endpoint.url, requests, connections, 2, Round("warm-up")))
         for number in range(rounds):
-            # Alternate which goes first, so a neighbour's load rising or
-            # falling over the run weighs on both alike.
-            order = list(endpoints.items()) if number % 2 == 0 else list(endpoints.items())[::-1]
-            for name, path in order:
-                result = results[name]
+            # Rotate which goes first, so a neighbour's load rising or
+            # falling over the run weighs on all three alike.
+            names = list(endpoints)
+            order = names[number % 3 :] + names[: number % 3]
+            for name in order:
+                endpoint, result = endpoints[name], results[name]
                 done, spent = result.ok(), result.seconds
-                with common.stage(f"round {number + 1}/{rounds}: {name}"), common.CpuMeter(server.pid) as cpu:
-                    asyncio.run(drive(server.url + path, requests, connections, seconds, result))
+                with (
+                    common.stage(f"round {number + 1}/{rounds}: {name}"),
+                    common.CpuMeter(endpoint.server.pid) as cpu,
+                ):
+                    asyncio.run(drive(endpoint.url, requests, connections, seconds, result))
                 result.cpu.append(cpu.share)
                 result.per_round.append((result.ok() - done) / (result.seconds - spent))
         if profile:
             with common.stage(f"profiling daphne with py-spy during a heartbeat round into {profile}"):
                 spy = common.py_spy(server.pid, seconds, profile)
-                url = server.url + endpoints["heartbeat"]
-                asyncio.run(drive(url, requests, connections, seconds, Round("profile")))
+                asyncio.run(
+                    drive(endpoints["heartbeat"].url, requests, connections, seconds, Round("profile"))
+                )
                 spy.wait()
-        tracebacks = server.output().count("Traceback")
+        tracebacks = server.output().count("Traceback") + bare.output().count("Traceback")
 
     unwritten = _unwritten(pairs, results["heartbeat"].acknowledged)
-    trivial, heartbeat = results["trivial"], results["heartbeat"]
-    ratio = heartbeat.rate() / trivial.rate() if trivial.rate() else 0.0
-    cpu_ratio = cpu_per_request(trivial) / max(cpu_per_request(heartbeat), 1e-9)
+    floor = results["bare"].rate()
+    ratios = {name: result.rate() / floor if floor else 0.0 for name, result in results.items()}
     table = common.Table(
         f"HTTP heartbeats: {islands} Islands, {connections} connections, {rounds}×{seconds:g} s per endpoint",
         [
@@ -166,6 +186,7 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
             "requests",
             "errors",
             "req/s",
+            "× bare",
             "p50 ms",
             "p99 ms",
             "server CPU ms/req",
@@ -174,35 +195,45 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
             "others",
         ],
     )
-    for result in (trivial, heartbeat):
-        shares = result.cpu
+    for name, result in results.items():
+        endpoint = endpoints[name]
         table.add(
-            f"{result.name} ({endpoints[result.name]})",
+            f"{endpoint.label} ({endpoint.path})",
             result.ok(),
             sum(result.errors.values()) or 0,
             f"{result.rate():.0f}",
+            f"{ratios[name]:.2f}",
             common.ms(common.percentile(result.latencies, 50)),
             common.ms(common.percentile(result.latencies, 99)),
             f"{cpu_per_request(result) * 1000:.2f}",
-            *common.mean_share(shares).columns(),
+            *common.mean_share(result.cpu).columns(),
         )
-    passed = ratio >= TARGET_RATIO and not heartbeat.errors and not trivial.errors and not unwritten
+    errors = any(result.errors for result in results.values())
+    met = {name: ratios[name] >= target for name, target in TARGETS.items()}
+    passed = all(met.values()) and not errors and not unwritten
+    bare_cpu = cpu_per_request(results["bare"])
+    for name, target in TARGETS.items():
+        by_cpu = bare_cpu / max(cpu_per_request(results[name]), 1e-9)
+        table.note(
+            f"{name} / bare: {ratios[name]:.2f} (target ≥ {target}) {'met' if met[name] else 'NOT MET'}; "
+            f"by server CPU per request {by_cpu:.2f}"
+        )
+    heartbeat_to_ping = results["heartbeat"].rate() / max(results["ping"].rate(), 1e-9)
     rounds_text = ", ".join(
         f"{name} {[round(rate) for rate in result.per_round]}" for name, result in results.items()
     )
-    table.note(
-        f"heartbeat / trivial throughput: {ratio:.2f} (target ≥ {TARGET_RATIO}) "
-        f"{'PASS' if passed else 'FAIL'}; the same by server CPU per request: {cpu_ratio:.2f}; "
-        f"req/s per round: {rounds_text}"
-    )
+    table.note(f"heartbeat / ping: {heartbeat_to_ping:.2f}; req/s per round: {rounds_text}")
+    table.note(f"{'PASS' if passed else 'FAIL'}")
     table.note(
         f"heartbeats answered 200 but not in the database: {unwritten} "
-        f"(of {len(heartbeat.acknowledged)} Islands checked); tracebacks in the server log: {tracebacks}"
+        f"(of {len(results['heartbeat'].acknowledged)} Islands checked); "
+        f"tracebacks in the server logs: {tracebacks}"
     )
-    if heartbeat.errors or trivial.errors:
-        table.note(f"errors by status: trivial {trivial.errors}, heartbeat {heartbeat.errors}")
+    if errors:
+        table.note("errors by status: " + ", ".join(f"{name} {r.errors}" for name, r in results.items()))
     table.note(
-        "CPU columns: percent of all cores during the rounds (server = daphne, client = this load generator)."
+        "CPU columns: percent of all cores during the rounds (server = the daphne answering that endpoint, "
+        "client = this load generator)."
     )
     table.note(common.machine_line())
     table.print()
@@ -211,6 +242,17 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
     elif profile:
         print("(no profile: py-spy could not attach to daphne; it needs ptrace permission)", flush=True)
     return passed
+
+
+@dataclass
+class Endpoint:
+    label: str
+    server: common.Daphne
+    path: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url + self.path
 
 
 def cpu_per_request(result: Round) -> float:

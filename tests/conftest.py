@@ -26,7 +26,9 @@ from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.db import connection
 from django.test import Client
+from django.test import client as django_test_client
 
+from archipelag.handlers import is_api_path, load_api_middleware
 from islands.agent import Capabilities, HostRegistration
 from pairing.models import IssuedCode, PairingCode
 
@@ -36,9 +38,34 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 PASSWORD = "correct-horse-battery-staple"
 
 
+class _ApiClientHandler(django_test_client.ClientHandler):
+    """The test client's handler with the API's middleware, as ApiASGIHandler has it."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        load_api_middleware(self, is_async)
+
+
+class _RoutingClientHandler(django_test_client.ClientHandler):
+    """Route the test client's requests as asgi.py routes daphne's: /api/ to the lean chain."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.api = _ApiClientHandler(*args, **kwargs)
+
+    def __call__(self, environ: dict[str, Any]) -> Any:
+        if is_api_path(environ["PATH_INFO"]):
+            return self.api(environ)
+        return super().__call__(environ)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Password hashing is deliberately slow; tests create many users.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # Every django.test.Client (pytest-django's `client`, and those tests make
+    # themselves) builds its handler from this name: so a test's request
+    # under /api/ runs the API's middleware, as under daphne, not the
+    # browser stack's. tests/test_api_stack.py holds both to it.
+    django_test_client.ClientHandler = _RoutingClientHandler  # type: ignore[misc]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,0 +1,110 @@
+"""Requests under /api/ run the API's own short middleware; pages keep the browser stack.
+
+Both paths into the code are held to it: daphne's (asgi.py, driven here
+with Channels' HttpCommunicator) and the test client's, which tests/conftest.py
+routes the same way, so every API test runs what daphne runs.
+"""
+
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import HttpCommunicator
+from django.test import Client, override_settings
+
+from archipelag import asgi
+from archipelag.handlers import ApiASGIHandler
+from archipelag.middleware import ApiMiddleware
+
+
+def asgi_request(
+    path: str, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None
+) -> dict[str, Any]:
+    communicator = HttpCommunicator(
+        asgi.application, method, path, body=b"{}", headers=headers or [(b"host", b"127.0.0.1")]
+    )
+    response: dict[str, Any] = async_to_sync(communicator.get_response)()
+    return response
+
+
+def header(response: dict[str, Any], name: bytes) -> str | None:
+    values = [value.decode() for key, value in response["headers"] if key.lower() == name]
+    return values[0] if values else None
+
+
+def test_asgi_sends_api_requests_to_the_lean_handler_and_pages_to_the_full_one():
+    router = asgi.application.application_mapping["http"]
+    assert router.api is asgi.api_asgi_app
+    assert isinstance(router.api, ApiASGIHandler)
+    assert router.pages is asgi.django_asgi_app
+    assert not isinstance(router.pages, ApiASGIHandler)
+
+
+def test_an_api_answer_through_asgi_carries_the_security_headers():
+    response = asgi_request("/api/v1/ping")
+    assert response["status"] == 200
+    assert response["body"] == b'{"success": true}'
+    assert header(response, b"x-content-type-options") == "nosniff"
+    assert header(response, b"x-frame-options") == "DENY"
+    assert header(response, b"referrer-policy") == "same-origin"
+    assert header(response, b"content-length") == str(len(response["body"]))
+
+
+def test_an_api_request_for_another_host_is_a_json_400_through_asgi(settings):
+    settings.DEBUG = False
+    response = asgi_request("/api/v1/ping", headers=[(b"host", b"evil.example.com")])
+    assert response["status"] == 400
+    assert response["body"].startswith(b'{"success": false, "error": "bad request')
+
+
+def test_an_unknown_api_path_through_asgi_is_a_json_404(db):
+    response = asgi_request("/api/v1/nothing-here")
+    assert response["status"] == 404
+    assert response["body"] == b'{"success": false, "error": "no such endpoint: see docs/api.md"}'
+
+
+def test_a_page_for_another_host_keeps_djangos_page(settings):
+    settings.DEBUG = False
+    response = asgi_request("/", headers=[(b"host", b"evil.example.com")])
+    assert response["status"] == 400
+    assert header(response, b"content-type").startswith("text/html")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/ping", "/api/v1/islands/heartbeat"])
+def test_production_redirects_plain_http_api_requests_to_https(path):
+    # SecurityMiddleware reads its settings when the chain is built.
+    with override_settings(SECURE_SSL_REDIRECT=True):
+        handler = ApiASGIHandler()
+    communicator = HttpCommunicator(handler, "POST", path, body=b"{}", headers=[(b"host", b"127.0.0.1")])
+    response = async_to_sync(communicator.get_response)()
+    assert response["status"] == 301
+    assert header(response, b"location") == f"https://127.0.0.1{path}"
+
+
+def test_production_sends_hsts_on_https_api_answers():
+    with override_settings(SECURE_HSTS_SECONDS=31536000, SECURE_HSTS_INCLUDE_SUBDOMAINS=True):
+        handler = ApiASGIHandler()
+    communicator = HttpCommunicator(handler, "GET", "/api/v1/ping", headers=[(b"host", b"127.0.0.1")])
+    communicator.scope["scheme"] = "https"
+    response = async_to_sync(communicator.get_response)()
+    assert response["status"] == 200
+    assert header(response, b"strict-transport-security") == "max-age=31536000; includeSubDomains"
+
+
+def test_the_test_client_runs_the_lean_chain_for_the_api_and_the_full_one_for_pages(db):
+    client = Client()
+    api = client.get("/api/v1/ping")
+    # Sessions, auth and htmx set these on the request; the API's chain runs none of them.
+    assert not hasattr(api.wsgi_request, "session")
+    assert not hasattr(api.wsgi_request, "user")
+    assert not hasattr(api.wsgi_request, "htmx")
+    assert api["X-Frame-Options"] == "DENY"
+    page = client.get("/")
+    assert hasattr(page.wsgi_request, "session")
+    assert hasattr(page.wsgi_request, "user")
+
+
+def test_the_api_chain_is_only_what_settings_list(settings):
+    assert settings.API_MIDDLEWARE == ["archipelag.middleware.ApiMiddleware"]
+    chain: Any = asgi.api_asgi_app._middleware_chain  # type: ignore[attr-defined]
+    assert isinstance(chain.__wrapped__, ApiMiddleware)
