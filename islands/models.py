@@ -2687,8 +2687,11 @@ class IslandKeyManager(models.Manager["IslandKey"]):
                 island = Island.objects.link(island)
                 self.filter(pk=key.pk).update(island=island)
         except IntegrityError:
-            # Another bridge handled the same host's registration first.
-            return Island.objects.linked_host(host_id)
+            # Another message of the same host (its pairing ask, say) linked
+            # it first: fill in what that one lacked, as above.
+            if Island.objects.linked_host(host_id) is None:
+                raise
+            return self.link_host(host_id, capabilities, version, now)
         logger.info(
             "event=island_linked channel=key user_id=%s island_id=%s host_id=%s",
             key.owner_id,

@@ -381,6 +381,10 @@ def test_a_keyed_agent_pairs_with_no_code_and_heartbeats(callout, keyed_bridge, 
     island = _wait_for(
         lambda: Island.objects.filter(host_id=host, last_heartbeat_at__isnull=False).first(), "a beat"
     )
+    # The bridge handles the three messages concurrently: the registration
+    # may be written after the heartbeat.
+    _wait_for(lambda: keyed_bridge.counters["register_linked"] == 1, "the registration")
+    island.refresh_from_db()
     assert island.owner == alice
     assert island.gpu_model == "RTX 4090"
     assert island.status_at(timezone.now()) == "online"
