@@ -336,6 +336,13 @@ else:
 NOTIFY_CLAIM_LEASE = env_int("NOTIFY_CLAIM_LEASE", 60)
 # How long a confirmation link in an email stays valid.
 EMAIL_CONFIRMATION_DAYS = env_int("EMAIL_CONFIRMATION_DAYS", 3)
+# How long an Island may stay silent before its owner is told, in seconds,
+# for owners who have not chosen on /settings/notifications (0 to 3600).
+NOTIFY_OFFLINE_GRACE = env_int("NOTIFY_OFFLINE_GRACE", 300)
+# Webhooks to loopback, private and link-local addresses, and over plain
+# http://: refused unless this is on (it is with DEBUG, for local receivers
+# and tests). Never in production: webhooks must not reach the service's own network.
+WEBHOOKS_ALLOW_PRIVATE = env_bool("WEBHOOKS_ALLOW_PRIVATE", DEBUG)
 
 LOGGING: dict[str, Any] = {
     "version": 1,

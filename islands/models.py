@@ -39,6 +39,7 @@ from django.utils import timezone
 
 from archipelag.channel_layer import send_to_groups
 from archipelag.secrets import generate_secret, hash_secret
+from islands import signals
 from islands.agent import Capabilities, EnhancedHeartbeat
 from islands.signals import job_finished
 
@@ -358,7 +359,7 @@ class IslandManager(_IslandManagerBase["Island"]):
     def linked_host(self, host_id: str) -> "Island | None":
         return self.active().select_related("owner").filter(host_id=host_id).first()
 
-    def link(self, island: "Island") -> "Island":
+    def link(self, island: "Island", address: str | None = None) -> "Island":
         """Save a newly paired Island; or, if its owner removed an Island of the same host, bring that back.
 
         A host paired again to the same account is the same Island: it keeps
@@ -383,6 +384,7 @@ class IslandManager(_IslandManagerBase["Island"]):
         )
         if removed is None:
             island.save(force_insert=True)
+            signals.island_linked.send(sender=Island, island=island, address=address, now=island.paired_at)
             return island
         fields = [field.attname for field in Island._meta.concrete_fields if field.name not in KEPT_ON_RETURN]
         for name in fields:
@@ -395,6 +397,7 @@ class IslandManager(_IslandManagerBase["Island"]):
             removed.owner_id,
             removed.karma,
         )
+        signals.island_linked.send(sender=Island, island=removed, address=address, now=removed.paired_at)
         return removed
 
     def register_host(self, host_id: str, capabilities: Capabilities, version: str | None) -> bool:
@@ -867,15 +870,17 @@ class IslandManager(_IslandManagerBase["Island"]):
                 )
                 if won:
                     announce_fleet([(owner_id, pk)])
-                    changes.append(
-                        StatusChange.objects.create(
-                            island_id=pk,
-                            at=deadline,
-                            from_status=Island.Status.ONLINE,
-                            to_status=Island.Status.OFFLINE,
-                            reason=StatusChange.Reason.SILENCE,
-                        )
+                    change = StatusChange.objects.create(
+                        island_id=pk,
+                        at=deadline,
+                        from_status=Island.Status.ONLINE,
+                        to_status=Island.Status.OFFLINE,
+                        reason=StatusChange.Reason.SILENCE,
                     )
+                    # In this transaction: the offline alert's outbox row
+                    # commits with the change or not at all (notify listens).
+                    signals.island_silent.send(sender=StatusChange, change=change, now=now)
+                    changes.append(change)
         return changes
 
 

@@ -12,3 +12,14 @@ from django.dispatch import Signal
 # cancel), exactly once per attempt: a receiver's writes commit or roll back
 # with that change, and an exception it raises undoes it.
 job_finished = Signal()
+
+# Sent with `change` (the StatusChange just created, a silence) and `now`,
+# inside the watcher's transaction that recorded an Island going silent
+# (Island.objects.record_silences), once per silence. The heartbeat path
+# sends nothing: a silence a late heartbeat records is over already.
+island_silent = Signal()
+
+# Sent with `island` (just linked to its owner), `address` (where the Island
+# asked from, when known, else None) and `now`, inside the transaction that
+# linked it (a pairing code, a phone, an Island key's first registration).
+island_linked = Signal()

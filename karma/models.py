@@ -17,7 +17,7 @@ from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from islands.models import WATCH_BATCH, Attempt, Island, Job, StatusChange
-from karma import rules
+from karma import rules, signals
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -86,6 +86,7 @@ class KarmaEventManager(models.Manager["KarmaEvent"]):
                 raise
             if after != score:
                 Island.objects.filter(pk=island_id).update(karma=after)
+            signals.score_changed.send(sender=KarmaEvent, event=event, before=score)
         return event
 
     def _recorded(self, island_id: Any, cause: "KarmaEvent.Cause", ref: dict[str, Any]) -> bool:

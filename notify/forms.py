@@ -1,8 +1,10 @@
+from typing import Any
+
 from django import forms
 from django.contrib.auth.forms import PasswordResetForm, UserCreationForm
 from django.contrib.auth.models import User
 
-from notify.models import EmailAddress
+from notify.models import GRACE_MAX_MINUTES, EmailAddress, Preferences
 
 TAKEN = "Another account uses this address."
 
@@ -46,3 +48,29 @@ class ResetForm(PasswordResetForm):
     email = forms.EmailField(
         label="Email", max_length=254, widget=forms.EmailInput(attrs={"autocomplete": "email"})
     )
+
+
+class PreferencesForm(forms.ModelForm["Preferences"]):
+    """The switches on /settings/notifications: the grace, a switch per kind, Islands muted."""
+
+    offline_grace_minutes = forms.IntegerField(
+        label="Tell me an Island is offline after",
+        min_value=0,
+        max_value=GRACE_MAX_MINUTES,
+        help_text="Minutes of silence, 0 to 60. An Island back within this time causes no message.",
+    )
+    muted_islands = forms.MultipleChoiceField(
+        label="Mute these Islands", required=False, widget=forms.CheckboxSelectMultiple
+    )
+
+    class Meta:
+        model = Preferences
+        fields = ["offline_grace_minutes", "offline", "online", "linked", "karma_level", "muted_islands"]
+
+    def __init__(self, *args: Any, islands: list[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        muted = self.fields["muted_islands"]
+        assert isinstance(muted, forms.MultipleChoiceField)
+        muted.choices = islands
+        if self.instance.offline_grace_minutes is None:
+            self.initial["offline_grace_minutes"] = int(self.instance.offline_grace.total_seconds()) // 60

@@ -118,6 +118,70 @@ RETRY_BASE = timedelta(minutes=1)
 MAX_ATTEMPTS = 7
 SEND_BATCH = 50
 
+# Which switch of Preferences each kind answers to (any one on lets it through).
+KIND_SWITCHES = {
+    "island.offline": ("offline",),
+    "island.online": ("online",),
+    "island.flapping": ("offline", "online"),
+    "island.linked": ("linked",),
+    "island.karma_level": ("karma_level",),
+}
+KIND_SWITCH_FIELDS = ("offline", "online", "linked", "karma_level")
+# Kinds that are only emailed, never sent to webhooks (and the reverse).
+WEBHOOK_ONLY: frozenset[str] = frozenset()
+
+
+# The grace an owner may choose before an offline alert, in minutes.
+GRACE_MAX_MINUTES = 60
+
+
+class PreferencesManager(models.Manager["Preferences"]):
+    def of(self, user: User) -> "Preferences":
+        """The account's choices; the defaults (unsaved) for an account that made none."""
+        found = self.filter(user=user).first()
+        return found if found is not None else Preferences(user=user)
+
+
+class Preferences(models.Model):
+    """What an account wants to be told (/settings/notifications). No row means the defaults."""
+
+    user = models.OneToOneField(User, on_delete=models.CASCADE, related_name="notify_preferences")
+    # Minutes of silence before an offline alert; None means NOTIFY_OFFLINE_GRACE.
+    offline_grace_minutes = models.PositiveSmallIntegerField(null=True, blank=True)
+    offline = models.BooleanField("Island offline", default=True)
+    online = models.BooleanField("Island back online", default=True)
+    linked = models.BooleanField("New Island linked", default=True)
+    karma_level = models.BooleanField("Karma level changed", default=True)
+    # Island ids (strings) whose alerts this account does not want.
+    muted_islands = models.JSONField(default=list, blank=True)
+
+    objects = PreferencesManager()
+
+    class Meta:
+        verbose_name_plural = "preferences"
+
+    def __str__(self) -> str:
+        return f"Notification preferences of {self.user_id}"
+
+    @property
+    def offline_grace(self) -> timedelta:
+        if self.offline_grace_minutes is None:
+            return timedelta(seconds=settings.NOTIFY_OFFLINE_GRACE)
+        return timedelta(minutes=self.offline_grace_minutes)
+
+    def wants(self, kind: str, island_id: object = None) -> bool:
+        """Whether a notification of this kind (about this Island) should reach this account."""
+        if island_id is not None and str(island_id) in self.muted_islands:
+            return False
+        switch = KIND_SWITCHES.get(kind)
+        if switch is None:
+            # Test events and notices about the account itself always go.
+            return True
+        return any(getattr(self, name) for name in switch)
+
+    def is_muted(self, island_id: object) -> bool:
+        return str(island_id) in self.muted_islands
+
 
 class NotificationManager(models.Manager["Notification"]):
     def record(
@@ -127,30 +191,45 @@ class NotificationManager(models.Manager["Notification"]):
         key: str,
         data: dict[str, object],
         now: datetime,
-        island_id: int | None = None,
+        island_id: uuid.UUID | str | None = None,
+        *,
+        send_at: datetime | None = None,
+        status_change_id: int | None = None,
     ) -> "Notification | None":
         """Write a notification and its deliveries once per `key`, in the caller's transaction.
 
         Returns None when one with this key exists already (another watcher
         recorded it): the unique key makes recording idempotent, so two
-        processes deriving the same event write it once.
+        processes deriving the same event write it once. Deliveries go to
+        the destinations that want this kind about this Island (the account's
+        switches and mutes), due at `send_at` (now unless told).
         """
+        preferences = Preferences.objects.of(user)
         with transaction.atomic():
             try:
                 # A savepoint: a duplicate key fails this insert only, not the caller's transaction.
                 with transaction.atomic():
                     notification = self.create(
-                        user=user, kind=kind, key=key, data=data, created_at=now, island_id=island_id
+                        user=user,
+                        kind=kind,
+                        key=key,
+                        data=data,
+                        created_at=now,
+                        island_id=island_id,
+                        status_change_id=status_change_id,
                     )
             except IntegrityError:
                 return None
-            if user.email:
+            if not preferences.wants(kind, island_id):
+                return notification
+            due = send_at or now
+            if user.email and kind not in WEBHOOK_ONLY:
                 # User.email holds the confirmed address only (EmailAddress).
                 Delivery.objects.create(
                     notification=notification,
                     channel=Delivery.Channel.EMAIL,
                     target=user.email,
-                    next_attempt_at=now,
+                    next_attempt_at=due,
                 )
             return notification
 
@@ -165,16 +244,22 @@ class Notification(models.Model):
         KARMA_LEVEL = "island.karma_level", "An Island's karma level changed"
         FLAPPING = "island.flapping", "An Island kept going up and down"
         TEST = "test", "A test event"
+        WEBHOOK_PAUSED = "webhook.paused", "A webhook endpoint was paused"
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="notifications")
     # Not a foreign key to islands.Island on purpose: the notice outlives the
     # Island (a "This wasn't me" removal must not delete its own notice).
-    island_id = models.BigIntegerField(null=True, blank=True)
+    island_id = models.UUIDField(null=True, blank=True)
     kind = models.CharField(max_length=32, choices=Kind.choices)
     # What makes it once-only: e.g. "offline:<status change id>".
     key = models.CharField(max_length=100, unique=True)
     data = models.JSONField(default=dict)
     created_at = models.DateTimeField()
+    # The silence an offline alert is about (islands.StatusChange, not a
+    # foreign key for the same reason as island_id), and when the watcher
+    # saw it end (notify.alerts.record_returns): set once, by one watcher.
+    status_change_id = models.BigIntegerField(null=True, blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
 
     objects = NotificationManager()
 
@@ -182,6 +267,13 @@ class Notification(models.Model):
         indexes = [
             # The account's recent notifications, newest first (settings page, flapping counts).
             models.Index(fields=["user", "-created_at"], name="notification_user_idx"),
+            # The watcher's look for returns: offline alerts whose silence has
+            # not ended yet. Partial, so the history costs it nothing.
+            models.Index(
+                fields=["status_change_id"],
+                condition=models.Q(kind="island.offline", resolved_at__isnull=True),
+                name="notification_unresolved_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -224,6 +316,8 @@ class Delivery(models.Model):
         PENDING = "pending", "Pending"
         SENT = "sent", "Sent"
         FAILED = "failed", "Failed"
+        # Not sent, on purpose: the Island came back within the grace, or is in maintenance.
+        SKIPPED = "skipped", "Not needed"
 
     notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="deliveries")
     channel = models.CharField(max_length=8, choices=Channel.choices)
@@ -272,4 +366,16 @@ class Delivery(models.Model):
             update = {"next_attempt_at": now + RETRY_BASE * 2 ** (self.attempts - 1)}
         Delivery.objects.filter(pk=self.pk, claim=self.claim).update(
             claim=None, claimed_until=None, last_error=error[:500], **update
+        )
+
+    def mark_skipped(self, now: datetime, why: str) -> None:
+        """Not sent on purpose (the event stopped mattering before its time came)."""
+        Delivery.objects.filter(pk=self.pk, claim=self.claim).update(
+            status=self.Status.SKIPPED, claim=None, claimed_until=None, last_error=why[:500]
+        )
+
+    def postpone(self, until: datetime) -> None:
+        """Look again at `until`; the claim that found it not due yet is not an attempt."""
+        Delivery.objects.filter(pk=self.pk, claim=self.claim).update(
+            next_attempt_at=until, claim=None, claimed_until=None, attempts=models.F("attempts") - 1
         )

@@ -2,25 +2,64 @@
 
 import logging
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.core.mail import EmailMessage
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 
+from notify.alerts import absolute, alert_still_due
 from notify.models import SEND_BATCH, Delivery, Notification
+from notify.unsubscribe import unsubscribe_url
 
 logger = logging.getLogger("notify.sender")
 
 
+def _times(data: dict[str, Any]) -> dict[str, datetime]:
+    """The data's ISO 8601 moments as datetimes, for the templates' date filters."""
+    moments = {}
+    for name, value in data.items():
+        if isinstance(value, str) and value.endswith("Z") and "T" in value:
+            try:
+                moments[name] = datetime.fromisoformat(value)
+            except ValueError:
+                continue
+    return moments
+
+
+def duration_words(seconds: int) -> str:
+    """3725 -> "1 h 2 min"; under a minute, in seconds."""
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(seconds // 60, 60)
+    if not hours:
+        return f"{minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
 def render_email(notification: Notification) -> tuple[str, str]:
-    """Subject and body. The template's first line is the subject."""
+    """Subject and body: the first line of the template is the subject; an unsubscribe link ends it."""
+    data = notification.data
     text = render_to_string(
         f"notify/email/{notification.kind.replace('.', '_')}.txt",
-        {"n": notification, "data": notification.data, "public_url": settings.PUBLIC_URL},
+        {
+            "n": notification,
+            "data": data,
+            "t": _times(data),
+            "away": duration_words(int(data.get("away_seconds", 0))),
+            "public_url": settings.PUBLIC_URL,
+            "reference_url": absolute(reverse("karma:reference")),
+            "settings_url": absolute(reverse("notify:settings")),
+        },
     )
     subject, _, body = text.strip().partition("\n")
-    return subject.strip(), body.strip() + "\n"
+    footer = (
+        f"\n--\nWhat you are told, and where: {absolute(reverse('notify:settings'))}\n"
+        f"Unsubscribe from these emails: {unsubscribe_url(notification)}\n"
+    )
+    return subject.strip(), body.strip() + "\n" + footer
 
 
 def send_email(delivery: Delivery) -> None:
@@ -31,14 +70,26 @@ def send_email(delivery: Delivery) -> None:
         body,
         None,
         [delivery.target],
-        # The same Message-ID on every try: a resend after a takeover is recognisably the same email.
-        headers={"Message-ID": f"<{delivery.message_id}@{domain}>"},
+        headers={
+            # The same Message-ID on every try: a resend after a takeover is recognisably the same email.
+            "Message-ID": f"<{delivery.message_id}@{domain}>",
+            # One-click unsubscribe (RFC 8058): mail clients POST to the link.
+            "List-Unsubscribe": f"<{unsubscribe_url(delivery.notification)}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        },
     )
     message.send()
 
 
 def deliver(delivery: Delivery, now: datetime | None = None) -> bool:
     """Send one claimed delivery and mark it. True when it went out."""
+    send, later, why = alert_still_due(delivery.notification, now or timezone.now())
+    if not send:
+        if later is not None:
+            delivery.postpone(later)
+        else:
+            delivery.mark_skipped(now or timezone.now(), why)
+        return False
     try:
         if delivery.channel == Delivery.Channel.EMAIL:
             send_email(delivery)
@@ -66,5 +117,5 @@ def send_due(now: datetime | None = None, limit: int = SEND_BATCH) -> int:
         claimed = Delivery.objects.claim(now, limit=1)
         if not claimed:
             break
-        sent += deliver(claimed[0])
+        sent += deliver(claimed[0], now)
     return sent

@@ -8,4 +8,7 @@ urlpatterns = [
     path("accounts/email/", views.add_email, name="add_email"),
     path("accounts/email/resend", views.resend, name="resend"),
     path("accounts/email/confirm/<str:token>/", views.confirm, name="confirm"),
+    path("settings/notifications", views.notification_settings, name="settings"),
+    path("notifications/unsubscribe/<str:token>/", views.unsubscribe, name="unsubscribe"),
+    path("islands/not-me/<str:token>/", views.not_me, name="not_me"),
 ]

@@ -1,3 +1,5 @@
+import logging
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
@@ -9,15 +11,21 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from archipelag import ratelimit
 from archipelag.api import client_ip
+from islands.models import Island
 from notify import limits
+from notify.alerts import island_from_not_me
 from notify.context_processors import email_of
 from notify.emails import send_confirmation
-from notify.forms import EmailForm, ResetForm, SignupForm
-from notify.models import EmailAddress
+from notify.forms import EmailForm, PreferencesForm, ResetForm, SignupForm
+from notify.models import KIND_SWITCH_FIELDS, KIND_SWITCHES, EmailAddress, Preferences
+from notify.unsubscribe import ALL, read_token
+
+logger = logging.getLogger("notify.views")
 
 
 def _send_confirmation_throttled(address: EmailAddress) -> ratelimit.RateLimited | None:
@@ -143,3 +151,67 @@ class ThrottledPasswordResetView(PasswordResetView):
             return self.render_to_response(self.get_context_data(form=form), status=429)
         self.extra_email_context = {"public_url": settings.PUBLIC_URL}
         return super().form_valid(form)
+
+
+# --- What a host is told ---------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def notification_settings(request: HttpRequest) -> HttpResponse:
+    """/settings/notifications: the grace, a switch per kind, muted Islands, webhooks."""
+    assert isinstance(request.user, User)
+    preferences = Preferences.objects.of(request.user)
+    islands = [
+        (str(pk), name) for pk, name in Island.objects.owned_by(request.user).values_list("pk", "name")
+    ]
+    form = PreferencesForm(request.POST or None, instance=preferences, islands=islands)
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        messages.success(request, "Your notification settings are saved.")
+        return redirect("notify:settings")
+    context = {"form": form, "preferences": preferences, "has_email": bool(request.user.email)}
+    return render(request, "notify/settings.html", context, status=400 if form.errors else 200)
+
+
+@csrf_exempt
+@require_http_methods(["GET", "POST"])
+def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
+    """The link at the foot of every email. A GET asks; the button (or a mail client's
+    one-click POST, RFC 8058) turns the switch off. No sign-in: the signed token is the proof,
+    and it can only turn emails off. CSRF-exempt for the one-click POST, which carries no cookie."""
+    named = read_token(token)
+    user = User.objects.filter(pk=named[0]).first() if named else None
+    if named is None or user is None:
+        return render(request, "notify/unsubscribe.html", {"invalid": True}, status=400)
+    kind = named[1]
+    switches = [name for name in KIND_SWITCH_FIELDS if kind == ALL or name in KIND_SWITCHES[kind]]
+    labels = [str(getattr(Preferences._meta.get_field(name), "verbose_name", name)) for name in switches]
+    done = False
+    if request.method == "POST":
+        preferences, _ = Preferences.objects.get_or_create(user=user)
+        for name in switches:
+            setattr(preferences, name, False)
+        preferences.save(update_fields=switches)
+        done = True
+    context = {"labels": labels, "done": done, "username": user.get_username()}
+    return render(request, "notify/unsubscribe.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+def not_me(request: HttpRequest, token: str) -> HttpResponse:
+    """ "This wasn't me": a GET shows the Island and a button; only the button's POST removes it
+    (mail scanners open links). The signed token names the Island and its owner."""
+    island = island_from_not_me(token)
+    if island is None:
+        return render(request, "notify/not_me.html", {"invalid": True}, status=400)
+    if request.method == "POST":
+        island.remove()
+        logger.warning(
+            "event=island_removed_not_me island_id=%s owner_id=%s host_id=%s",
+            island.pk,
+            island.owner_id,
+            island.host_id,
+        )
+        return render(request, "notify/not_me.html", {"island": island, "removed": True})
+    return render(request, "notify/not_me.html", {"island": island})

@@ -507,7 +507,8 @@ class PairingCode(ExpiringCode):
         try:
             with transaction.atomic():
                 self._claim(now, used_by=user)
-                island = Island.objects.link(island)
+                # The address the Island asked for its code from (HTTP), if known.
+                island = Island.objects.link(island, address=self.requested_ip)
                 PairingCode.objects.filter(pk=self.pk).update(island=island)
                 # The host's other live codes (other requesters', its own
                 # earlier ones over NATS) can link nothing now: their polls
@@ -783,7 +784,7 @@ class MobilePairingSession(ExpiringCode):
         try:
             with transaction.atomic():
                 self._claim(now, redeemed_via=via, redeemed_ip=ip)
-                island = self._link_phone(host_id, device, now)
+                island = self._link_phone(host_id, device, now, ip)
                 token = island.issue_token(now)
                 MobilePairingSession.objects.filter(pk=self.pk).update(island=island)
                 self.used_at, self.redeemed_via, self.redeemed_ip, self.island = now, via, ip, island
@@ -796,7 +797,7 @@ class MobilePairingSession(ExpiringCode):
             raise HostIdTaken(linked, LINKED_ELSEWHERE) from None
         return MobilePairing(session=self, island=island, token=token)
 
-    def _link_phone(self, host_id: str, device: MobileDevice, now: datetime) -> Island:
+    def _link_phone(self, host_id: str, device: MobileDevice, now: datetime, address: str | None) -> Island:
         """The owner's Island for this phone, created or brought up to date.
 
         The same phone pairing again to the same account keeps its Island (and
@@ -812,7 +813,7 @@ class MobilePairingSession(ExpiringCode):
             fresh = Island(owner_id=self.owner_id, host_id=host_id, kind=Island.Kind.MOBILE, paired_at=now)
             fresh.platform = device.platform
             fresh.take_capabilities(device.capabilities())
-            return Island.objects.link(fresh)
+            return Island.objects.link(fresh, address=address)
         island.platform = device.platform
         island.take_capabilities(device.capabilities())
         # An existing Island gets only its device fields written, so whatever
