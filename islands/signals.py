@@ -21,5 +21,6 @@ island_silent = Signal()
 
 # Sent with `island` (just linked to its owner), `address` (where the Island
 # asked from, when known, else None) and `now`, inside the transaction that
-# linked it (a pairing code, a phone, an Island key's first registration).
+# linked it (Island.objects.link: a pairing code, a phone, an Island key's
+# first registration; a removed Island paired again to its owner, too).
 island_linked = Signal()

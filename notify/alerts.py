@@ -257,9 +257,9 @@ def on_linked(sender: Any, *, island: Island, address: str | None, now: datetime
         "address": address,
         "not_me_url": absolute(reverse("notify:not_me", args=[not_me_token(island)])),
     }
-    Notification.objects.record(
-        island.owner, Notification.Kind.LINKED, f"linked:{island.pk}", data, now, island.pk
-    )
+    # Keyed by the pairing's moment too: an Island removed and paired again is told again.
+    key = f"linked:{island.pk}:{now:%Y%m%d%H%M%S%f}"
+    Notification.objects.record(island.owner, Notification.Kind.LINKED, key, data, now, island.pk)
 
 
 # --- Karma levels ----------------------------------------------------------------------
