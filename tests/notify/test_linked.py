@@ -1,4 +1,4 @@
-"""The new-Island notice: hardware, when, from where, and a "This wasn't me" link that asks before removing."""
+"""The new-Island notice: hardware, when, from where, and a "This wasn't me" link that asks first."""
 
 from datetime import timedelta
 
