@@ -588,7 +588,7 @@ class IslandManager(_IslandManagerBase["Island"]):
 
         The draw is a race of exponential clocks (docs/dispatch.md): each
         Island's next turn falls at `draw_next` in a shared virtual time, a
-        turn coming at rate `placement_weight(karma)`; the eligible Island
+        turn coming at rate `draw_weight(karma, jobs_completed)`; the eligible Island
         whose turn falls first takes the job, and draws its next turn. The
         Islands in line are read in turn order from an index, so a draw costs
         a few rows, not the fleet. An Island whose turn fell behind the
@@ -641,7 +641,9 @@ class IslandManager(_IslandManagerBase["Island"]):
                 if best.row is None:
                     break
                 row, turn = best.row, best.turn
-                won = take(row, turn, turn + rng.expovariate(1.0) / _weight(row["karma"]))
+                won = take(
+                    row, turn, turn + rng.expovariate(1.0) / _weight(row["karma"], row["jobs_completed"])
+                )
                 if won is not None:
                     return won, stale
                 # Another placement holds it, or took that turn first.
@@ -696,7 +698,7 @@ class IslandManager(_IslandManagerBase["Island"]):
                     if best.row is None or recorded < best.turn:
                         return Turn(row, recorded, best.stale)
                     return best
-                turn = clock + rng.expovariate(1.0) / _weight(row["karma"])
+                turn = clock + rng.expovariate(1.0) / _weight(row["karma"], row["jobs_completed"])
                 if best.row is None or turn < best.turn:
                     best = Turn(row, turn, best.stale + 1)
                 else:
@@ -825,9 +827,9 @@ class IslandManager(_IslandManagerBase["Island"]):
             .filter(draw_next__lt=clock)
             .order_by("draw_next")
             .select_for_update(no_key=True, skip_locked=True)
-            .values_list("pk", "karma")[:REFRESH_BATCH]
+            .values_list("pk", "karma", "jobs_completed")[:REFRESH_BATCH]
         )
-        turns = [(pk, clock + rng.expovariate(1.0) / _weight(karma)) for pk, karma in behind]
+        turns = [(pk, clock + rng.expovariate(1.0) / _weight(karma, jobs)) for pk, karma, jobs in behind]
         if turns:
             self.filter(pk__in=[pk for pk, _ in turns]).update(
                 draw_next=Case(
@@ -1558,9 +1560,14 @@ ELIGIBILITY: tuple[Rule, ...] = (
 RULES = {rule.name: rule for rule in ELIGIBILITY}
 
 
-def _weight(karma: Decimal) -> float:
-    """An Island's weight in the draw; the floor's weight stands in below it (it is not drawn then)."""
-    return karma_rules.placement_weight(max(karma, karma_rules.PLACEMENT_FLOOR))
+def _weight(karma: Decimal, jobs_completed: int) -> float:
+    """An Island's weight in the draw (probation included); the floor's stands in below it (never drawn then).
+
+    Both ways of placing (the ORM's walk, and PostgreSQL's compiled walk and
+    one-statement placement) and the refresh of turns left behind read the
+    same WALK_FIELDS and draw every turn with this, so they cannot disagree.
+    """
+    return karma_rules.draw_weight(max(karma, karma_rules.PLACEMENT_FLOOR), jobs_completed)
 
 
 @dataclass(frozen=True)
@@ -1634,7 +1641,7 @@ WALK_BATCH = 16
 # next (refresh_turns, after its transaction): cheaper than meeting them again.
 STALE_REFRESH_AFTER = 8
 # What a walk reads of each Island.
-WALK_FIELDS = ("pk", "host_id", "transport", "karma", "draw_next", ASK)
+WALK_FIELDS = ("pk", "host_id", "transport", "karma", "jobs_completed", "draw_next", ASK)
 # The walk's SQL by the shape of a job (PostgreSQL): building it through the
 # ORM costs about 2.5 ms of CPU, more than the placement's own work. It is
 # compiled once per shape with these stand-ins, then run with the job's values.

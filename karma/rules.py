@@ -123,6 +123,20 @@ LEVELS = (
 PLACEMENT_FLOOR = Decimal(25)
 PLACEMENT_EXPONENT = 2
 
+# --- Probation ----------------------------------------------------------------------
+# A new host id costs an Island's software nothing, so a fresh Island must
+# never be worth more in the draw than a record it could replace. As Storj
+# vets new storage nodes before trusting them with much data, a new Island is
+# on probation until it has completed PROBATION_JOBS jobs (succeeded ones;
+# its `jobs_completed`): until then it is drawn as if its karma were at most
+# PROBATION_KARMA, the floor, the least any Island that gets jobs weighs. So
+# a new Island at 50 gets a quarter of the jobs of a proven one at 50, and
+# from its tenth success on, the weight of its own karma. Karma itself is
+# untouched (a new Island shows 50, Harbor); probation is the draw's alone.
+# An Island paired again to the account that removed it keeps its count.
+PROBATION_JOBS = 10
+PROBATION_KARMA = PLACEMENT_FLOOR
+
 
 # --- The functions --------------------------------------------------------------------
 
@@ -281,3 +295,15 @@ def placement_weight(karma: Decimal) -> float:
     if karma < PLACEMENT_FLOOR:
         return 0.0
     return math.pow(float(karma), PLACEMENT_EXPONENT)
+
+
+def on_probation(jobs_completed: int) -> bool:
+    """Whether an Island with this many completed jobs is still on probation."""
+    return jobs_completed < PROBATION_JOBS
+
+
+def draw_weight(karma: Decimal, jobs_completed: int) -> float:
+    """An Island's weight in the draw: its karma's, or at most PROBATION_KARMA's while on probation."""
+    if on_probation(jobs_completed):
+        return placement_weight(min(karma, PROBATION_KARMA))
+    return placement_weight(karma)

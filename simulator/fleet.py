@@ -101,6 +101,9 @@ def assemble(owner: User, karmas: Sequence[Decimal], now: datetime | None = None
                     agent_version=SIMULATOR_VERSION,
                     name=f"Demo Island {n}",
                     paired_at=now,
+                    # Stand-ins for Islands with a record, as their karma says:
+                    # past probation, so the draw follows their karma at once.
+                    jobs_completed=rules.PROBATION_JOBS,
                 )
                 island.take_capabilities(hardware)
                 island.save(force_insert=True)

@@ -9,7 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
+from django.db.models import F
 
 from islands.models import (
     ELIGIBILITY,
@@ -23,7 +24,7 @@ from islands.models import (
     NoEligibleIsland,
 )
 from karma import rules
-from tests.islands.conftest import T0, beat, make_island
+from tests.islands.conftest import T0, beat, give_job, make_island
 
 NOW = T0 + timedelta(seconds=10)
 DRAWS = 1000
@@ -40,8 +41,9 @@ def spec(job_id: str = "job-1", **fields: Any) -> JobSpec:
     return JobSpec(job_id=job_id, **fields)
 
 
-def with_karma(island: Island, score: str) -> Island:
-    Island.objects.filter(pk=island.pk).update(karma=Decimal(score))
+def with_karma(island: Island, score: str, jobs_completed: int = rules.PROBATION_JOBS) -> Island:
+    """The Island with this karma and, unless told otherwise, a record past probation."""
+    Island.objects.filter(pk=island.pk).update(karma=Decimal(score), jobs_completed=jobs_completed)
     island.refresh_from_db()
     return island
 
@@ -321,6 +323,83 @@ def test_the_share_of_real_submissions_follows_the_karma_rules_weights(fleet):
     # The test can tell formulas apart: the same draws reject linear weights and a fair share.
     assert chi_square(counts, {score: float(score) for score in fleet}) > CHI2_CRITICAL_3DF
     assert chi_square(counts, dict.fromkeys(fleet, 1.0)) > CHI2_CRITICAL_3DF
+
+
+@pytest.fixture
+def vetting_fleet(alice, bob):
+    """Islands on probation and past it, by karma and completed jobs."""
+    islands = {}
+    for n, (name, score, jobs) in enumerate(
+        [
+            ("new-at-50", "50", 0),
+            ("new-at-80", "80", rules.PROBATION_JOBS - 1),
+            ("proven-at-50", "50", rules.PROBATION_JOBS),
+            ("proven-at-30", "30", 250),
+        ]
+    ):
+        island = online(make_island(alice if n % 2 else bob, name, id=uuid.UUID(int=n + 1)))
+        islands[name] = with_karma(island, score, jobs_completed=jobs)
+    return islands
+
+
+def draw_without_a_job(job: JobSpec, rng: random.Random) -> Any:
+    """Island.objects.draw, the ORM's placement path, giving the slot it took back."""
+    with transaction.atomic():
+        seat = Island.objects.draw(job, NOW, rng).seat
+        assert seat is not None
+        Island.objects.filter(pk=seat.island_id).update(jobs_running=F("jobs_running") - 1)
+    return seat.island_id
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "submit",
+        pytest.param(
+            "orm",
+            marks=pytest.mark.skipif(
+                connection.vendor != "postgresql", reason="on SQLite, submit is the ORM path"
+            ),
+        ),
+    ],
+)
+def test_islands_on_probation_get_the_floors_share_until_they_have_a_record(vetting_fleet, path):
+    """On PostgreSQL `submit` takes the compiled walk and the one-statement placement; `orm` the
+    ORM's walk and UPDATE: both draw with the probation's weights."""
+    rng = random.Random(20261205)
+    by_pk = {island.pk: name for name, island in vetting_fleet.items()}
+    counts: Counter[str] = Counter()
+    for n in range(DRAWS):
+        job = spec(f"vetting-{n:05d}")
+        won = submit(job, rng=rng).island_id if path == "submit" else draw_without_a_job(job, rng)
+        counts[by_pk[won]] += 1
+    islands = vetting_fleet.values()
+    expected = {island.host_id: rules.draw_weight(island.karma, island.jobs_completed) for island in islands}
+    assert list(expected.values()) == [625, 625, 2500, 900]
+    chi2 = chi_square(counts, expected)
+    print(f"\n{path}: counts {dict(counts)}; expected weights {expected}; chi2 {chi2:.2f}")
+    assert chi2 < CHI2_CRITICAL_3DF
+    # Not vacuous: the same draws reject the karma's weights without probation.
+    assert (
+        chi_square(counts, {i.host_id: rules.placement_weight(i.karma) for i in islands}) > CHI2_CRITICAL_3DF
+    )
+
+
+def test_the_tenth_completed_job_ends_probation_from_the_next_turn(alice):
+    island = with_karma(online(make_island(alice, "almost-proven-1")), "50", rules.PROBATION_JOBS - 1)
+    [row] = Island.objects._read_walk(spec(), NOW, [], None, 0)
+    assert (row["karma"], row["jobs_completed"]) == (Decimal(50), rules.PROBATION_JOBS - 1)
+    give_job(
+        island=island,
+        job_id="tenth",
+        workload="llm-chat",
+        credits=Decimal(1),
+        lease=timedelta(minutes=5),
+        now=NOW,
+    )
+    Job.objects.apply_status(island, "tenth", "succeeded", now=NOW + timedelta(seconds=5))
+    [row] = Island.objects._read_walk(spec(), NOW, [], None, 0)
+    assert rules.draw_weight(row["karma"], row["jobs_completed"]) == rules.placement_weight(row["karma"])
 
 
 def test_an_island_that_was_away_is_not_owed_jobs_for_the_time_it_missed(fleet, alice):

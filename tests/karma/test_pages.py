@@ -66,6 +66,11 @@ def test_the_reference_is_public_and_states_the_rules_with_their_numbers(client,
     assert "One disconnection costs at most 10 (reached after 2 h 30 min)" in text(html)
     assert "An Island online for a whole day earns +1." in text(html)
     assert "Islands below 25 karma get no jobs." in text(html)
+    assert (
+        "A new Island is on probation until it has completed 10 jobs: until then it is drawn as if "
+        "its karma were at most 25, whatever its karma says." in text(html)
+    )
+    assert "from its 10th completed job on" in text(html)
     assert rows(html, "karma-placement") == [
         ["100", "10,000", "55.2%"],
         ["75", "5,625", "31.0%"],
@@ -79,6 +84,7 @@ def test_the_reference_follows_the_rules_and_so_does_karma(client, island, monke
     monkeypatch.setattr(rules, "DISCONNECTION_GRACE", timedelta(minutes=30))
     monkeypatch.setattr(rules, "UPTIME_DAY_BONUS", Decimal(2))
     monkeypatch.setattr(rules, "PLACEMENT_FLOOR", Decimal(10))
+    monkeypatch.setattr(rules, "PROBATION_JOBS", 3)
     monkeypatch.setattr(
         rules, "LEVELS", (rules.Level("Sandbar", Decimal(0), "…"), rules.Level("Atoll", Decimal(60), "…"))
     )
@@ -88,6 +94,7 @@ def test_the_reference_follows_the_rules_and_so_does_karma(client, island, monke
     assert rows(html, "karma-disconnections")[:2] == [["29 min 59 s", "±0"], ["30 min 1 s", "−1"]]
     assert "earns +2." in text(html)
     assert "Islands below 10 karma get no jobs." in text(html)
+    assert "on probation until it has completed 3 jobs" in text(html)
     assert ["20", "400", "2.2%"] in rows(html, "karma-placement")
     assert [row[0] for row in rows(html, "karma-levels")] == ["Sandbar", "Atoll"]
     # What the page says is what happens.
