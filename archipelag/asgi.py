@@ -21,9 +21,10 @@ api_asgi_app = ApiASGIHandler()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator, WebsocketDenier  # noqa: E402
+from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
+from archipelag.origins import SiteOriginValidator  # noqa: E402
 from islands.routing import websocket_urlpatterns as islands_sockets  # noqa: E402
 from pairing.routing import websocket_urlpatterns as pairing_sockets  # noqa: E402
 
@@ -73,13 +74,14 @@ application = ProtocolTypeRouter(
     {
         "http": RouteApi(api_asgi_app, django_asgi_app),
         # Browser sockets: the session cookie says who is there, and the
-        # Origin header must be one of ALLOWED_HOSTS, so another site cannot
+        # Origin header must be the site's own (scheme, host and port of
+        # PUBLIC_URL or CSRF_TRUSTED_ORIGINS), so another site cannot
         # open a socket with the user's cookie. An Origin that is no URL, and a
         # path no route matches, are refused at the handshake (a 403) too:
         # Channels would raise ValueError out of the application for both,
         # and the server would log a crash for every stray probe.
         "websocket": RefuseMalformedOrigin(
-            AllowedHostsOriginValidator(
+            SiteOriginValidator(
                 AuthMiddlewareStack(
                     URLRouter([*pairing_sockets, *islands_sockets, re_path(r"", WebsocketDenier.as_asgi())])
                 )

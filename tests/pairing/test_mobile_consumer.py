@@ -132,11 +132,46 @@ async def test_an_unknown_session_looks_like_someone_elses(db, alice_cookie):
     assert await communicator.receive_output() == {"type": "websocket.close", "code": 4403}
 
 
-@pytest.mark.parametrize("origin", ["https://evil.example", "null", None])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.example",
+        "null",
+        None,
+        # The site's host on another port, on another scheme, or by another name.
+        "http://127.0.0.1:9999",
+        "http://127.0.0.1",
+        "https://127.0.0.1:8000",
+        "http://localhost:8000",
+    ],
+)
 async def test_a_foreign_or_missing_origin_is_rejected_at_the_handshake(session, alice_cookie, origin):
     communicator = socket(session.row.id, alice_cookie, origin=origin)
     connected, _ = await communicator.connect()
     assert not connected
+
+
+@pytest.mark.parametrize(
+    ("origin", "accepted"),
+    [
+        ("https://islands.example.org", True),
+        ("https://islands.example.org:443", True),
+        ("http://islands.example.org", False),
+        ("https://islands.example.org:8443", False),
+        ("https://staff.example.org", True),  # CSRF_TRUSTED_ORIGINS' https://*.example.org
+        ("http://staff.example.org", False),
+        ("http://127.0.0.1:8000", False),  # no longer PUBLIC_URL
+    ],
+)
+async def test_the_origin_is_compared_by_scheme_host_and_port_with_public_url_and_trusted_origins(
+    session, alice_cookie, settings, origin, accepted
+):
+    settings.PUBLIC_URL = "https://islands.example.org"
+    settings.CSRF_TRUSTED_ORIGINS = ["https://*.example.org"]
+    communicator = socket(session.row.id, alice_cookie, origin=origin)
+    connected, _ = await communicator.connect()
+    assert connected is accepted
+    await communicator.disconnect()
 
 
 async def test_an_expired_session_says_so(session, alice_cookie):
