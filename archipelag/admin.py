@@ -3,10 +3,34 @@
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import get_permission_codename
 from django.db.models import Model, QuerySet
 from django.forms import BaseInlineFormSet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+
+from archipelag.auth import ThrottledAuthenticationForm
+
+
+class ThrottledAdminAuthenticationForm(ThrottledAuthenticationForm, AdminAuthenticationForm):
+    """The admin's login form (staff only), counted like the site's (archipelag.auth)."""
+
+
+class AdminSite(admin.AdminSite):
+    """The admin, whose login counts attempts like the site's and answers 429/503 with the wait.
+
+    Installed as the default site by archipelag.apps.AdminConfig, so every
+    `admin.site.register` and `@admin.register` lands here.
+    """
+
+    login_form = ThrottledAdminAuthenticationForm
+
+    def login(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        response = super().login(request, extra_context)
+        form = getattr(response, "context_data", None) and response.context_data.get("form")  # type: ignore[attr-defined]
+        if isinstance(form, ThrottledAuthenticationForm):
+            return form.answer(response)
+        return response
 
 
 def has_model_permission(request: HttpRequest, model: type[Model], action: str) -> bool:

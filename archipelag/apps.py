@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.contrib.admin import apps as admin_apps
 
 
 class ArchipelagConfig(AppConfig):
@@ -7,3 +8,11 @@ class ArchipelagConfig(AppConfig):
 
     def ready(self) -> None:
         from archipelag import checks  # noqa: F401  (registers the system checks)
+
+
+class AdminConfig(admin_apps.AdminConfig):
+    """django.contrib.admin with the project's site (throttled login; archipelag.admin.AdminSite)."""
+
+    # Named in INSTALLED_APPS in full; "archipelag" alone still means ArchipelagConfig.
+    default = False
+    default_site = "archipelag.admin.AdminSite"

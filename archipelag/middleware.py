@@ -1,3 +1,4 @@
+import logging
 from inspect import iscoroutinefunction
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,6 +11,10 @@ from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.security import SecurityMiddleware
 from django.shortcuts import resolve_url
 from django.utils.deprecation import MiddlewareMixin
+
+from archipelag.api import TRANSIENT_DATABASE_ERRORS
+
+logger = logging.getLogger("archipelag.api")
 
 
 class HtmxLoginRedirectMiddleware(MiddlewareMixin):
@@ -78,3 +83,26 @@ class ApiMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         response = self._before(request) or await self.get_response(request)
         return self._after(request, response)
+class DatabaseUnavailableMiddleware(MiddlewareMixin):
+    """Answer a view's transient database error with 503 and Retry-After, never a 500.
+
+    A pool with no connection to give within its timeout raises
+    OperationalError (psycopg_pool.PoolTimeout), as does a database that went
+    away; the JSON API's views answer it themselves (archipelag.api.json_api),
+    and this does the same for pages: a short page, or JSON under /api/.
+    Last in MIDDLEWARE, so it sees a view's exception first. Errors raised
+    outside views reach handler500 (archipelag.views.server_error), which
+    answers them the same way.
+    """
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not isinstance(exception, TRANSIENT_DATABASE_ERRORS):
+            return None
+        from archipelag.views import database_unavailable_response
+
+        logger.warning(
+            "event=database_unavailable path=%s error=%s",
+            request.path,
+            type(exception.__cause__ or exception).__name__,
+        )
+        return database_unavailable_response(request)

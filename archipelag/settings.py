@@ -66,7 +66,8 @@ INSTALLED_APPS = [
     # which replaces Django's; daphne's serves HTTP and websockets.
     "archipelag",
     "daphne",
-    "django.contrib.admin",
+    # django.contrib.admin, with a login counted like the site's (archipelag.admin.AdminSite).
+    "archipelag.apps.AdminConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -96,6 +97,9 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     # After HtmxMiddleware, which sets request.htmx.
     "archipelag.middleware.HtmxLoginRedirectMiddleware",
+    # Last: a view's transient database error (a pool with no connection to
+    # give) becomes a 503 with Retry-After before anything else sees it.
+    "archipelag.middleware.DatabaseUnavailableMiddleware",
 ]
 
 # The JSON API's whole middleware (requests under /api/, routed in asgi.py
@@ -166,7 +170,9 @@ def _database(url: str) -> dict[str, Any]:
         config.setdefault("OPTIONS", {})["pool"] = {
             "min_size": env_int("DATABASE_POOL_MIN", 2),
             "max_size": env_int("DATABASE_POOL_MAX", 20),
-            "timeout": 10,
+            # How long a request waits for a connection when all are in use
+            # before it is answered 503 with Retry-After.
+            "timeout": env_int("DATABASE_POOL_TIMEOUT", 10),
         }
     return config
 
@@ -252,6 +258,15 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Django's ModelBackend, giving its pooled connection back while it hashes
+# a password, and hashing at most PASSWORD_HASHING_CONCURRENCY passwords at
+# once per process (archipelag/auth.py). Half the cores by default: a burst
+# of wrong passwords then leaves the other half to everything else. An
+# attempt that waits longer than PASSWORD_HASHING_WAIT seconds for its turn
+# is answered 503 with Retry-After.
+AUTHENTICATION_BACKENDS = ["archipelag.auth.PoolFriendlyModelBackend"]
+PASSWORD_HASHING_CONCURRENCY = env_int("PASSWORD_HASHING_CONCURRENCY", max(1, (os.cpu_count() or 2) // 2))
+PASSWORD_HASHING_WAIT = env_int("PASSWORD_HASHING_WAIT", 10)
 # Django's database sessions, refusing to look up keys it never issues.
 SESSION_ENGINE = "archipelag.sessions"
 

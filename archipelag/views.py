@@ -1,15 +1,24 @@
 import asyncio
 import logging
+import sys
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
+from django.contrib.auth import views as auth_views
 from django.db import connection
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.template import loader
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
-from archipelag.api import error_response
+from archipelag.api import (
+    DATABASE_RETRY_AFTER,
+    TRANSIENT_DATABASE_ERRORS,
+    database_unavailable,
+    error_response,
+)
+from archipelag.auth import ThrottledAuthenticationForm
 from archipelag.handlers import is_api_path
 
 logger = logging.getLogger(__name__)
@@ -52,11 +61,42 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
     return defaults.page_not_found(request, exception or Http404())
 
 
+def database_unavailable_response(request: HttpRequest) -> HttpResponse:
+    """503 with Retry-After: JSON under /api/, a short page elsewhere.
+
+    For a database out of reach or a pool with no connection to give within
+    its timeout: the request's transaction rolled back, so a retry is safe.
+    The page is rendered without the request, so nothing on it (the
+    signed-in user, messages) reads the database.
+    """
+    if is_api_path(request.path):
+        unavailable = database_unavailable()
+        return error_response(unavailable.status, unavailable.error, unavailable.headers)
+    html = loader.get_template("503.html").render({"retry_after": DATABASE_RETRY_AFTER})
+    return HttpResponse(html, status=503, headers={"Retry-After": str(DATABASE_RETRY_AFTER)})
+
+
 def server_error(request: HttpRequest) -> HttpResponse:
-    """An exception no view turned into an answer (the traceback is logged by Django)."""
+    """An exception no view turned into an answer (the traceback is logged by Django).
+
+    A transient database error (a pool timeout) is a 503 to retry, not a
+    500: DatabaseUnavailableMiddleware answers those raised by views, and
+    this those raised around them (a session saved after the view).
+    """
+    if isinstance(sys.exception(), TRANSIENT_DATABASE_ERRORS):
+        return database_unavailable_response(request)
     if is_api_path(request.path):
         return error_response(500, "the coordinator failed to handle this request")
     return defaults.server_error(request)
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login page, counting attempts first and answering 429/503 with the wait."""
+
+    authentication_form = ThrottledAuthenticationForm
+
+    def form_invalid(self, form: ThrottledAuthenticationForm) -> HttpResponse:  # type: ignore[override]
+        return form.answer(super().form_invalid(form))
 
 
 def _database_ok() -> None:

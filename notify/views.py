@@ -17,6 +17,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from archipelag import ratelimit
 from archipelag.api import client_ip
 from islands.models import Island
+from archipelag.auth import HashingBusy, hashing_slot, release_connection
 from notify import limits
 from notify.alerts import island_from_not_me
 from notify.context_processors import email_of
@@ -44,6 +45,40 @@ def _send_confirmation_throttled(address: EmailAddress) -> ratelimit.RateLimited
     return None
 
 
+def _new_user(request: HttpRequest, form: SignupForm, next_url: str) -> User | HttpResponse:
+    """The account a valid signup form makes, its password hashed; unsaved.
+
+    Counted first, per address and per network (an account is made whether
+    or not its confirmation email goes out), and uncounted while Redis is
+    away: the per-address and per-network pairing limits, not the number of
+    accounts, bound the odds of guessing a code. The password is hashed in a
+    turn of archipelag.auth's, holding no database connection and outside
+    the transaction that saves the account. A refusal is the form again,
+    saying why and for how long, with 429 or 503 and Retry-After.
+    """
+    try:
+        ratelimit.take(limits.signup_buckets(ip=client_ip(request)), timezone.now(), fail_open=True)
+        release_connection()
+        with hashing_slot():
+            return form.save(commit=False)
+    except ratelimit.RateLimited as exc:
+        error, status, retry_after = (
+            f"Too many new accounts from {exc.limit.per}. Try again in {exc.wait_words}.",
+            429,
+            exc.retry_after,
+        )
+    except HashingBusy as exc:
+        error, status, retry_after = (
+            f"Too many accounts are being made right now. Try again in {exc.wait_words}.",
+            503,
+            exc.retry_after,
+        )
+    form.add_error(None, error)
+    response = render(request, "registration/signup.html", {"form": form, "next": next_url}, status=status)
+    response["Retry-After"] = str(retry_after)
+    return response
+
+
 @require_http_methods(["GET", "POST"])
 def signup(request: HttpRequest) -> HttpResponse:
     next_url = request.POST.get("next") or request.GET.get("next") or ""
@@ -54,12 +89,16 @@ def signup(request: HttpRequest) -> HttpResponse:
         return redirect(next_url or "islands:settings")
     form = SignupForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
+        user = _new_user(request, form, next_url)
+        if isinstance(user, HttpResponse):
+            return user
         with transaction.atomic():
-            user = form.save()
+            user.save()
+            form.save_m2m()
             address = EmailAddress.objects.add(user, form.cleaned_data["email"], timezone.now())
             # A new account has counted nothing yet; only the address's own limit can refuse.
             refused = _send_confirmation_throttled(address)
-        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        login(request, user)
         if refused is None:
             messages.info(request, f"We sent a confirmation link to {address.email}.")
         else:
