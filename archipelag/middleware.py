@@ -83,6 +83,8 @@ class ApiMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         response = self._before(request) or await self.get_response(request)
         return self._after(request, response)
+
+
 class DatabaseUnavailableMiddleware(MiddlewareMixin):
     """Answer a view's transient database error with 503 and Retry-After, never a 500.
 

@@ -16,8 +16,8 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from archipelag import ratelimit
 from archipelag.api import client_ip
-from islands.models import Island
 from archipelag.auth import HashingBusy, hashing_slot, release_connection
+from islands.models import Island
 from notify import limits
 from notify.alerts import island_from_not_me
 from notify.context_processors import email_of
