@@ -1,7 +1,7 @@
 from django.contrib import admin
 
 from archipelag.admin import ReadOnlyAdmin, ReadOnlyInline
-from notify.models import Delivery, EmailAddress, Notification
+from notify.models import Delivery, EmailAddress, Notification, Preferences, WebhookEndpoint
 
 
 @admin.register(EmailAddress)
@@ -36,3 +36,24 @@ class DeliveryAdmin(ReadOnlyAdmin, admin.ModelAdmin[Delivery]):
     list_filter = ["channel", "status"]
     search_fields = ["message_id", "target", "notification__user__username"]
     readonly_fields = ["message_id", "claim", "claimed_until", "last_error"]
+
+
+@admin.register(Preferences)
+class PreferencesAdmin(admin.ModelAdmin[Preferences]):
+    list_display = ["user", "offline_grace_minutes", "offline", "online", "linked", "karma_level"]
+    list_filter = ["offline", "online", "linked", "karma_level"]
+    search_fields = ["user__username"]
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin[WebhookEndpoint]):
+    list_display = ["url", "user", "created_at", "paused"]
+    list_filter = [("paused_at", admin.EmptyFieldListFilter)]
+    search_fields = ["url", "user__username"]
+    # The secret is shown once to its owner and never here, not even encrypted.
+    exclude = ["secret_encrypted"]
+    readonly_fields = ["created_at", "paused_at", "paused_reason"]
+
+    @admin.display(boolean=True)
+    def paused(self, obj: WebhookEndpoint) -> bool:
+        return obj.paused

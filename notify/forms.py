@@ -3,8 +3,17 @@ from typing import Any
 from django import forms
 from django.contrib.auth.forms import PasswordResetForm, UserCreationForm
 from django.contrib.auth.models import User
+from django.core.validators import URLValidator
 
-from notify.models import GRACE_MAX_MINUTES, EmailAddress, Preferences
+from notify.models import (
+    GRACE_MAX_MINUTES,
+    WEBHOOK_EVENTS,
+    WEBHOOKS_PER_ACCOUNT,
+    EmailAddress,
+    Preferences,
+    WebhookEndpoint,
+)
+from notify.webhooks import check_url
 
 TAKEN = "Another account uses this address."
 
@@ -74,3 +83,38 @@ class PreferencesForm(forms.ModelForm["Preferences"]):
         muted.choices = islands
         if self.instance.offline_grace_minutes is None:
             self.initial["offline_grace_minutes"] = int(self.instance.offline_grace.total_seconds()) // 60
+
+
+class WebhookForm(forms.Form):
+    url = forms.CharField(
+        label="URL",
+        max_length=2000,
+        widget=forms.URLInput(attrs={"placeholder": "https://example.com/hooks/archipelag"}),
+    )
+    events = forms.MultipleChoiceField(
+        label="Events",
+        choices=WEBHOOK_EVENTS,
+        widget=forms.CheckboxSelectMultiple,
+        initial=[value for value, _ in WEBHOOK_EVENTS],
+    )
+
+    def __init__(self, *args: Any, user: User, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+
+    def clean_url(self) -> str:
+        url: str = self.cleaned_data["url"].strip()
+        try:
+            URLValidator(schemes=["http", "https"])(url)
+        except forms.ValidationError:
+            raise forms.ValidationError("Enter a full URL, such as https://example.com/hooks.") from None
+        problem = check_url(url)
+        if problem:
+            raise forms.ValidationError(problem)
+        return url
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if WebhookEndpoint.objects.filter(user=self.user).count() >= WEBHOOKS_PER_ACCOUNT:
+            raise forms.ValidationError(f"An account has at most {WEBHOOKS_PER_ACCOUNT} webhook endpoints.")
+        return cleaned

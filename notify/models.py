@@ -127,8 +127,6 @@ KIND_SWITCHES = {
     "island.karma_level": ("karma_level",),
 }
 KIND_SWITCH_FIELDS = ("offline", "online", "linked", "karma_level")
-# Kinds that are only emailed, never sent to webhooks (and the reverse).
-WEBHOOK_ONLY: frozenset[str] = frozenset()
 
 
 # The grace an owner may choose before an offline alert, in minutes.
@@ -170,9 +168,7 @@ class Preferences(models.Model):
         return timedelta(minutes=self.offline_grace_minutes)
 
     def wants(self, kind: str, island_id: object = None) -> bool:
-        """Whether a notification of this kind (about this Island) should reach this account."""
-        if island_id is not None and str(island_id) in self.muted_islands:
-            return False
+        """Whether a notification of this kind (about this Island) should be emailed to this account."""
         switch = KIND_SWITCHES.get(kind)
         if switch is None:
             # Test events and notices about the account itself always go.
@@ -181,6 +177,86 @@ class Preferences(models.Model):
 
     def is_muted(self, island_id: object) -> bool:
         return str(island_id) in self.muted_islands
+
+
+# The events an endpoint may choose.
+WEBHOOK_EVENTS = (
+    ("island.offline", "An Island went offline"),
+    ("island.online", "An Island is back online"),
+    ("island.linked", "A new Island was linked"),
+    ("island.karma_level", "An Island's karma level changed"),
+)
+# The endpoints an account may have.
+WEBHOOKS_PER_ACCOUNT = 10
+
+
+class WebhookEndpointManager(models.Manager["WebhookEndpoint"]):
+    def add(self, user: User, url: str, events: list[str], now: datetime) -> tuple["WebhookEndpoint", str]:
+        """A new endpoint and its signing secret, returned this once (only its encryption is kept)."""
+        from notify import webhooks
+
+        secret = webhooks.new_secret()
+        endpoint = self.create(
+            user=user,
+            url=url,
+            events=sorted(set(events)),
+            secret_encrypted=webhooks.encrypt_secret(secret),
+            created_at=now,
+        )
+        return endpoint, secret
+
+
+class WebhookEndpoint(models.Model):
+    """A URL an account's events are POSTed to, signed with the endpoint's own secret."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="webhook_endpoints")
+    url = models.URLField("URL", max_length=2000)
+    events = models.JSONField(default=list)
+    # The whsec_ secret, encrypted (notify.webhooks): signing needs it back.
+    secret_encrypted = models.TextField(editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Set when deliveries kept failing for about an hour; nothing is sent until resumed.
+    paused_at = models.DateTimeField(null=True, blank=True)
+    paused_reason = models.CharField(max_length=500, blank=True)
+
+    objects = WebhookEndpointManager()
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    def secret(self) -> str:
+        from notify import webhooks
+
+        return webhooks.decrypt_secret(self.secret_encrypted)
+
+    def pause(self, now: datetime, reason: str) -> bool:
+        """Pause it once (of two failing deliveries, one pauses it and emails the owner)."""
+        with transaction.atomic():
+            won = WebhookEndpoint.objects.filter(pk=self.pk, paused_at__isnull=True).update(
+                paused_at=now, paused_reason=reason[:500]
+            )
+            if won:
+                Notification.objects.record(
+                    self.user,
+                    Notification.Kind.WEBHOOK_PAUSED,
+                    f"webhook_paused:{self.pk}:{now:%Y%m%d%H%M%S%f}",
+                    {"url": self.url, "error": reason[:300]},
+                    now,
+                )
+        return bool(won)
+
+    def resume(self) -> None:
+        WebhookEndpoint.objects.filter(pk=self.pk).update(paused_at=None, paused_reason="")
+
+    def recent_deliveries(self, count: int = 10) -> "models.QuerySet[Delivery]":
+        return self.deliveries.select_related("notification").order_by("-pk")[:count]
 
 
 class NotificationManager(models.Manager["Notification"]):
@@ -220,10 +296,19 @@ class NotificationManager(models.Manager["Notification"]):
                     )
             except IntegrityError:
                 return None
-            if not preferences.wants(kind, island_id):
+            if island_id is not None and preferences.is_muted(island_id):
                 return notification
             due = send_at or now
-            if user.email and kind not in WEBHOOK_ONLY:
+            for endpoint in WebhookEndpoint.objects.filter(user=user, paused_at__isnull=True):
+                if kind in endpoint.events:
+                    Delivery.objects.create(
+                        notification=notification,
+                        channel=Delivery.Channel.WEBHOOK,
+                        endpoint=endpoint,
+                        target=endpoint.url,
+                        next_attempt_at=due,
+                    )
+            if user.email and preferences.wants(kind):
                 # User.email holds the confirmed address only (EmailAddress).
                 Delivery.objects.create(
                     notification=notification,
@@ -301,7 +386,7 @@ class DeliveryManager(models.Manager["Delivery"]):
                 .update(claim=token, claimed_until=now + CLAIM_LEASE, attempts=models.F("attempts") + 1)
             )
             if won:
-                claimed.append(self.select_related("notification__user").get(pk=pk))
+                claimed.append(self.select_related("notification__user", "endpoint__user").get(pk=pk))
         return claimed
 
 
@@ -320,6 +405,10 @@ class Delivery(models.Model):
         SKIPPED = "skipped", "Not needed"
 
     notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="deliveries")
+    # The endpoint of a webhook delivery (its secret signs it); deleting the endpoint deletes these.
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, null=True, blank=True, on_delete=models.CASCADE, related_name="deliveries"
+    )
     channel = models.CharField(max_length=8, choices=Channel.choices)
     # The address or URL it goes to, fixed when it was written.
     target = models.CharField(max_length=2000)
@@ -359,14 +448,21 @@ class Delivery(models.Model):
         )
 
     def mark_failed(self, now: datetime, error: str) -> None:
-        """Schedule the next try with backoff, or give up after MAX_ATTEMPTS."""
-        if self.attempts >= MAX_ATTEMPTS:
+        """Schedule the next try with backoff, or give up after MAX_ATTEMPTS.
+
+        A webhook given up pauses its endpoint, and the owner is emailed.
+        """
+        given_up = self.attempts >= MAX_ATTEMPTS
+        if given_up:
             update: dict[str, object] = {"status": self.Status.FAILED}
         else:
             update = {"next_attempt_at": now + RETRY_BASE * 2 ** (self.attempts - 1)}
-        Delivery.objects.filter(pk=self.pk, claim=self.claim).update(
-            claim=None, claimed_until=None, last_error=error[:500], **update
-        )
+        with transaction.atomic():
+            marked = Delivery.objects.filter(pk=self.pk, claim=self.claim).update(
+                claim=None, claimed_until=None, last_error=error[:500], **update
+            )
+            if marked and given_up and self.endpoint is not None:
+                self.endpoint.pause(now, error)
 
     def mark_skipped(self, now: datetime, why: str) -> None:
         """Not sent on purpose (the event stopped mattering before its time came)."""
@@ -378,4 +474,23 @@ class Delivery(models.Model):
         """Look again at `until`; the claim that found it not due yet is not an attempt."""
         Delivery.objects.filter(pk=self.pk, claim=self.claim).update(
             next_attempt_at=until, claim=None, claimed_until=None, attempts=models.F("attempts") - 1
+        )
+
+
+def send_test_event(endpoint: WebhookEndpoint, now: datetime) -> Delivery:
+    """A test event for this endpoint only ("Send test event"), signed and retried like any other."""
+    with transaction.atomic():
+        notification = Notification.objects.create(
+            user=endpoint.user,
+            kind=Notification.Kind.TEST,
+            key=f"test:{endpoint.pk}:{uuid.uuid4().hex}",
+            data={"message": "A test event from Archipelag.io", "endpoint": endpoint.url},
+            created_at=now,
+        )
+        return Delivery.objects.create(
+            notification=notification,
+            channel=Delivery.Channel.WEBHOOK,
+            endpoint=endpoint,
+            target=endpoint.url,
+            next_attempt_at=now,
         )

@@ -1,6 +1,7 @@
 """Delivering claimed outbox rows: render the email for a notification and send it."""
 
 import logging
+import time
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +11,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
 
+from notify import webhooks
 from notify.alerts import absolute, alert_still_due
 from notify.models import SEND_BATCH, Delivery, Notification
 from notify.unsubscribe import unsubscribe_url
@@ -81,6 +83,19 @@ def send_email(delivery: Delivery) -> None:
     message.send()
 
 
+def send_webhook(delivery: Delivery) -> None:
+    """POST the signed event. The webhook-id is the delivery's: the same on every try."""
+    endpoint = delivery.endpoint
+    if endpoint is None:
+        raise ValueError("a webhook delivery without its endpoint")
+    notification = delivery.notification
+    body = webhooks.payload(notification.kind, notification.created_at, notification.data)
+    # Signed at send time: receivers refuse timestamps more than minutes off their clock.
+    timestamp = int(time.time())
+    headers = webhooks.signed_headers(endpoint.secret(), delivery.message_id, timestamp, body)
+    webhooks.post(endpoint.url, body, headers)
+
+
 def deliver(delivery: Delivery, now: datetime | None = None) -> bool:
     """Send one claimed delivery and mark it. True when it went out."""
     send, later, why = alert_still_due(delivery.notification, now or timezone.now())
@@ -90,9 +105,14 @@ def deliver(delivery: Delivery, now: datetime | None = None) -> bool:
         else:
             delivery.mark_skipped(now or timezone.now(), why)
         return False
+    if delivery.endpoint is not None and delivery.endpoint.paused:
+        delivery.mark_skipped(now or timezone.now(), "the endpoint is paused")
+        return False
     try:
         if delivery.channel == Delivery.Channel.EMAIL:
             send_email(delivery)
+        elif delivery.channel == Delivery.Channel.WEBHOOK:
+            send_webhook(delivery)
         else:
             raise ValueError(f"no sender for channel {delivery.channel}")
     except Exception as exc:

@@ -7,8 +7,8 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.contrib.auth.views import PasswordResetView
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.csrf import csrf_exempt
@@ -22,8 +22,16 @@ from notify import limits
 from notify.alerts import island_from_not_me
 from notify.context_processors import email_of
 from notify.emails import send_confirmation
-from notify.forms import EmailForm, PreferencesForm, ResetForm, SignupForm
-from notify.models import KIND_SWITCH_FIELDS, KIND_SWITCHES, EmailAddress, Preferences
+from notify.forms import EmailForm, PreferencesForm, ResetForm, SignupForm, WebhookForm
+from notify.models import (
+    KIND_SWITCH_FIELDS,
+    KIND_SWITCHES,
+    WEBHOOK_EVENTS,
+    EmailAddress,
+    Preferences,
+    WebhookEndpoint,
+    send_test_event,
+)
 from notify.unsubscribe import ALL, read_token
 
 logger = logging.getLogger("notify.views")
@@ -209,8 +217,76 @@ def notification_settings(request: HttpRequest) -> HttpResponse:
         form.save()
         messages.success(request, "Your notification settings are saved.")
         return redirect("notify:settings")
-    context = {"form": form, "preferences": preferences, "has_email": bool(request.user.email)}
-    return render(request, "notify/settings.html", context, status=400 if form.errors else 200)
+    return _settings_page(request, form, WebhookForm(user=request.user))
+
+
+def _settings_page(
+    request: HttpRequest,
+    form: PreferencesForm,
+    webhook_form: WebhookForm,
+    new_secret: str | None = None,
+    new_endpoint: WebhookEndpoint | None = None,
+) -> HttpResponse:
+    assert isinstance(request.user, User)
+    context = {
+        "form": form,
+        "webhook_form": webhook_form,
+        "has_email": bool(request.user.email),
+        "endpoints": WebhookEndpoint.objects.filter(user=request.user),
+        "event_labels": dict(WEBHOOK_EVENTS),
+        "new_secret": new_secret,
+        "new_endpoint": new_endpoint,
+    }
+    failed = form.errors or webhook_form.errors
+    return render(request, "notify/settings.html", context, status=400 if failed else 200)
+
+
+def _preferences_form(user: User) -> PreferencesForm:
+    islands = [(str(pk), name) for pk, name in Island.objects.owned_by(user).values_list("pk", "name")]
+    return PreferencesForm(instance=Preferences.objects.of(user), islands=islands)
+
+
+@login_required
+@require_POST
+def add_webhook(request: HttpRequest) -> HttpResponse:
+    """Add an endpoint; the answer is the page showing its secret, this once."""
+    assert isinstance(request.user, User)
+    webhook_form = WebhookForm(request.POST, user=request.user)
+    if not webhook_form.is_valid():
+        return _settings_page(request, _preferences_form(request.user), webhook_form)
+    endpoint, secret = WebhookEndpoint.objects.add(
+        request.user, webhook_form.cleaned_data["url"], webhook_form.cleaned_data["events"], timezone.now()
+    )
+    logger.info("event=webhook_added user_id=%s endpoint_id=%s", request.user.pk, endpoint.pk)
+    return _settings_page(
+        request, _preferences_form(request.user), WebhookForm(user=request.user), secret, endpoint
+    )
+
+
+def _endpoint_for(request: HttpRequest, pk: int) -> WebhookEndpoint:
+    return get_object_or_404(WebhookEndpoint, pk=pk, user=request.user)
+
+
+@login_required
+@require_POST
+def webhook_action(request: HttpRequest, pk: int, action: str) -> HttpResponse:
+    """Send a test event, pause, resume or delete one of the account's endpoints."""
+    endpoint = _endpoint_for(request, pk)
+    if action == "test":
+        send_test_event(endpoint, timezone.now())
+        messages.info(request, f"A test event is on its way to {endpoint.url}; its delivery shows below.")
+    elif action == "resume":
+        endpoint.resume()
+        messages.success(request, f"{endpoint.url} is resumed: new events are sent to it again.")
+    elif action == "pause":
+        endpoint.pause(timezone.now(), "paused by its owner")
+        messages.success(request, f"{endpoint.url} is paused.")
+    elif action == "delete":
+        endpoint.delete()
+        messages.success(request, f"{endpoint.url} is deleted; its secret no longer signs anything.")
+    else:
+        raise Http404("no such action")
+    return redirect("notify:settings")
 
 
 @csrf_exempt
