@@ -36,7 +36,7 @@ import re
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -102,6 +102,16 @@ MAX_BATCH = 5000
 MAX_PENDING_HOSTS = 200_000
 # Heartbeat batches written at once (each in a transaction of its own).
 WRITERS = 2
+# Pairing requests wait in a stack of their own, newest first, answered by
+# this many tasks. Newest first: behind a burst of requests for made-up
+# hosts (issue 13), an honest agent asking now is answered now, not after
+# the burst. The agent waits about 10 s for its answer and never asks again
+# in that process, so a request older than PAIRING_STALE has nobody
+# waiting: it is skipped, not given a code nobody sees. At most
+# PAIRING_BACKLOG wait; past that the oldest is dropped.
+PAIRING_WORKERS = 2
+PAIRING_STALE = 8.0  # seconds
+PAIRING_BACKLOG = 10_000
 STATS_INTERVAL = 60.0  # seconds
 # Waits between connection attempts: doubling from the first to the last,
 # each drawn at random between half and all of it so a fleet of bridges
@@ -862,6 +872,9 @@ class Bridge:
         # never wait behind heartbeat batches.
         self._executor = ThreadPoolExecutor(writers + 2, thread_name_prefix="bridge-db")
         self._pending: dict[str, Beat] = {}
+        # (when it arrived, the request), oldest first; answered from the right.
+        self._pairing: deque[tuple[float, Message]] = deque(maxlen=PAIRING_BACKLOG)
+        self._pairing_waiting: asyncio.Event | None = None
         self._subscriptions: list[Subscription] = []
         self._last_warned: dict[str, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -882,6 +895,7 @@ class Bridge:
         self._stop = asyncio.Event()
         self._has_beats = asyncio.Event()
         self._batch_full = asyncio.Event()
+        self._pairing_waiting = asyncio.Event()
         try:
             nc = await self._connect()
             if nc is None:
@@ -914,8 +928,15 @@ class Bridge:
             sending = asyncio.create_task(self.sender.run(self._stop))
             await self._subscribe(nc)
             flusher = asyncio.create_task(self._flush_loop())
+            pairing = [asyncio.create_task(self._pairing_loop()) for _ in range(PAIRING_WORKERS)]
             stats = asyncio.create_task(self._stats_loop())
             await self._stop.wait()
+            # Pairing first: take no more requests, answer those still fresh
+            # while the connection is up, then drain the rest.
+            with contextlib.suppress(NatsError):
+                await self._subscriptions[0].drain()  # type: ignore[no-untyped-call]
+            self._pairing_waiting.set()
+            await asyncio.gather(*pairing)
             await self._drain(nc)
             # The subscriptions are drained: every heartbeat received is pending
             # now. The flusher writes them and ends once nothing is left.
@@ -991,8 +1012,9 @@ class Bridge:
         return nc
 
     async def _subscribe(self, nc: NATS) -> None:
+        # Pairing first: run() drains it before the others.
         handlers: list[tuple[str, Callable[[Any], Any]]] = [
-            (self.subjects.pairing, self.on_pairing),
+            (self.subjects.pairing, self.enqueue_pairing),
             (self.subjects.register, self.on_register),
             (self.subjects.of_hosts("heartbeat"), self.on_heartbeat),
             (self.subjects.of_hosts("status"), self.on_status),
@@ -1111,7 +1133,33 @@ class Bridge:
 
     # --- Handlers: one per subject, each swallowing whatever its input does ---
 
+    async def enqueue_pairing(self, msg: Message) -> None:
+        """The pairing subscription's callback: queue the request, stamped, for _pairing_loop."""
+        if len(self._pairing) == PAIRING_BACKLOG:
+            self.counters["pairing_dropped"] += 1
+        self._pairing.append((time.monotonic(), msg))
+        if self._pairing_waiting is not None:
+            self._pairing_waiting.set()
+
+    async def _pairing_loop(self) -> None:
+        """Answer queued pairing requests, skipping those nobody waits for any more."""
+        assert self._pairing_waiting is not None and self._stop is not None
+        while True:
+            if not self._pairing:
+                if self._stop.is_set():
+                    return
+                self._pairing_waiting.clear()
+                await self._pairing_waiting.wait()
+                continue
+            arrived, msg = self._pairing.pop()
+            if time.monotonic() - arrived > PAIRING_STALE:
+                self.counters["pairing_requests"] += 1
+                self.counters["pairing_stale"] += 1
+                continue
+            await self.on_pairing(msg)
+
     async def on_pairing(self, msg: Message) -> None:
+        """Answer one pairing request (the agent's `coordinator.hosts.pairing`)."""
         self.counters["pairing_requests"] += 1
         if not msg.reply:
             # Nobody would see the code: not worth drawing one.

@@ -242,6 +242,11 @@ NATS_KEY_SESSION_SECONDS = env_int("NATS_KEY_SESSION_SECONDS", 60)
 NATS_ALLOW_LEGACY_USER = env_bool("NATS_ALLOW_LEGACY_USER", False)
 NATS_LEGACY_USER = env_str("NATS_LEGACY_USER")
 NATS_LEGACY_PASSWORD = env_str("NATS_LEGACY_PASSWORD")
+# What hosts that are not linked (anyone may make host ids up) can hold over
+# NATS: unused pairing codes in the database and registrations in Redis.
+# Past either, the oldest goes first (docs/security.md has the arithmetic).
+NATS_PENDING_CODES_MAX = env_int("NATS_PENDING_CODES_MAX", 100_000)
+NATS_PENDING_REGISTRATIONS_MAX = env_int("NATS_PENDING_REGISTRATIONS_MAX", 20_000)
 
 # An Island counts as online while its last heartbeat is younger than this
 # many seconds. The agent beats every 10 s, so the default allows three

@@ -27,17 +27,15 @@ REDEEM_PER_NETWORK = (Limit("redeem-net-hour", 90, 3600, "your network"),)
 # machines behind one NAT address still fits comfortably.
 ISSUE_PER_IP = (Limit("issue-ip-hour", 60, 3600, "this address"),)
 ISSUE_PER_NETWORK = (Limit("issue-net-hour", 240, 3600, "your network"),)
-# Codes asked for over NATS, where no address is known and all Islands
-# share one credential. Per host: the agent asks once per start, so ten an
-# hour covers a person restarting it while troubleshooting. On the whole
-# service: a code lives 10 minutes, so at most twice this budget (a burst on
-# each side of a window boundary) can be live at once, whoever asks; that is
-# what bounds the odds of guessing a code in docs/security.md.
+# Codes asked for over NATS, where no address is known. Per host: the agent
+# asks once per start, so ten an hour covers a person restarting it while
+# troubleshooting. There is no service-wide budget: one made-up host ids can
+# fill shuts pairing for every honest agent (issue 13), and codes an
+# attacker asks for himself do not raise his odds of guessing an honest
+# agent's code (docs/security.md). What made-up hosts can cost is memory,
+# bounded instead by NATS_PENDING_CODES_MAX (the oldest unused code goes
+# first) and NATS_PENDING_REGISTRATIONS_MAX (pairing/pending.py).
 ISSUE_PER_HOST = (Limit("issue-host-hour", 10, 3600, "this Island"),)
-# A one-minute window: a flood of made-up hosts can hold a genuine Island's
-# request back for at most a minute, and a code lives 10 minutes, so at most
-# 11 windows' worth (330) are live at once.
-ISSUE_NATS_GLOBAL = (Limit("issue-nats-global-1m", 30, 60, "all Islands"),)
 
 # Mobile codes are their own namespace with their own budgets, so the odds
 # of guessing one can be stated apart from desktop codes (docs/security.md).
@@ -68,9 +66,7 @@ def issue_buckets(*, ip: str) -> list[Bucket]:
 
 
 def nats_issue_buckets(*, host_id: str) -> list[Bucket]:
-    buckets: list[Bucket] = [(limit, host_id) for limit in ISSUE_PER_HOST]
-    buckets += [(limit, "all") for limit in ISSUE_NATS_GLOBAL]
-    return buckets
+    return [(limit, host_id) for limit in ISSUE_PER_HOST]
 
 
 def mobile_redeem_buckets(*, ip: str, by_code: bool) -> list[Bucket]:

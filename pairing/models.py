@@ -11,7 +11,6 @@ import msgspec
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.core.cache import cache
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.urls import reverse
@@ -22,7 +21,7 @@ from archipelag.secrets import generate_secret, hash_secret
 from islands.agent import Capabilities, HostRegistration
 from islands.mobile import MobileDevice
 from islands.models import Island, IslandKey
-from pairing import limits
+from pairing import limits, pending
 from pairing.codes import generate_code, hash_code
 
 if TYPE_CHECKING:
@@ -44,11 +43,6 @@ ANNOUNCE_TIMEOUT = 2.0  # seconds
 # Each draw collides with a live code with odds (live codes) / 32**6, so a
 # handful of attempts is only ever exhausted by a broken random source.
 ISSUE_ATTEMPTS = 8
-# Over NATS the agent registers (`coordinator.hosts.register`) and asks for a
-# code (`coordinator.hosts.pairing`) seconds apart, on two subjects that
-# several bridges may handle in either order. A host that is not linked yet
-# has its registration kept this long, for the code it is about to ask for.
-REGISTRATION_TTL = timedelta(hours=1)
 UNKNOWN_CODE = "That code is unknown or was already used."
 
 type CodeState = Literal["live", "used", "retired", "expired"]
@@ -229,10 +223,6 @@ def pair_url() -> str:
     return settings.PUBLIC_URL + reverse("pairing:pair")
 
 
-def _registration_key(host_id: str) -> str:
-    return f"nats-register:{host_id}"
-
-
 def _merged(registered: HostRegistration | None, requested: Capabilities) -> Capabilities:
     """The hardware a host asked for a code with, over what it registered with: the request wins."""
     if registered is None or registered.capabilities is None:
@@ -276,11 +266,12 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
 
         In this order: a host that is already linked hears so before any
         limit is counted (the agent stops asking once told "already paired");
-        then the channel's limits (per address over HTTP; per host and for
-        the whole service over NATS, which gives no address; see
-        pairing/limits.py), counted whether or not a code follows; then, over
-        NATS, the hardware the host registered with is merged in; then the
-        code is drawn. Raises HostAlreadyLinked or IssueRefused.
+        then the channel's limits (per address over HTTP; per host over
+        NATS, which gives no address; see pairing/limits.py), counted
+        whether or not a code follows; then, over NATS, the hardware the
+        host registered with is merged in; then the code is drawn (over
+        NATS, the oldest unused codes past NATS_PENDING_CODES_MAX make
+        room). Raises HostAlreadyLinked or IssueRefused.
         """
         now = now or timezone.now()
         host_id = registration.host_id
@@ -342,8 +333,9 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
 
         A linked Island takes the hardware at once. For a host not linked yet
         it is kept for the code the host is about to ask for: in the shared
-        cache (Redis in production, so every bridge sees it) and on any live
-        code it already has, for when the pairing request was handled first.
+        cache (pairing/pending.py: Redis in production, so every bridge sees
+        it, and bounded) and on any live code it already has, for when the
+        pairing request was handled first.
         """
         now = now or timezone.now()
         capabilities = registration.capabilities or Capabilities()
@@ -353,11 +345,9 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
             return True
         if Island.objects.register_host(registration.host_id, capabilities, registration.version):
             return True
-        cache.set(
-            _registration_key(registration.host_id),
-            msgspec.json.encode(registration),
-            timeout=int(REGISTRATION_TTL.total_seconds()),
-        )
+        dropped = pending.keep(registration)
+        if dropped:
+            logger.warning("event=pending_registrations_dropped count=%d", dropped)
         self.live(now).filter(host_id=registration.host_id).update(
             capabilities=msgspec.to_builtins(capabilities), agent_version=registration.version or ""
         )
@@ -365,8 +355,7 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
 
     def _registration(self, host_id: str) -> HostRegistration | None:
         """What the host registered with over NATS lately, if it is not linked."""
-        cached = cache.get(_registration_key(host_id))
-        return None if cached is None else msgspec.json.decode(cached, type=HostRegistration)
+        return pending.find(host_id)
 
     def _issue(
         self,
@@ -405,7 +394,33 @@ class PairingCodeManager(_CodeManagerBase["PairingCode"]):
                 earlier = self.unused().filter(host_id=host_id, device_secret_hash=hash_secret(replaces))
                 earlier.exclude(device_secret_hash="").update(retired_at=now)
             code = self.insert_with_fresh_code(row, now)
+        if channel == PairingCode.Channel.NATS:
+            self.make_room_over_nats()
         return IssuedCode(row=row, code=code, device_secret=device_secret)
+
+    def make_room_over_nats(self) -> int:
+        """Delete the oldest unused NATS codes past NATS_PENDING_CODES_MAX; returns how many.
+
+        Anyone on NATS can ask codes for made-up hosts, and a service-wide
+        budget for them would shut pairing for every honest agent (issue 13),
+        so what they can take is bounded by count instead: the newest
+        stay, so an honest agent that has just asked keeps its code. Unused
+        codes include expired and retired ones, which matter to nobody.
+        SKIP LOCKED: two bridges making room at once each delete what the
+        other has not taken, never waiting on (or deadlocking with) it.
+        """
+        most = max(1, settings.NATS_PENDING_CODES_MAX)
+        with transaction.atomic():
+            oldest = (
+                self.filter(channel=PairingCode.Channel.NATS, used_at__isnull=True)
+                .order_by("-created_at", "-pk")
+                .select_for_update(skip_locked=True)
+                .values("pk")[most:]
+            )
+            deleted, _ = self.filter(pk__in=models.Subquery(oldest)).delete()
+        if deleted:
+            logger.warning("event=pending_codes_dropped count=%d", deleted)
+        return deleted
 
     def lookup(self, code: str, now: datetime | None = None) -> "PairingCode":
         """The live code a person typed, for a host not linked yet; raises PairingError."""
@@ -482,6 +497,14 @@ class PairingCode(ExpiringCode):
 
     class Meta(ExpiringCode.Meta):
         ordering = ["-created_at"]
+        indexes = [
+            # Serves make_room_over_nats: the newest unused NATS codes first.
+            models.Index(
+                fields=["-created_at", "-id"],
+                condition=Q(channel="nats", used_at__isnull=True),
+                name="pairing_nats_unused_newest",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"Pairing code for {self.host_id}"

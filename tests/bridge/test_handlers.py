@@ -21,7 +21,6 @@ from archipelag import nats as bridge
 from archipelag.nats import Bridge, Subjects
 from islands.agent import Capabilities, EnhancedHeartbeat, HostRegistration, JobStatus, LeaseRenewal
 from islands.models import HEARTBEAT_FIELDS, JOB_LEASE_MAX, Beat, HeartbeatOutcome, Island, Job, JobNotFound
-from pairing import limits
 from pairing.models import PairingCode
 from tests.conftest import CAPABILITIES, HOST_ID
 from tests.islands.conftest import AGENT_HEARTBEAT, T0, make_island
@@ -156,14 +155,13 @@ def test_pairing_over_nats_is_limited_per_host(db):
     assert bridge.request_code(HostRegistration(host_id=OTHER_HOST))[0] == "issued"
 
 
-def test_pairing_over_nats_has_a_service_wide_budget(db, monkeypatch):
-    from archipelag import ratelimit
-
-    monkeypatch.setattr(limits, "ISSUE_NATS_GLOBAL", (ratelimit.Limit("issue-nats-global-1m", 3, 60),))
-    hosts = [f"made-up-host-{n:04d}" for n in range(4)]
+def test_pairing_over_nats_has_no_service_wide_budget(db):
+    """Issue 13: 320 made-up hosts used to shut NATS pairing for every honest agent."""
+    hosts = [f"made-up-host-{n:04d}" for n in range(400)]
     outcomes = [bridge.request_code(HostRegistration(host_id=host))[0] for host in hosts]
-    assert outcomes == ["issued", "issued", "issued", "rate_limited"]
-    assert PairingCode.objects.count() == 3
+    assert outcomes == ["issued"] * 400
+    assert bridge.request_code(HostRegistration(host_id=HOST_ID))[0] == "issued"
+    assert PairingCode.objects.filter(host_id=HOST_ID).count() == 1
 
 
 # --- Job states and leases ---------------------------------------------------------

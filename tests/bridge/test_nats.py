@@ -173,7 +173,8 @@ def test_pairing_round_trip_over_nats_and_the_pair_page(agent, alice, alice_clie
     assert answer["pair_url"].endswith("/pair")
 
     page = alice_client.post("/pair", {"code": answer["code"]}).content.decode()
-    assert "RTX 4090, 24 GB VRAM" in page  # from the registration the agent sent first
+    # From the registration the agent sent first.
+    assert "RTX 4090, 24 GB VRAM" in page, page[page.find("<main") :]
     assert alice_client.post("/pair/confirm", {"code": answer["code"]}).status_code == 302
     island = Island.objects.get(host_id=HOST_ID)
     assert (island.owner, island.gpu_model, island.agent_version) == (alice, "RTX 4090", "0.5.0")
