@@ -26,10 +26,11 @@ from django.utils import timezone
 
 from archipelag.nats import Bridge
 from archipelag.nats_auth import AuthService
-from islands.models import ISLAND_KEY_UNUSED_TTL, Island, IslandKey, IssuedKey
+from islands.models import ISLAND_KEY_UNUSED_TTL, Island, IslandKey, IssuedKey, Job
 from pairing.models import PairingCode
 from tests.bridge.test_nats import run_bridge, stop_bridge
 from tests.conftest import _free_port
+from tests.islands.conftest import give_job
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 SERVICE_USER = "archipelag"
@@ -472,3 +473,158 @@ def test_another_islands_forgeries_leave_a_keyed_island_unchanged(callout, keyed
     assert sum("permissions violation for publish" in str(e).lower() for e in attacker._test_errors) == 3
     callout.loop.run(agent.close())
     callout.loop.run(attacker.close())
+
+
+# --- Every forgery of issue 13, with the shared credential and with a key -------------
+
+FAKE_HARDWARE = {"gpu_model": "Fake GPU", "gpu_vram_mb": 1, "cpu_cores": 1, "ram_mb": 1}
+
+
+def _forge_against(forger: Any, host: str, job_id: str) -> None:
+    """What issue 13 did with a victim's host id, in the order that shows each one."""
+
+    def beat(status: str) -> bytes:
+        body = {
+            "host_id": host,
+            "status": status,
+            "active_jobs": 0,
+            "timestamp": 1,
+            "agent_version": "6.6.6",
+            "capabilities": FAKE_HARDWARE,
+        }
+        return json.dumps(body).encode()
+
+    async def forge() -> None:
+        # Push its lease out, set it online with fake hardware, fail its job,
+        # rewrite its hardware through a registration, then sign it off.
+        await forger.publish(
+            f"host.{host}.lease", json.dumps({"job_id": job_id, "extend_seconds": 300}).encode()
+        )
+        await forger.publish(f"host.{host}.heartbeat", beat("online"))
+        await forger.publish(
+            f"host.{host}.status",
+            json.dumps({"job_id": job_id, "state": "failed", "error": "forged", "timestamp": 1}).encode(),
+        )
+        await forger.publish(
+            "coordinator.hosts.register",
+            json.dumps({"host_id": host, "capabilities": FAKE_HARDWARE, "version": "6.6.6"}).encode(),
+        )
+        await forger.flush()
+        await asyncio.sleep(0.5)
+        await forger.publish(f"host.{host}.heartbeat", beat("offline"))
+        await forger.flush()
+        await asyncio.sleep(1.0)
+
+    forger._test_loop.run(forge())
+
+
+def _victim_with_a_job(callout: CalloutServer, owner: Any) -> tuple[IssuedKey, Any, Island, Job]:
+    """A key-enrolled Island, registered, heartbeating and holding a job."""
+    (victim,) = key_for(owner)
+    host = victim.key.host_id
+    agent = callout.connect(victim.nats_url)
+    beat = {"host_id": host, "status": "online", "active_jobs": 1, "timestamp": 1, "agent_version": "0.5.0"}
+
+    async def start() -> None:
+        await agent.publish(
+            "coordinator.hosts.register", json.dumps({"host_id": host, **REGISTRATION}).encode()
+        )
+        await agent.request("coordinator.hosts.pairing", json.dumps({"host_id": host}).encode(), timeout=10)
+        await agent.publish(f"host.{host}.heartbeat", json.dumps(beat).encode())
+        await agent.flush()
+
+    callout.loop.run(start())
+    island = _wait_for(
+        lambda: Island.objects.filter(
+            host_id=host, last_heartbeat_at__isnull=False, gpu_model="RTX 4090"
+        ).first(),
+        "the victim online with its hardware",
+    )
+    job = give_job(island=island, job_id=f"job-{host[:8]}")
+    return victim, agent, island, job
+
+
+def _state(island: Island, job: Job) -> dict[str, Any]:
+    island.refresh_from_db()
+    job.refresh_from_db()
+    return {
+        "gpu_model": island.gpu_model,
+        "cpu_cores": island.cpu_cores,
+        "agent_version": island.agent_version,
+        "shown": island.status_at(timezone.now()),
+        "jobs_failed": island.jobs_failed,
+        "karma": island.karma,
+        "job_state": job.state,
+        "lease_expires_at": job.lease_expires_at,
+    }
+
+
+@override_settings(NATS_ALLOW_LEGACY_USER=True, NATS_LEGACY_USER="island", NATS_LEGACY_PASSWORD="shared")
+def test_before_keys_the_shared_credential_forges_all_of_issue_13(callout, keyed_bridge, alice):
+    """The "before" column: the legacy shared user, still admitted when allowed, can do it all."""
+    _, agent, island, job = _victim_with_a_job(callout, alice)
+    before = _state(island, job)
+    forger = callout.connect(callout.url("island", "shared"))
+    forger._test_loop = callout.loop
+    _forge_against(forger, island.host_id, job.job_id)
+    after = _wait_for(
+        lambda: (state := _state(island, job))["shown"] == Island.LiveStatus.SIGNED_OFF and state,
+        "the forged sign-off",
+    )
+    assert after["lease_expires_at"] > before["lease_expires_at"]
+    assert after["job_state"] == Job.State.FAILED
+    assert after["jobs_failed"] == before["jobs_failed"] + 1
+    assert after["karma"] < before["karma"]
+    assert after["gpu_model"] == "Fake GPU"
+    assert forger._test_errors == []
+    callout.loop.run(forger.close())
+    callout.loop.run(agent.close())
+
+
+def test_with_keys_another_islands_forgeries_all_fail(callout, keyed_bridge, alice, bob):
+    """The "after" column: Bob's Island, with its own key, tries the same against Alice's."""
+    victim, agent, island, job = _victim_with_a_job(callout, alice)
+    host = victim.key.host_id
+    before = _state(island, job)
+    (bobs,) = key_for(bob)
+    forger = callout.connect(bobs.nats_url)
+    forger._test_loop = callout.loop
+    _forge_against(forger, host, job.job_id)
+
+    # Using another host id, made up or not, on any host subject; binding
+    # or creating the victim's consumer.
+    async def more() -> list[str]:
+        await forger.publish("host.made-up-host-0001.heartbeat", b"{}")
+        await forger.flush()
+        outcomes = []
+        for subject in (
+            f"$JS.API.CONSUMER.INFO.JOBS.host-{host}",
+            f"$JS.API.CONSUMER.MSG.NEXT.JOBS.host-{host}",
+            f"$JS.API.CONSUMER.CREATE.JOBS.host-{host}.host.{host}.jobs",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.JOBS.host-{host}",
+        ):
+            try:
+                await forger.request(subject, b"{}", timeout=0.5)
+                outcomes.append(f"answered {subject}")
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                outcomes.append("refused")
+        await asyncio.sleep(0.5)
+        return outcomes
+
+    assert callout.loop.run(more()) == ["refused"] * 4
+    # The victim beats again; once that is written, everything forged before it was handled.
+    seen = Island.objects.get(pk=island.pk).last_heartbeat_at
+    beat = {"host_id": host, "status": "online", "active_jobs": 1, "timestamp": 2, "agent_version": "0.5.0"}
+    callout.loop.run(agent.publish(f"host.{host}.heartbeat", json.dumps(beat).encode()))
+    _wait_for(lambda: Island.objects.get(pk=island.pk).last_heartbeat_at != seen, "the victim's beat")
+
+    assert _state(island, job) == before
+    assert before["shown"] == Island.LiveStatus.ONLINE
+    assert before["job_state"] != Job.State.FAILED
+    refused = [str(e).lower() for e in forger._test_errors]
+    # lease, heartbeat, status, sign-off, the made-up host, and 4 JetStream requests.
+    assert sum("permissions violation for publish" in e for e in refused) == 9
+    # The registration went through the shared subject and changed nothing.
+    assert keyed_bridge.counters["register_linked"] >= 2
+    callout.loop.run(forger.close())
+    callout.loop.run(agent.close())
