@@ -158,8 +158,16 @@ def parse_body[T](request: HttpRequest, type_: type[T], max_bytes: int = DEFAULT
     if declared > max_bytes:
         # Refused on what it says it is, before it is read.
         raise ApiError(413, f"body too large: at most {max_bytes} bytes")
+    body = request.body
+    if body.strip() and (request.content_type or "").lower() != "application/json":
+        # A page on another site can make a visitor's browser POST text/plain,
+        # a form or multipart without asking first (no CORS preflight), and
+        # so spend the visitor's address on our limits; application/json
+        # only after a preflight, which nothing here answers. (An empty body
+        # is refused as empty, whatever its type: it is counted nowhere.)
+        raise ApiError(415, "send the body as JSON, with Content-Type: application/json")
     try:
-        return decode_body(request.body, _decoder(type_), max_bytes)
+        return decode_body(body, _decoder(type_), max_bytes)
     except InvalidBody as exc:
         raise ApiError(exc.status, str(exc)) from None
 
