@@ -409,5 +409,9 @@ class AuthService:
             self._flusher.cancel()
             self._flusher = None
         if self.nc is not None:
-            await self.nc.drain()
+            try:
+                await self.nc.drain()
+            except Exception as exc:  # the server went first: nothing left to drain
+                logger.info("event=nats_auth_drain_failed error=%r", exc)
+                await self.nc.close()
             self.nc = None
