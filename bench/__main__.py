@@ -31,6 +31,7 @@ BENCHMARKS = [
     "placement",
     "dispatch_latency",
     "nats_callout",
+    "login_flood",
 ]
 NEEDS_NATS = {"nats_heartbeats", "dispatch_latency"}
 
