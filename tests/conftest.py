@@ -134,6 +134,33 @@ async def fresh_channel_layer() -> AsyncIterator[None]:
         await layer.flush()
 
 
+# axe-core, installed by .ci/run (npm ci --prefix .ci/axe), injected into pages by the browser tests.
+AXE_JS = BASE_DIR / ".ci" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+# What fails a test: the two worst of axe's four impacts.
+AXE_FAILING_IMPACTS = ("serious", "critical")
+
+
+@pytest.fixture
+def axe() -> Callable[[Any], list[str]]:
+    """A function that runs axe-core on a page and returns its serious and critical violations, as text."""
+    if not AXE_JS.exists():
+        pytest.skip("needs axe-core: npm ci --prefix .ci/axe (.ci/run does)")
+    source = AXE_JS.read_text()
+
+    def run(page: Any) -> list[str]:
+        if not page.evaluate("() => typeof window.axe === 'object'"):
+            page.add_script_tag(content=source)
+        results = page.evaluate("async () => (await window.axe.run(document)).violations")
+        return [
+            f"{violation['impact']} {violation['id']}: {violation['help']} at "
+            + "; ".join(", ".join(node["target"]) for node in violation["nodes"][:3])
+            for violation in results
+            if violation["impact"] in AXE_FAILING_IMPACTS
+        ]
+
+    return run
+
+
 @pytest.fixture
 def browser_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A fresh chromium page. Function-scoped on purpose: see below."""

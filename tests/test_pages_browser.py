@@ -3,7 +3,8 @@
 Each test walks the same page states (`walk`): signed out, then signed in
 with no Islands, then with Islands whose names and reasons are long. At
 each state it checks the page as a person meets it: nothing wider than
-the window at 1280 and 390 px.
+the window at 1280 and 390 px, and no serious or critical axe-core
+violation.
 """
 
 from collections.abc import Iterator
@@ -21,13 +22,15 @@ from tests.islands.conftest import make_island
 LONG_NAME = "Workstation-" + "x" * 88  # 100 characters, no space to break at
 
 
-def walk(page, server, alice, newcomer: str) -> Iterator[str]:
+def walk(page, server, alice, newcomer: str, issue_code) -> Iterator[str]:
     """Go through the page states one by one; yield each one's name while it is shown."""
     url = server.url
     page.goto(url + "/")
     yield "home"
     page.goto(url + "/accounts/login/")
     yield "login"
+    page.goto(url + "/accounts/password_reset/")
+    yield "password reset"
     page.goto(url + "/accounts/signup/")
     yield "signup"
     page.get_by_label("Username").fill(newcomer)
@@ -53,11 +56,25 @@ def walk(page, server, alice, newcomer: str) -> Iterator[str]:
     page.get_by_role("button", name="Continue").click()
     page.get_by_text("Enter the 6-character code").wait_for()
     yield "pair with errors"
+    issued = issue_code(f"walk-host-{newcomer}")
+    page.locator("input[name=code]").fill(issued.code)
+    page.get_by_role("button", name="Continue").click()
+    page.get_by_text("Link this Island to your account?").wait_for()
+    yield "pair, confirming a code"
+    page.get_by_role("button", name="Link Island").click()
+    page.wait_for_url(url + "/settings")
+    yield "settings, an Island just linked"
+    page.goto(url + "/pair")
+    page.get_by_role("button", name="Make keys").click()
+    page.get_by_role("heading", name="Your Island key").wait_for()
+    yield "Island keys, shown once"
     page.goto(url + "/pair/mobile")
     yield "pair from a phone"
     island = _islands(alice)
     page.goto(url + "/settings")
     yield "settings with Islands"
+    page.goto(url + "/settings?view=table")
+    yield "settings as a table"
     page.goto(url + f"/settings/islands/{island.pk}")
     yield "an Island's page"
     page.goto(url + "/reference/karma")
@@ -106,7 +123,7 @@ TITLES = {
 
 
 @pytest.mark.browser
-def test_no_page_is_wider_than_the_window(browser_page, live_server_debug, alice):
+def test_no_page_is_wider_than_the_window(browser_page, live_server_debug, alice, issue_code):
     """Nor misses a file it loads (the favicon was a 404 on every page), nor has a stray title."""
     page = browser_page
     wide = []
@@ -121,7 +138,7 @@ def test_no_page_is_wider_than_the_window(browser_page, live_server_debug, alice
     for width in (1280, 390):
         page.set_viewport_size({"width": width, "height": 900})
         page.context.clear_cookies()
-        for state in walk(page, live_server_debug, alice, f"carol{width}"):
+        for state in walk(page, live_server_debug, alice, f"carol{width}", issue_code):
             size = page.evaluate(OVERFLOW)
             if size["scroll"] > size["width"]:
                 wide.append(f"{state} at {width} px: {size['scroll']} px wide, past the edge: {size['past']}")
@@ -130,3 +147,17 @@ def test_no_page_is_wider_than_the_window(browser_page, live_server_debug, alice
     assert page.evaluate("() => document.querySelector('link[rel=icon]').href").endswith(".svg")
     assert missing == []
     assert wide == [], "\n".join(wide)
+
+
+@pytest.mark.browser
+def test_no_page_has_a_serious_accessibility_violation(browser_page, live_server_debug, alice, issue_code, axe):
+    """axe-core (.ci/run installs it) on every state of the walk, at 1280 and 390 px, and dark at 1280."""
+    page = browser_page
+    found = []
+    for width, scheme in ((1280, "light"), (390, "light"), (1280, "dark")):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.emulate_media(color_scheme=scheme)
+        page.context.clear_cookies()
+        for state in walk(page, live_server_debug, alice, f"dave{width}{scheme}", issue_code):
+            found += [f"{state} at {width} px, {scheme}: {violation}" for violation in axe(page)]
+    assert found == [], "\n".join(found)
