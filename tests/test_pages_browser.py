@@ -150,7 +150,9 @@ def test_no_page_is_wider_than_the_window(browser_page, live_server_debug, alice
 
 
 @pytest.mark.browser
-def test_no_page_has_a_serious_accessibility_violation(browser_page, live_server_debug, alice, issue_code, axe):
+def test_no_page_has_a_serious_accessibility_violation(
+    browser_page, live_server_debug, alice, issue_code, axe
+):
     """axe-core (.ci/run installs it) on every state of the walk, at 1280 and 390 px, and dark at 1280."""
     page = browser_page
     found = []
