@@ -35,6 +35,7 @@ from islands.agent import (
 from islands.fleet import FILTERABLE, SORTS, FleetView
 from islands.forms import RenameIslandForm
 from islands.groupcommit import GroupCommit, GroupCommitFailed
+from islands.history import island_history
 from islands.models import (
     CREDITS_PLACES,
     MAX_JOB_CREDITS,
@@ -469,16 +470,18 @@ def revoke_key(request: AuthenticatedHttpRequest, pk: int) -> HttpResponse:
 
 @login_required
 def detail(request: AuthenticatedHttpRequest, pk: str) -> HttpResponse:
-    """One Island: its card's details, its newest attempts and its newest karma events."""
+    """One Island: its card's details, its last 30 days, its newest attempts and karma events."""
     island = _island_for(request, pk)
     events = island.karma_events.order_by("-id")[:KARMA_EVENTS_SHOWN]
     attempts = island.attempts.select_related("job").order_by("-assigned_at", "-pk")[:ATTEMPTS_SHOWN]
+    now = timezone.now()
     context = {
         "island": island,
+        "history": island_history(island, now),
         "events": events,
         "shown": KARMA_EVENTS_SHOWN,
         "attempts": attempts,
         "attempts_shown": ATTEMPTS_SHOWN,
-        "now": timezone.now(),
+        "now": now,
     }
     return render(request, "islands/detail.html", context)

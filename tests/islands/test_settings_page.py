@@ -107,6 +107,13 @@ def test_a_card_shows_every_field_of_the_seed_table(alice, alice_client):
     assert 'datetime="2026-03-01T12:00:00+00:00"' in html
 
 
+def test_zero_jobs_are_not_coloured_as_good_or_bad(alice, alice_client):
+    island = make_island(alice)
+    html = card(page_at(alice_client, T0), island)
+    assert field(html, "Jobs completed") == (' class="count"', "0")
+    assert field(html, "Jobs failed") == (' class="count"', "0")
+
+
 def test_a_card_turns_offline_at_the_threshold(alice, alice_client):
     island = make_island(alice)
     beat(island, T0)
