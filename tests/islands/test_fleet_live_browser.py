@@ -92,7 +92,7 @@ def test_without_the_socket_the_page_polls(browser_page, live_server_debug, alic
     login_browser(page, server, alice)
     page.goto(server.url + "/settings")
     page.locator('#island-list[data-connection="polling"]').wait_for()
-    assert page.get_by_text("checking every 5 s").is_visible()
+    page.get_by_text("checking every 5 s").wait_for()
     assert api.post("/api/v1/islands/heartbeat", {"status": "online"})[0] == 200
     wait_for_status(page, island, "online", timeout=7000)
     assert page.locator(".updated time").inner_text().count(":") == 2
