@@ -38,7 +38,7 @@ from tests.islands.conftest import AGENT_HEARTBEAT, give_job, make_island
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10, what: str = "the condition") -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "the condition") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if result := condition():

@@ -45,7 +45,7 @@ REDIS_SERVER = "/usr/bin/redis-server"
 NATS_SERVER = "/usr/sbin/nats-server"
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "the condition") -> Any:
+def wait_for(condition: Callable[[], Any], timeout: float = 90, what: str = "the condition") -> Any:
     """Poll `condition` until it returns something true; fail after `timeout` seconds.
 
     Timeouts are generous on purpose: these tests share two cores with
