@@ -192,6 +192,9 @@ def legacy_permissions(prefix: str = "") -> Permissions:
             "$JS.ACK.>",
         ],
         sub=[*(f"{prefix}host.*.{kind}" for kind in ("jobs", "cancel", "preload", "probe")), "_INBOX.>"],
+        # Short-lived too, so turning NATS_ALLOW_LEGACY_USER off ends these
+        # connections within a session, not at their next reconnect.
+        expires_in=settings.NATS_KEY_SESSION_SECONDS,
     )
 
 

@@ -316,6 +316,23 @@ def test_the_legacy_shared_user_is_refused_unless_allowed(callout):
     assert callout.service.counters.get("admitted_legacy") == 1
 
 
+@override_settings(
+    NATS_KEY_SESSION_SECONDS=2,
+    NATS_ALLOW_LEGACY_USER=True,
+    NATS_LEGACY_USER="island",
+    NATS_LEGACY_PASSWORD="shared",
+)
+def test_turning_the_legacy_user_off_ends_its_connections_when_their_session_does(callout):
+    nc = callout.connect(callout.url("island", "shared"))
+    with override_settings(NATS_ALLOW_LEGACY_USER=False):
+        deadline = time.monotonic() + 10
+        while nc.is_connected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not nc.is_connected
+        with pytest.raises((nats.errors.Error, OSError)):
+            callout.connect(callout.url("island", "shared"))
+
+
 @override_settings(NATS_KEY_SESSION_SECONDS=2)
 def test_a_revoked_keys_connection_ends_when_its_session_does(callout, alice):
     (issued,) = key_for(alice)
