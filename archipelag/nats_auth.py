@@ -309,6 +309,10 @@ def random_service_password() -> str:
 
 QUEUE_GROUP = "archipelag-nats-auth"
 USAGE_FLUSH_SECONDS = 5.0
+# How often the counters are logged, as the bridge does: legacy admissions
+# apart from keys', so an operator sees how many agents are still on the
+# shared credential (docs/nats.md, moving a fleet).
+STATS_INTERVAL = 60.0
 
 
 def record_use(key_ids: set[int], now: datetime) -> int:
@@ -340,6 +344,10 @@ class AuthService:
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
+
+    def log_stats(self, event: str = "nats_auth_stats") -> None:
+        names = ("admitted_island_key", "admitted_legacy", "refused", "bad_requests", "failed")
+        logger.info("event=%s %s", event, " ".join(f"{name}={self.counters.get(name, 0)}" for name in names))
 
     def _answer(self, token: bytes) -> tuple[Decision | None, str]:
         from django.db import close_old_connections
@@ -387,8 +395,13 @@ class AuthService:
         logger.info("event=nats_auth_started issuer=%s", self.signer.public_key.decode())
 
     async def _flush_loop(self) -> None:
+        since_stats = 0.0
         while True:
             await asyncio.sleep(USAGE_FLUSH_SECONDS)
+            since_stats += USAGE_FLUSH_SECONDS
+            if since_stats >= STATS_INTERVAL:
+                since_stats = 0.0
+                self.log_stats()
             try:
                 await self.flush_usage()
             except Exception:
@@ -411,6 +424,7 @@ class AuthService:
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
+            self.log_stats("nats_auth_stopped")
         if self.nc is not None:
             try:
                 await self.nc.drain()

@@ -316,6 +316,17 @@ def test_the_legacy_shared_user_is_refused_unless_allowed(callout):
     assert callout.service.counters.get("admitted_legacy") == 1
 
 
+@override_settings(NATS_ALLOW_LEGACY_USER=True, NATS_LEGACY_USER="island", NATS_LEGACY_PASSWORD="shared")
+def test_legacy_admissions_are_counted_apart_from_keys(callout, alice, caplog):
+    (issued,) = key_for(alice)
+    clients = [callout.connect(issued.nats_url), callout.connect(callout.url("island", "shared"))]
+    with caplog.at_level("INFO", logger="archipelag.nats_auth"):
+        callout.service.log_stats()
+    assert "event=nats_auth_stats admitted_island_key=1 admitted_legacy=1 refused=0" in caplog.text
+    for nc in clients:
+        callout.loop.run(nc.close())
+
+
 @override_settings(
     NATS_KEY_SESSION_SECONDS=2,
     NATS_ALLOW_LEGACY_USER=True,
