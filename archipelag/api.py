@@ -11,7 +11,8 @@ with 503 and Retry-After (docs/faults.md).
 import functools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from inspect import iscoroutinefunction
 from typing import Any, overload
 
 import msgspec
@@ -56,6 +57,10 @@ class ApiError(Exception):
         self.error = error
         self.headers = headers or {}
         self.fields = fields or {}
+
+
+# What json_api turns into a JSON answer rather than a 500.
+ANSWERED_ERRORS: tuple[type[Exception], ...] = (ApiError, *TRANSIENT_DATABASE_ERRORS)
 
 
 def retry_later(status: int, error: str, retry_after: int) -> ApiError:
@@ -192,14 +197,14 @@ def bearer_token(request: HttpRequest) -> str | None:
     return token
 
 
-type View = Callable[..., HttpResponse]
+type View = Callable[..., HttpResponse] | Callable[..., Awaitable[HttpResponse]]
 
 
 @overload
-def json_api(view: View) -> View: ...
+def json_api[V: View](view: V) -> V: ...
 @overload
-def json_api(*, methods: tuple[str, ...]) -> Callable[[View], View]: ...
-def json_api(view: View | None = None, *, methods: tuple[str, ...] = ("POST",)) -> Any:
+def json_api[V: View](*, methods: tuple[str, ...]) -> Callable[[V], V]: ...
+def json_api(view: Any = None, *, methods: tuple[str, ...] = ("POST",)) -> Any:
     """Mark a view as a JSON API endpoint answering `methods` (POST unless told otherwise).
 
     It is exempt from CSRF because no API endpoint reads the session cookie:
@@ -207,22 +212,39 @@ def json_api(view: View | None = None, *, methods: tuple[str, ...] = ("POST",)) 
     ApiError raised anywhere in the view becomes a JSON error response, and
     so does a transient database error (503), which the caller may retry:
     its transaction rolled back, so nothing of the request was written.
+    An async view (`async def`) gets an async wrapper doing the same.
     """
     allowed = ", ".join(methods)
 
-    def decorate(view: View) -> View:
+    def refused(request: HttpRequest, exc: Exception) -> HttpResponse:
+        if isinstance(exc, ApiError):
+            return error_response(exc.status, exc.error, exc.headers, exc.fields)
+        logger.exception("event=database_unavailable path=%s", request.path)
+        unavailable = database_unavailable()
+        return error_response(unavailable.status, unavailable.error, unavailable.headers)
+
+    def decorate(view: Any) -> Any:
+        if iscoroutinefunction(view):
+
+            @functools.wraps(view)
+            async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+                if request.method not in methods:
+                    return error_response(405, f"method not allowed: use {allowed}", {"Allow": allowed})
+                try:
+                    return await view(request, *args, **kwargs)  # type: ignore[no-any-return]
+                except ANSWERED_ERRORS as exc:
+                    return refused(request, exc)
+
+            return csrf_exempt(async_wrapper)
+
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
             if request.method not in methods:
                 return error_response(405, f"method not allowed: use {allowed}", {"Allow": allowed})
             try:
-                return view(request, *args, **kwargs)
-            except ApiError as exc:
-                return error_response(exc.status, exc.error, exc.headers, exc.fields)
-            except TRANSIENT_DATABASE_ERRORS:
-                logger.exception("event=database_unavailable path=%s", request.path)
-                unavailable = database_unavailable()
-                return error_response(unavailable.status, unavailable.error, unavailable.headers)
+                return view(request, *args, **kwargs)  # type: ignore[no-any-return]
+            except ANSWERED_ERRORS as exc:
+                return refused(request, exc)
 
         return csrf_exempt(wrapper)
 

@@ -106,7 +106,7 @@ heartbeat_commits: GroupCommit[Beat, HeartbeatOutcome] = GroupCommit(
 
 
 @json_api
-def api_heartbeat(request: HttpRequest) -> HttpResponse:
+async def api_heartbeat(request: HttpRequest) -> HttpResponse:
     """Record an Island's heartbeat: 200 once it is committed.
 
     The token is checked by the same locking read that writes the beat, in a
@@ -114,6 +114,11 @@ def api_heartbeat(request: HttpRequest) -> HttpResponse:
     costs no query of its own. A body that cannot be read goes through the
     same batch unwritten, so an unknown token is told so first, as on every
     endpoint.
+
+    Async: the body is checked in the event loop (no I/O: daphne has read
+    it), and a beat that joins a batch another request leads waits there
+    too, on no thread; only a batch's leader hops to its request's thread
+    to write (docs/performance.md).
     """
     received_at = timezone.now()
     token_hash = hash_token(bearer_token(request) or "")
@@ -126,7 +131,7 @@ def api_heartbeat(request: HttpRequest) -> HttpResponse:
     except ApiError as exc:
         refused = exc
     try:
-        outcome = heartbeat_commits.submit(Beat(heartbeat, received_at, token_hash=token_hash))
+        outcome = await heartbeat_commits.asubmit(Beat(heartbeat, received_at, token_hash=token_hash))
     except GroupCommitFailed as exc:
         # Another request led the batch holding this beat, and its write
         # failed; that request logs the error. Ours gets the same answer.

@@ -34,10 +34,10 @@ def test_a_heartbeat_whose_connection_drops_gets_a_json_503(client, token, monke
 
 
 def test_a_heartbeat_riding_in_a_failed_batch_gets_the_same_503(client, token, monkeypatch):
-    def follower_of_a_failed_batch(item):
+    async def follower_of_a_failed_batch(item):
         raise GroupCommitFailed("the batch holding this item failed") from OperationalError("gone")
 
-    monkeypatch.setattr(island_views.heartbeat_commits, "submit", follower_of_a_failed_batch)
+    monkeypatch.setattr(island_views.heartbeat_commits, "asubmit", follower_of_a_failed_batch)
     response = post_json(client, "/api/v1/islands/heartbeat", MINIMAL_HEARTBEAT, token)
     assert (response.status_code, response.json()) == (503, UNAVAILABLE)
 

@@ -1,5 +1,6 @@
 """Heartbeats arriving together share one transaction, and each still waits for it."""
 
+import asyncio
 import re
 import threading
 import time
@@ -15,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from archipelag.secrets import hash_secret
 from islands import views
 from islands.agent import EnhancedHeartbeat
-from islands.groupcommit import GroupCommit, GroupCommitFailed
+from islands.groupcommit import GroupCommit, GroupCommitFailed, _Pending
 from islands.models import Beat, HeartbeatOutcome, Island, StatusChange
 from tests.islands.conftest import MINIMAL_HEARTBEAT, T0, make_island, post_json
 
@@ -143,6 +144,87 @@ def test_a_queue_longer_than_a_batch_is_written_in_several():
         thread.join(10)
     assert results == [n * 10 for n in range(1, 11)]
     assert [len(batch) for batch in writer.batches] == [1, 4, 4, 2]
+
+
+# --- The same from async code: waiting in the event loop ---------------------------
+
+
+def test_async_items_arriving_during_a_write_share_the_next_batch_in_one_event_loop():
+    writer = GatedWriter()
+    commits = GroupCommit(writer)
+    threads_before = threading.active_count()
+
+    async def scenario():
+        first = asyncio.ensure_future(commits.asubmit(1))
+        await asyncio.to_thread(wait_until, lambda: len(writer.batches) == 1)
+        others = [asyncio.ensure_future(commits.asubmit(n)) for n in range(2, 12)]
+        await asyncio.to_thread(wait_until, lambda: queued(commits) == 10)
+        # The ten waiting hold no thread (the loop's helpers and the leader's write take a few).
+        assert threading.active_count() - threads_before < 5
+        writer.gate.set()
+        return await first, await asyncio.gather(*others)
+
+    first, results = asyncio.run(scenario())
+    assert first == 10
+    assert results == [n * 10 for n in range(2, 12)]
+    assert [sorted(batch) for batch in writer.batches] == [[1], list(range(2, 12))]
+    assert queued(commits) == 0
+
+
+def test_a_sync_and_an_async_request_share_one_queue():
+    writer = GatedWriter()
+    commits = GroupCommit(writer)
+    first, first_result = in_threads(commits.submit, [1])
+    wait_until(lambda: len(writer.batches) == 1)
+    others, results = in_threads(lambda n: asyncio.run(commits.asubmit(n)), [2, 3])
+    wait_until(lambda: queued(commits) == 2)
+    writer.gate.set()
+    for thread in first + others:
+        thread.join(10)
+    assert (first_result, results) == ([10], [20, 30])
+    assert [sorted(batch) for batch in writer.batches] == [[1], [2, 3]]
+
+
+def test_a_waiting_request_that_goes_away_is_dropped_and_the_queue_moves_on():
+    writer = GatedWriter()
+    commits = GroupCommit(writer)
+
+    async def scenario():
+        first = asyncio.ensure_future(commits.asubmit(1))
+        await asyncio.to_thread(wait_until, lambda: len(writer.batches) == 1)
+        gone = asyncio.ensure_future(commits.asubmit(2))
+        stays = asyncio.ensure_future(commits.asubmit(3))
+        await asyncio.to_thread(wait_until, lambda: queued(commits) == 2)
+        gone.cancel()  # its client hung up while it waited
+        await asyncio.sleep(0)
+        writer.gate.set()
+        return await first, await stays, await asyncio.gather(gone, return_exceptions=True)
+
+    first, stays, (gone,) = asyncio.run(scenario())
+    assert (first, stays) == (10, 30)
+    assert isinstance(gone, asyncio.CancelledError)
+    assert writer.batches == [[1], [3]]
+    assert not commits._writing and queued(commits) == 0
+
+
+def test_a_request_made_leader_that_goes_away_passes_the_lead_on():
+    commits: GroupCommit[int, int] = GroupCommit(lambda items: list(items))
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        promoted: _Pending[int, int] = _Pending(1, loop)
+        next_one: _Pending[int, int] = _Pending(2, loop)
+        # The state a leader leaves when it has just made `promoted` the next one.
+        commits._writing = True
+        commits._queue = [promoted, next_one]
+        promoted.lead = True
+        commits._abandon(promoted)
+        assert next_one.future is not None
+        await asyncio.wait_for(next_one.future, 1)
+        return next_one.lead
+
+    assert asyncio.run(scenario()) is True
+    assert commits._queue and commits._queue[0].item == 2
 
 
 # --- The heartbeat batch: the token check folded into the write ---------------------
