@@ -307,6 +307,7 @@ def through_bridge(
     timestamp: int,
     bridges: int,
     writers: int,
+    profile: str | None = None,
 ) -> tuple[float, float, dict[str, int]]:
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     logs = [Path(tempfile.gettempdir()) / f"nats-bridge-{prefix.rstrip('.')}-{n}.log" for n in range(bridges)]
@@ -320,12 +321,16 @@ def through_bridge(
         asyncio.run(publish_round(nats_url, prefix, hosts, timestamp - 1))
         wait_until_written(database_url, timestamp - 1, len(hosts))
 
+        spy = start_profile(running[0].process.pid, profile) if profile else None
         cpu_before = sum(bridge.cpu_seconds() for bridge in running)
         started = time.perf_counter()
         publish_seconds = asyncio.run(publish_round(nats_url, prefix, hosts, timestamp))
         wait_until_written(database_url, timestamp, len(hosts))
         elapsed = time.perf_counter() - started
         cpu = sum(bridge.cpu_seconds() for bridge in running) - cpu_before
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
     finally:
         counters: dict[str, int] = {}
         for bridge in running:
@@ -336,6 +341,21 @@ def through_bridge(
     print(f"  bridge logs: {' '.join(str(log) for log in logs)}")
     counters["cpu_microseconds_per_heartbeat"] = int(cpu / len(hosts) * 1e6)
     return len(hosts) / elapsed, len(hosts) / publish_seconds, counters
+
+
+def start_profile(pid: int, output: str) -> "subprocess.Popen[bytes]":
+    """py-spy on the bridge during the timed round (all its threads, not only the GIL holder's)."""
+    import shutil
+
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        sys.exit("py-spy is not installed: make bench installs it (pip install '.[bench]')")
+    options = ["--duration", "600", "--rate", "200", "--gil", "--nonblocking", "--format", "raw"]
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), *options, "--output", output],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def delete_stream(nats_url: str, prefix: str) -> None:
@@ -376,6 +396,11 @@ def main() -> None:
         "--bridges", type=int, default=1, help="Bridge processes sharing the load (queue group)."
     )
     parser.add_argument("--writers", type=int, default=2, help="Batches each bridge writes at once.")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample the (first) bridge with py-spy during the timed round; print where its time went",
+    )
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
     parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
     args = parser.parse_args()
@@ -398,6 +423,7 @@ def main() -> None:
         stamp + 10,
         args.bridges,
         args.writers,
+        args.profile,
     )
     batches = counters.get("heartbeat_batches", 0)
     applied = counters.get("heartbeats_applied", 0)
@@ -423,6 +449,10 @@ def main() -> None:
             f"(average {applied / batches:,.0f}), {counters.get('heartbeats_superseded', 0)} superseded, "
             f"{counters.get('heartbeats_not_applied', 0)} not applied"
         )
+    if args.profile and Path(args.profile).exists():
+        from bench.common import summarize_profile
+
+        print(summarize_profile(Path(args.profile), top=40).replace("daphne", "the bridge"), flush=True)
 
 
 if __name__ == "__main__":
