@@ -79,6 +79,8 @@ def walk(page, server, alice, newcomer: str, issue_code) -> Iterator[str]:
     yield "an Island's page"
     page.goto(url + "/reference/karma")
     yield "karma reference"
+    page.goto(url + "/settings/notifications")
+    yield "notification settings"
 
 
 def _islands(alice):

@@ -109,3 +109,22 @@ def test_the_history_costs_five_queries_however_long_it_is(island, django_assert
 
 def test_another_users_island_page_is_a_404(bob_client, island):
     assert bob_client.get(f"/settings/islands/{island.pk}").status_code == 404
+
+
+def test_the_island_page_costs_the_same_queries_with_no_history_or_a_busy_month(
+    alice, alice_client, island, django_assert_max_num_queries
+):
+    quiet = make_island(alice, host_id="alice-quiet-host", paired_at=PAIRED)
+    with django_assert_max_num_queries(20) as empty:
+        page(alice_client, quiet)
+    for day in range(1, 11):
+        with time_machine.travel(at(day, 10), tick=False):
+            for n in range(5):
+                job = give_job(island=island, job_id=f"job-{day}-{n}")
+                Job.objects.apply_status(island, job.job_id, "succeeded" if n else "failed", None)
+            KarmaEvent.objects.adjust(island, Decimal(1), "test", by=None, now=at(day, 11))
+    with django_assert_max_num_queries(20) as busy:
+        html = page(alice_client, island)
+    assert 'title="2026-03-05: 4 completed, 1 failed"' in html
+    print(f"/settings/islands/<id> queries: no history -> {len(empty)}, 50 jobs over 10 days -> {len(busy)}")
+    assert len(empty) == len(busy)
