@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from archipelag import views
+from archipelag import openapi, views
 from notify import views as notify_views
 
 # API clients parse every answer as JSON, 404s included.
@@ -14,6 +14,7 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("api/v1/ping", views.ping, name="ping"),
+    path("api/v1/openapi.json", openapi.openapi_json, name="openapi"),
     path("accounts/signup/", notify_views.signup, name="signup"),
     # Django's login, counting attempts per account and per address (archipelag.auth).
     path("accounts/login/", views.LoginView.as_view(), name="login"),
