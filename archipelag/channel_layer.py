@@ -13,6 +13,16 @@ A `BlockingConnectionPool` of the same size makes the surplus wait its turn
 for up to `pool_timeout` seconds instead; Redis answers each command in
 microseconds, so the queue drains quickly.
 
+Its connections retry a command once, on a new connection, when the one
+they held turns out to be closed: after a Redis restart every pooled
+connection is dead. redis-py checks a pooled connection for a pending EOF
+before handing it out, but not with every parser (RESP3 with hiredis, the
+default with hiredis installed since redis-py 8, does not recover), and a
+connection can die between that check and its command; without the retry
+about 10% of the websocket handshakes after a restart failed with 1011
+(tests/faults/test_redis_restart.py). Timeouts are not retried: a frozen
+Redis must fail in one socket timeout, not two.
+
 `send_to_groups` sends live page updates from `transaction.on_commit`.
 """
 
@@ -24,6 +34,9 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from channels_redis.core import RedisChannelLayer as BaseRedisChannelLayer
 from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 # How long a layer operation waits for a free connection before giving up.
 DEFAULT_POOL_TIMEOUT = 10.0
@@ -37,7 +50,8 @@ class RedisChannelLayer(BaseRedisChannelLayer):
             return super().create_pool(index)
         address = host.pop("address")
         timeout = host.pop("pool_timeout", DEFAULT_POOL_TIMEOUT)
-        return BlockingConnectionPool.from_url(address, timeout=timeout, **host)
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        return BlockingConnectionPool.from_url(address, timeout=timeout, retry=retry, **host)
 
 
 # How long a page-update send may hold up the request or step that caused it.
