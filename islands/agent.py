@@ -8,6 +8,7 @@ absurd values out of the database; a value outside them is a 400.
 """
 
 import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -214,6 +215,16 @@ class JobStatus(msgspec.Struct):
     # would be retried forever.
     error: str | None = None
     timestamp: Milliseconds | None = None
+
+
+class MaintenanceAnnouncement(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /api/v1/islands/maintenance: a window until this moment (ISO 8601, UTC), or null to end it.
+
+    Not part of the agent's protocol: the Island's own scripts (an upgrade,
+    a reboot) may call it with the Island's API token.
+    """
+
+    until: datetime | None
 
 
 class LeaseRenewal(msgspec.Struct):

@@ -955,6 +955,11 @@ class Island(models.Model):
     # An admin may suspend an Island: it keeps its token and keeps reporting,
     # but is shown as suspended and gets no new jobs.
     suspended_at = models.DateTimeField(null=True, blank=True)
+    # The end of the maintenance window going on, if any (MaintenanceWindow
+    # keeps them all): until then no silence charges, no offline alerts and
+    # no new jobs. Read against the clock, like offline_after: a past value
+    # means none.
+    maintenance_until = models.DateTimeField(null=True, blank=True, editable=False)
 
     # Online status, healthchecks-style. Every heartbeat moves `offline_after`
     # to its receive time plus the threshold; the status people see is
@@ -1179,6 +1184,9 @@ class Island(models.Model):
             "event=island_removed island_id=%s host_id=%s owner_id=%s", self.pk, self.host_id, self.owner_id
         )
 
+    def in_maintenance(self, now: datetime) -> bool:
+        return self.maintenance_until is not None and self.maintenance_until > now
+
     def status_at(self, now: datetime) -> "Island.LiveStatus":
         """What this Island is shown as at `now`.
 
@@ -1315,6 +1323,100 @@ class Island(models.Model):
         if self.ram_mb:
             parts.append(f"{gigabytes(self.ram_mb)} RAM")
         return " · ".join(parts) or "Not reported yet"
+
+
+# A maintenance window lasts at most this long, and an Island may spend at
+# most MAINTENANCE_BUDGET in maintenance over any MAINTENANCE_PERIOD: enough
+# for an upgrade or a move, too little to hide a flaky machine.
+MAINTENANCE_MAX = timedelta(hours=24)
+MAINTENANCE_BUDGET = timedelta(hours=24)
+MAINTENANCE_PERIOD = timedelta(days=7)
+
+
+class MaintenanceRefused(Exception):
+    """A window the limits do not allow; the message is safe to show."""
+
+
+class MaintenanceWindowManager(models.Manager["MaintenanceWindow"]):
+    def used(self, island: Island, now: datetime) -> timedelta:
+        """Time spent in maintenance within the last MAINTENANCE_PERIOD, the current window included."""
+        since = now - MAINTENANCE_PERIOD
+        used = timedelta(0)
+        for starts, ends in self.filter(island=island, ends_at__gt=since, starts_at__lt=now).values_list(
+            "starts_at", "ends_at"
+        ):
+            used += min(ends, now) - max(starts, since)
+        return used
+
+    def covering(self, island_id: Any) -> list[tuple[datetime, datetime]]:
+        """An Island's windows as (start, end) pairs, for the karma rules."""
+        return list(self.filter(island_id=island_id).values_list("starts_at", "ends_at"))
+
+    def announce(self, island: Island, until: datetime | None, by: str, now: datetime) -> datetime | None:
+        """Start, extend or (until=None) end the Island's maintenance; returns when it now ends.
+
+        A window starts now: it may start during a silence already under way,
+        and stops further charges from its start. At most MAINTENANCE_MAX
+        ahead, and MAINTENANCE_BUDGET per MAINTENANCE_PERIOD counting the
+        windows before (an extension counts as one window). The Island's row
+        is locked, so two announcements apply one after the other.
+        """
+        with transaction.atomic():
+            locked = Island.objects.select_for_update(no_key=True).get(pk=island.pk)
+            current = (
+                self.filter(island=locked, starts_at__lte=now, ends_at__gt=now).order_by("-ends_at").first()
+            )
+            if until is None:
+                if current is not None:
+                    self.filter(pk=current.pk).update(ends_at=now)
+                Island.objects.filter(pk=locked.pk).update(maintenance_until=None)
+                island.maintenance_until = None
+                return None
+            if until <= now:
+                raise MaintenanceRefused("“until” must be in the future.")
+            if until - now > MAINTENANCE_MAX:
+                raise MaintenanceRefused("A maintenance window lasts at most 24 hours from now.")
+            earlier = self.used(locked, now)
+            if earlier + (until - now) > MAINTENANCE_BUDGET:
+                left = max(MAINTENANCE_BUDGET - earlier, timedelta(0))
+                hours, rest = divmod(int(left.total_seconds()) // 60, 60)
+                raise MaintenanceRefused(
+                    "An Island may be in maintenance 24 hours per 7 days; "
+                    f"{hours} h {rest} min are left for this one."
+                )
+            if current is not None:
+                self.filter(pk=current.pk).update(ends_at=until)
+            else:
+                self.create(island=locked, starts_at=now, ends_at=until, announced_by=by, created_at=now)
+            Island.objects.filter(pk=locked.pk).update(maintenance_until=until)
+            island.maintenance_until = until
+            return until
+
+
+class MaintenanceWindow(models.Model):
+    """A time an Island's owner (or the Island) announced it would be away on purpose."""
+
+    class By(models.TextChoices):
+        OWNER = "owner", "Its owner"
+        ISLAND = "island", "The Island"
+
+    island = models.ForeignKey(Island, on_delete=models.CASCADE, related_name="maintenance_windows")
+    starts_at = models.DateTimeField()
+    # Moved to the moment it was ended early, or later by an extension.
+    ends_at = models.DateTimeField()
+    announced_by = models.CharField(max_length=8, choices=By.choices)
+    created_at = models.DateTimeField()
+
+    objects = MaintenanceWindowManager()
+
+    class Meta:
+        indexes = [
+            # Serves the budget (an Island's windows of the last 7 days) and the karma rules.
+            models.Index(fields=["island", "ends_at"], name="maintenance_island_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Maintenance of {self.island_id} {self.starts_at:%Y-%m-%d %H:%M}–{self.ends_at:%H:%M}"
 
 
 class StatusChange(models.Model):
@@ -1512,6 +1614,11 @@ def _region(spec: JobSpec) -> Q:
 
 ELIGIBILITY: tuple[Rule, ...] = (
     Rule("suspended", "it is suspended", lambda spec, now: Q(suspended_at__isnull=True)),
+    Rule(
+        "maintenance",
+        "its owner announced maintenance",
+        lambda spec, now: Q(maintenance_until__isnull=True) | Q(maintenance_until__lte=now),
+    ),
     Rule(
         "offline",
         "it is offline",

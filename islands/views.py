@@ -1,6 +1,6 @@
 import logging
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -31,9 +31,10 @@ from islands.agent import (
     EnhancedHeartbeat,
     JobStatus,
     JobSubmission,
+    MaintenanceAnnouncement,
 )
 from islands.fleet import FILTERABLE, SORTS, FleetView
-from islands.forms import RenameIslandForm
+from islands.forms import MaintenanceForm, RenameIslandForm
 from islands.groupcommit import GroupCommit, GroupCommitFailed
 from islands.history import island_history
 from islands.models import (
@@ -52,6 +53,8 @@ from islands.models import (
     JobNotFound,
     JobSpec,
     JobStateConflict,
+    MaintenanceRefused,
+    MaintenanceWindow,
     NoEligibleIsland,
     hash_token,
 )
@@ -145,6 +148,55 @@ async def api_heartbeat(request: HttpRequest) -> HttpResponse:
     if outcome is HeartbeatOutcome.WRONG_HOST:
         raise ApiError(403, "host_id is not the host of the Island this token belongs to")
     return JsonResponse({"success": True})
+
+
+@json_api
+def api_maintenance(request: HttpRequest) -> HttpResponse:
+    """The Island announces maintenance: `{"until": "<ISO 8601 UTC>"}`, or `{"until": null}` to end it."""
+    island = _calling_island(request)
+    body = parse_body(request, MaintenanceAnnouncement)
+    if body.until is not None and body.until.tzinfo is None:
+        raise ApiError(400, "invalid until: give a UTC time, such as 2026-03-01T14:00:00Z")
+    now = timezone.now()
+    try:
+        until = MaintenanceWindow.objects.announce(island, body.until, MaintenanceWindow.By.ISLAND, now)
+    except MaintenanceRefused as exc:
+        raise ApiError(400, str(exc)) from None
+    logger.info(
+        "event=maintenance island_id=%s until=%s by=island", island.pk, until.isoformat() if until else None
+    )
+    return JsonResponse({"success": True, "maintenance_until": _utc(until)})
+
+
+def _utc(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z") if moment else None
+
+
+@login_required
+@require_POST
+def maintenance(request: AuthenticatedHttpRequest, pk: str) -> HttpResponse:
+    """The card's "Maintenance… until": start, extend or (end=1) end a window, in UTC."""
+    island = _island_for(request, pk)
+    now = timezone.now()
+    if request.POST.get("end"):
+        MaintenanceWindow.objects.announce(island, None, MaintenanceWindow.By.OWNER, now)
+        messages.success(request, f"Maintenance of “{island.name}” ended.")
+        return redirect("islands:settings")
+    form = MaintenanceForm(request.POST)
+    if form.is_valid():
+        try:
+            MaintenanceWindow.objects.announce(island, form.until_at(now), MaintenanceWindow.By.OWNER, now)
+        except MaintenanceRefused as exc:
+            messages.error(request, f"Maintenance of “{island.name}”: {exc}")
+        else:
+            messages.success(
+                request, f"“{island.name}” is in maintenance until {island.maintenance_until:%H:%M} UTC."
+            )
+    else:
+        for errors in form.errors.values():
+            for error in errors:
+                messages.error(request, f"Maintenance of “{island.name}”: {error}")
+    return redirect("islands:settings")
 
 
 @json_api

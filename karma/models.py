@@ -16,7 +16,7 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
-from islands.models import WATCH_BATCH, Attempt, Island, Job, StatusChange
+from islands.models import WATCH_BATCH, Attempt, Island, Job, MaintenanceWindow, StatusChange
 from karma import rules, signals
 
 if TYPE_CHECKING:
@@ -158,13 +158,26 @@ class KarmaEventManager(models.Manager["KarmaEvent"]):
             if silence_pk is not None and index is not None:
                 charged[silence_pk].add(index)
 
+        # Steps falling due inside a maintenance window are never charged: a
+        # window may begin during a silence and stops the charges from then.
+        windows: defaultdict[Any, list[tuple[datetime, datetime]]] = defaultdict(list)
+        for island_id, opens, closes in MaintenanceWindow.objects.filter(
+            island_id__in={row[1] for row in incidents}
+        ).values_list("island_id", "starts_at", "ends_at"):
+            windows[island_id].append((opens, closes))
+
         events: list[KarmaEvent] = []
         for silence_pk, island_id, since, ended_at, removed_at in incidents:
             # Removing an Island is deliberate, like a sign-off: it ends the incident.
             ends = [moment for moment in (ended_at, removed_at) if moment is not None]
             end = min(ends) if ends else None
             steps = rules.disconnection_steps(since, min(end, now) if end else now)
-            owed = [step for step in steps if step.index not in charged[silence_pk]]
+            owed = [
+                step
+                for step in steps
+                if step.index not in charged[silence_pk]
+                and not any(opens <= step.due_at < closes for opens, closes in windows[island_id])
+            ]
             for step in owed:
                 if len(events) >= limit:
                     return events

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models import OuterRef, Subquery, Sum
 from django.urls import reverse
 
-from islands.models import WATCH_BATCH, Island, StatusChange
+from islands.models import WATCH_BATCH, Island, MaintenanceWindow, StatusChange
 from karma import rules as karma_rules
 from karma.models import KarmaEvent
 from notify.models import Notification, Preferences
@@ -127,6 +127,18 @@ def _closing_change(silence_pk: int, island_id: Any) -> StatusChange | None:
     return StatusChange.objects.filter(island_id=island_id, pk__gt=silence_pk).order_by("pk").first()
 
 
+def effective_due(island_id: Any, due: datetime) -> datetime:
+    """When an offline alert due at `due` may go: after any maintenance window covering that moment.
+
+    The sender and the watcher's look for returns both ask this, so an alert
+    held by maintenance and its back-online message are decided alike.
+    """
+    for starts, ends in sorted(MaintenanceWindow.objects.covering(island_id)):
+        if starts <= due < ends:
+            due = ends
+    return due
+
+
 def alert_still_due(notification: Notification, now: datetime) -> tuple[bool, datetime | None, str]:
     """For an offline alert falling due: send it, skip it, or look again later.
 
@@ -138,18 +150,16 @@ def alert_still_due(notification: Notification, now: datetime) -> tuple[bool, da
         or notification.island_id is None
     ):
         return True, None, ""
-    due = datetime.fromisoformat(notification.data["due_at"])
     island = Island.objects.filter(pk=notification.island_id).first()
     if island is None or island.removed_at is not None:
         return False, None, "the Island was removed"
+    due = effective_due(island.pk, datetime.fromisoformat(notification.data["due_at"]))
     closing = _closing_change(notification.status_change_id, island.pk)
     if closing is not None and closing.at < due:
-        return False, None, "back within the grace"
-    until = getattr(island, "maintenance_until", None)
-    if until is not None and until > now and closing is None:
-        return False, until, "in maintenance"
-    if until is not None and until > now:
-        return False, None, "in maintenance"
+        return False, None, "back within the grace or its maintenance"
+    if now < due:
+        # A maintenance window began after the alert was written: look again when it ends.
+        return False, due, "in maintenance"
     return True, None, ""
 
 
@@ -190,7 +200,7 @@ def record_returns(now: datetime, limit: int = WATCH_BATCH) -> int:
         closed_at: datetime = alert.closed_at
         if alert.status_change_id is None or alert.island_id is None:
             continue  # never: offline alerts name both
-        due = datetime.fromisoformat(alert.data["due_at"])
+        due = effective_due(alert.island_id, datetime.fromisoformat(alert.data["due_at"]))
         silence = (
             StatusChange.objects.filter(pk=alert.status_change_id).values("at", "karma_settled_at").first()
         )

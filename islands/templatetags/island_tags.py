@@ -20,6 +20,12 @@ def status_at(island: "Island", now: datetime) -> str:
 
 
 @register.filter
+def maintenance_until(island: "Island", now: datetime) -> datetime | None:
+    """When the Island's maintenance window ends, if one is going on at `now`."""
+    return island.maintenance_until if island.in_maintenance(now) else None
+
+
+@register.filter
 def live_key(island: "Island", now: datetime) -> str:
     """What the live socket's snapshot compares with (Island.live_key)."""
     return island.live_key(now)

@@ -147,6 +147,7 @@ def test_when_no_island_may_take_it_the_answer_says_why_and_nothing_is_written(c
         "error": "no eligible island",
         "reasons": {
             "suspended": 1,
+            "maintenance": 0,
             "offline": 1,
             "runtime": 0,
             "resting": 0,

@@ -70,6 +70,7 @@ def reasons(job: JobSpec) -> dict[str, int]:
 def test_the_rules_are_the_documented_ones_in_order():
     assert [rule.name for rule in ELIGIBILITY] == [
         "suspended",
+        "maintenance",
         "offline",
         "runtime",
         "resting",
