@@ -26,6 +26,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import common
 from islands.agent import REFERENCE_HEARTBEAT
@@ -97,9 +98,17 @@ def seed_islands(count: int) -> list[tuple[str, str]]:
 
 
 async def drive(
-    url: str, requests: list[tuple[dict[str, str], bytes]], connections: int, seconds: float, into: Round
+    url: str | list[str],
+    requests: list[tuple[dict[str, str], bytes]],
+    connections: int,
+    seconds: float,
+    into: Round,
 ) -> None:
-    """Send `requests` round-robin over `connections` keep-alive connections for `seconds`."""
+    """Send `requests` round-robin over `connections` keep-alive connections for `seconds`.
+
+    Given several URLs (servers), the connections are shared out among them evenly.
+    """
+    urls = [url] if isinstance(url, str) else url
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=connections, force_close=False)
@@ -108,7 +117,7 @@ async def drive(
         deadline = time.perf_counter() + seconds
         counter = iter(range(10**12))
 
-        async def worker() -> None:
+        async def worker(url: str) -> None:
             while (now := time.perf_counter()) < deadline:
                 index = next(counter) % len(requests)
                 headers, body = requests[index]
@@ -123,11 +132,18 @@ async def drive(
                         into.errors[response.status] = into.errors.get(response.status, 0) + 1
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(connections)))
+        await asyncio.gather(*(worker(urls[n % len(urls)]) for n in range(connections)))
         into.seconds += time.perf_counter() - started
 
 
-def run(islands: int, connections: int, seconds: float, rounds: int, profile: str | None = None) -> bool:
+def run(
+    islands: int,
+    connections: int,
+    seconds: float,
+    rounds: int,
+    profile: str | None = None,
+    scale: bool = False,
+) -> bool:
     common.setup_django()
     with common.stage(f"seeding {islands} Islands with tokens"):
         pairs = seed_islands(islands)
@@ -175,8 +191,14 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
                 )
                 spy.wait()
         tracebacks = server.output().count("Traceback") + bare.output().count("Traceback")
+        scaled = scale_out(server, requests, connections, seconds, rounds) if scale else None
 
-    unwritten = _unwritten(pairs, results["heartbeat"].acknowledged)
+    acknowledged = dict(results["heartbeat"].acknowledged)
+    if scaled is not None:
+        for result in scaled.values():
+            for index, sent_at in result.acknowledged.items():
+                acknowledged[index] = max(sent_at, acknowledged.get(index, 0.0))
+    unwritten = _unwritten(pairs, acknowledged)
     floor = results["bare"].rate()
     ratios = {name: result.rate() / floor if floor else 0.0 for name, result in results.items()}
     table = common.Table(
@@ -226,7 +248,7 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
     table.note(f"{'PASS' if passed else 'FAIL'}")
     table.note(
         f"heartbeats answered 200 but not in the database: {unwritten} "
-        f"(of {len(results['heartbeat'].acknowledged)} Islands checked); "
+        f"(of {len(acknowledged)} Islands checked); "
         f"tracebacks in the server logs: {tracebacks}"
     )
     if errors:
@@ -237,11 +259,96 @@ def run(islands: int, connections: int, seconds: float, rounds: int, profile: st
     )
     table.note(common.machine_line())
     table.print()
+    if scaled is not None:
+        passed = print_scale_out(scaled, rounds, unwritten) and passed
     if profile and Path(profile).exists():
         print(common.summarize_profile(Path(profile)), flush=True)
     elif profile:
         print("(no profile: py-spy could not attach to daphne; it needs ptrace permission)", flush=True)
     return passed
+
+
+# Two web processes may lose at most this much of one process's heartbeat throughput.
+SCALE_OUT_TOLERANCE = 0.15
+
+
+def scale_out(
+    server: common.Daphne,
+    requests: list[tuple[dict[str, str], bytes]],
+    connections: int,
+    seconds: float,
+    rounds: int,
+) -> dict[str, Round]:
+    """Heartbeats on one web process, then shared by two, against the same PostgreSQL and Redis.
+
+    The same 64 connections either all reach `server` or are split between
+    it and a second daphne started alike, as a load balancer would split
+    them; rounds alternate.
+    """
+    path = "/api/v1/islands/heartbeat"
+    results = {"one process": Round("one process"), "two processes": Round("two processes")}
+    with common.Daphne(name="heartbeats-second") as second:
+        asyncio.run(drive(second.url + path, requests, connections, 2, Round("warm-up")))
+        urls = {"one process": [server.url + path], "two processes": [server.url + path, second.url + path]}
+        for number in range(rounds):
+            order = list(urls) if number % 2 == 0 else list(urls)[::-1]
+            for name in order:
+                result = results[name]
+                done, spent = result.ok(), result.seconds
+                with common.stage(f"scale-out round {number + 1}/{rounds}: {name}"):
+                    asyncio.run(drive(urls[name], requests, connections, seconds, result))
+                result.per_round.append((result.ok() - done) / (result.seconds - spent))
+        if "Traceback" in second.output():
+            print(second.output()[-3000:], flush=True)
+    return results
+
+
+def print_scale_out(results: dict[str, Round], rounds: int, unwritten: int) -> bool:
+    from islands.models import StatusChange
+
+    one, two = results["one process"], results["two processes"]
+    ratio = two.rate() / max(one.rate(), 1e-9)
+    # A status change recorded twice breaks the chain every Island's changes
+    # form (each row's from_status is the previous row's to_status, the
+    # first from the seeded "online"). Islands late between rounds (over
+    # 45 s without a beat while servers start) rightly record a silence and
+    # a return; those are counted apart.
+    changes = doubled = 0
+    last: dict[Any, str] = {}
+    rows = StatusChange.objects.order_by("island_id", "at", "pk").values_list(
+        "island_id", "from_status", "to_status"
+    )
+    for island_id, from_status, to_status in rows:
+        changes += 1
+        doubled += from_status != last.get(island_id, "online")
+        last[island_id] = to_status
+    table = common.Table(
+        f"Scale-out: heartbeats on one web process and on two, {rounds} rounds each",
+        ["web processes", "requests", "errors", "req/s", "× one", "p50 ms", "p99 ms", "req/s per round"],
+    )
+    for result in (one, two):
+        table.add(
+            result.name,
+            result.ok(),
+            sum(result.errors.values()) or 0,
+            f"{result.rate():.0f}",
+            f"{result.rate() / max(one.rate(), 1e-9):.2f}",
+            common.ms(common.percentile(result.latencies, 50)),
+            common.ms(common.percentile(result.latencies, 99)),
+            ", ".join(str(round(rate)) for rate in result.per_round),
+        )
+    passed = ratio >= 1 - SCALE_OUT_TOLERANCE and not one.errors and not two.errors and not unwritten
+    table.note(
+        f"two / one: {ratio:.2f} (target ≥ {1 - SCALE_OUT_TOLERANCE:.2f}: within 15% of one process) "
+        f"{'met' if passed else 'NOT MET'}"
+    )
+    table.note(
+        f"lost: {unwritten} heartbeats answered 200 but not in the database (both setups); "
+        f"doubled: {doubled} status changes out of their Island's chain (of {changes} recorded)"
+    )
+    table.note(common.machine_line())
+    table.print()
+    return passed and doubled == 0
 
 
 @dataclass
@@ -294,9 +401,14 @@ def main(argv: list[str] | None = None) -> bool:
         help="where to keep the py-spy profile of an extra heartbeat round (collapsed stacks)",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled round")
+    parser.add_argument(
+        "--scale-out",
+        action="store_true",
+        help="then heartbeats on one web process and shared by two (docs/deploy.md's sizing)",
+    )
     args = parser.parse_args(argv)
     profile = None if args.no_profile else args.profile or str(common.workdir() / "heartbeat-profile.txt")
-    return run(args.islands, args.connections, args.seconds, args.rounds, profile)
+    return run(args.islands, args.connections, args.seconds, args.rounds, profile, args.scale_out)
 
 
 if __name__ == "__main__":
