@@ -568,7 +568,9 @@ def _victim_with_a_job(callout: CalloutServer, owner: Any) -> tuple[IssuedKey, A
         ).first(),
         "the victim online with its hardware",
     )
-    job = give_job(island=island, job_id=f"job-{host[:8]}")
+    # A short lease, so that a forged renewal (up to 5 minutes from when it
+    # arrives) visibly pushes it out.
+    job = give_job(island=island, job_id=f"job-{host[:8]}", lease=timedelta(seconds=90))
     return victim, agent, island, job
 
 
