@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import dj_database_url
 import django_stubs_ext
+from django.utils.csp import CSP
 
 # Lets classes such as ModelAdmin[Island] be subscripted at runtime, as the
 # type stubs write them.
@@ -87,6 +88,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # The Content-Security-Policy header (SECURE_CSP below) on every page.
+    "django.middleware.csp.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -320,6 +323,25 @@ CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
 if env_bool("SECURE_PROXY_SSL_HEADER", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 X_FRAME_OPTIONS = "DENY"
+# Pages load scripts, styles, fonts and images from this site only (the QR
+# codes are data: URIs), talk to it only (fetch, htmx, the pairing
+# websocket: 'self' covers ws: and wss: to this host), and run no inline
+# script at all, so an injected <script> or on*= handler does nothing.
+# Inline style *attributes* are allowed (the Island page's bars are sized
+# with them); they cannot run script, and <style> elements stay refused.
+# htmx's own indicator <style> is turned off in base.html's htmx-config.
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF],
+    "style-src": [CSP.SELF],
+    "style-src-attr": [CSP.UNSAFE_INLINE],
+    "img-src": [CSP.SELF, "data:"],
+    "connect-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.NONE],
+    "form-action": [CSP.SELF],
+    "frame-ancestors": [CSP.NONE],
+}
 # The largest form body, as archipelag/server.py's PAGE_MAX_BODY_BYTES bounds
 # it under daphne before Django sees it.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024

@@ -12,6 +12,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.contrib.auth.models import User
 from django.utils import timezone
 
 from islands.models import Island
@@ -165,3 +166,51 @@ def test_no_page_has_a_serious_accessibility_violation(
         for state in walk(page, live_server_debug, alice, f"dave{width}{scheme}", issue_code):
             found += [f"{state} at {width} px, {scheme}: {violation}" for violation in axe(page)]
     assert found == [], "\n".join(found)
+
+
+# Every violation of the page's Content-Security-Policy, as the browser reports it to the page.
+RECORD_CSP_VIOLATIONS = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__cspViolations.push(`${event.violatedDirective} blocked ${event.blockedURI || "inline"}`);
+});
+"""
+
+
+@pytest.mark.browser
+def test_no_page_breaks_its_content_security_policy(browser_page, live_server_debug, alice, issue_code):
+    """Pages, htmx's swaps, the QR code and the pairing websocket all work under the policy."""
+    page = browser_page
+    page.add_init_script(RECORD_CSP_VIOLATIONS)
+    console = []
+    page.on("console", lambda message: console.append(message.text))
+    page.on("pageerror", lambda error: console.append(f"page error: {error}"))
+    found = []
+    for state in walk(page, live_server_debug, alice, "erin", issue_code):
+        found += [f"{state}: {violation}" for violation in page.evaluate("window.__cspViolations")]
+        if state == "pair from a phone":
+            # The QR code (a data: image) shows, and the websocket goes live.
+            assert page.locator("img.qr").evaluate("img => img.complete && img.naturalWidth > 0")
+            page.locator('#mobile-session[data-connection="live"]').wait_for(timeout=15_000)
+    response = page.goto(live_server_debug.url + "/settings")
+    assert response is not None
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    # Removing asks first (a data-confirm form, not an inline onsubmit); dismissed, nothing is removed.
+    asked = []
+
+    def dismiss(dialog) -> None:
+        asked.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    page.get_by_role("button", name="Remove").first.click()
+    assert asked == ["Remove this Island? Its token stops working at once."]
+    assert not Island.objects.filter(owner=alice, removed_at__isnull=False).exists()
+    found += [f"settings, removing: {violation}" for violation in page.evaluate("window.__cspViolations")]
+    # The admin too: its index and a changelist with actions, filters and search.
+    login_browser(page, live_server_debug, User.objects.create_superuser("root", password=PASSWORD))
+    for path in ("/admin/", "/admin/islands/island/", f"/admin/islands/island/{_islands(alice).pk}/change/"):
+        page.goto(live_server_debug.url + path)
+        found += [f"{path}: {violation}" for violation in page.evaluate("window.__cspViolations")]
+    assert found == [], "\n".join(found)
+    assert [text for text in console if "Content Security Policy" in text or "page error" in text] == []

@@ -3,6 +3,8 @@
 // - Copy buttons (hidden without JavaScript) copy an Island ID.
 // - <time class="local-time"> is shown in the browser's time zone (the server
 //   renders UTC and says so).
+// - A form with data-confirm asks before it is sent (no onsubmit= attribute:
+//   the Content-Security-Policy runs no inline script).
 // The page works without this file; it only makes it nicer.
 (function () {
   "use strict";
@@ -27,6 +29,11 @@
       button.hidden = false;
     });
   }
+
+  document.addEventListener("submit", function (event) {
+    var question = event.target.getAttribute && event.target.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) event.preventDefault();
+  });
 
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest("button.copy[data-copy]");
