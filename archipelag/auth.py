@@ -10,22 +10,27 @@ hashed, and heartbeats waited up to 13.6 s for one (issue 14). So:
   taken back, so only failures count. Over a limit, the form says which
   limit and how long to wait, and the page answers 429 with Retry-After;
 - at most PASSWORD_HASHING_CONCURRENCY hashes run at once in a process
-  (half its cores by default), so the rest of the CPU stays with the
-  requests that need little of it. An attempt that waits longer than
-  PASSWORD_HASHING_WAIT seconds for its turn is answered 503, to retry;
+  (half its cores by default), on threads of their own at a lower CPU
+  priority, so the rest of the CPU stays with the requests that need
+  little of it. An attempt that waits longer than PASSWORD_HASHING_WAIT
+  seconds for its turn is answered 503, to retry;
 - the backend gives the request's pooled connection back between looking
   the account up and hashing, so a login holds a connection for the
   length of one indexed query, not of a hash.
 
 The site's login page and the admin's share the form (archipelag.views and
-archipelag.admin). Signup hashes through `hashing_slot()` too (notify.views).
+archipelag.admin). Signup hashes through `hash_in_turn()` too (notify.views).
 """
 
+import contextlib
 import hashlib
 import logging
+import os
+import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -35,7 +40,7 @@ from django.contrib.auth import check_password_with_timing_attack_mitigation
 from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import connection, connections
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
@@ -75,35 +80,66 @@ class HashingBusy(Exception):
         return ratelimit.wait_words(self.retry_after)
 
 
-_slots: threading.BoundedSemaphore | None = None
-_slots_size = 0
-_slots_lock = threading.Lock()
+# Hashes run on a small pool of threads of their own, at a lower CPU
+# priority than the threads answering requests: hashing is the one
+# CPU-heavy thing a web process does, and when the machine is busy a
+# heartbeat should not wait behind it. Requests wait for their hash holding
+# no database connection.
+HASHING_NICE = 10
+_executor: ThreadPoolExecutor | None = None
+_executor_size = 0
+_executor_lock = threading.Lock()
 
 
-def _semaphore() -> threading.BoundedSemaphore:
-    global _slots, _slots_size
+def _background_priority() -> None:
+    # Linux schedules threads as tasks of their own, so this lowers the
+    # priority of this hashing thread only. Elsewhere PRIO_PROCESS would
+    # take a thread id for a process id: leave the priority alone there.
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHING_NICE)
+
+
+def _hashers() -> tuple[ThreadPoolExecutor, int]:
+    global _executor, _executor_size
     size = max(1, int(settings.PASSWORD_HASHING_CONCURRENCY))
-    with _slots_lock:
-        if _slots is None or _slots_size != size:
-            _slots, _slots_size = threading.BoundedSemaphore(size), size
-        return _slots
+    with _executor_lock:
+        if _executor is None or _executor_size != size:
+            if _executor is not None:
+                _executor.shutdown(wait=False)
+            _executor = ThreadPoolExecutor(
+                max_workers=size, thread_name_prefix="password-hashing", initializer=_background_priority
+            )
+            _executor_size = size
+        return _executor, size
 
 
-@contextmanager
-def hashing_slot() -> Iterator[None]:
-    """Wait for a turn to hash a password; raise HashingBusy if none comes in time.
-
-    Threads wait here holding no database connection: the caller gives its
-    own back first (`release_connection()`), or takes one only inside.
-    """
-    slots = _semaphore()
-    if not slots.acquire(timeout=settings.PASSWORD_HASHING_WAIT):
-        logger.warning("event=password_hashing_busy slots=%s", _slots_size)
-        raise HashingBusy
+def _run_hash[T](function: Callable[..., T], *args: Any) -> T:
     try:
-        yield
+        return function(*args)
     finally:
-        slots.release()
+        # A hash that upgrades the stored one saves the user from this
+        # thread: give that connection back, as a request would.
+        connections.close_all()
+
+
+def hash_in_turn[T](function: Callable[..., T], *args: Any) -> T:
+    """Run `function(*args)`, a password hash, on a hashing thread; raise HashingBusy if none is free in time.
+
+    At most PASSWORD_HASHING_CONCURRENCY run at once. One that has not
+    started within PASSWORD_HASHING_WAIT seconds is withdrawn and never
+    runs; one that has started is waited for. The caller gives its pooled
+    connection back first (`release_connection()`).
+    """
+    executor, size = _hashers()
+    future = executor.submit(_run_hash, function, *args)
+    try:
+        return future.result(timeout=settings.PASSWORD_HASHING_WAIT)
+    except FutureTimeout:
+        if future.cancel():
+            logger.warning("event=password_hashing_busy threads=%s", size)
+            raise HashingBusy from None
+        return future.result()
 
 
 def release_connection() -> None:
@@ -118,7 +154,7 @@ def release_connection() -> None:
 
 
 class PoolFriendlyModelBackend(ModelBackend):
-    """Django's ModelBackend, hashing in a slot and without holding a database connection."""
+    """Django's ModelBackend, hashing in turn (hash_in_turn) and without holding a database connection."""
 
     def authenticate(
         self,
@@ -131,15 +167,14 @@ class PoolFriendlyModelBackend(ModelBackend):
             username = kwargs.get(User.USERNAME_FIELD)
         if username is None or password is None:
             return None
-        with hashing_slot():
-            try:
-                user: User | None = User._default_manager.get_by_natural_key(username)
-            except User.DoesNotExist:
-                user = None
-            release_connection()
-            # An unknown name costs a hash too, so the answer's timing does
-            # not tell which accounts exist.
-            matched = check_password_with_timing_attack_mitigation(user, password)
+        try:
+            user: User | None = User._default_manager.get_by_natural_key(username)
+        except User.DoesNotExist:
+            user = None
+        release_connection()
+        # An unknown name costs a hash too, so the answer's timing does not
+        # tell which accounts exist.
+        matched = hash_in_turn(check_password_with_timing_attack_mitigation, user, password)
         if user is not None and matched and self.user_can_authenticate(user):
             return user
         return None
@@ -151,7 +186,7 @@ class PoolFriendlyModelBackend(ModelBackend):
         password: str | None = None,
         **kwargs: Any,
     ) -> User | None:
-        # ModelBackend's own async version would skip the slot.
+        # ModelBackend's own async version would hash outside the turns.
         return await sync_to_async(self.authenticate)(request, username=username, password=password, **kwargs)
 
 

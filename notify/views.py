@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from archipelag import ratelimit
 from archipelag.api import client_ip
-from archipelag.auth import HashingBusy, hashing_slot, release_connection
+from archipelag.auth import HashingBusy, hash_in_turn, release_connection
 from islands.models import Island
 from notify import limits
 from notify.alerts import island_from_not_me
@@ -67,8 +67,8 @@ def _new_user(request: HttpRequest, form: SignupForm, next_url: str) -> User | H
     try:
         ratelimit.take(limits.signup_buckets(ip=client_ip(request)), timezone.now(), fail_open=True)
         release_connection()
-        with hashing_slot():
-            return form.save(commit=False)
+        user: User = hash_in_turn(form.save, False)
+        return user
     except ratelimit.RateLimited as exc:
         error, status, retry_after = (
             f"Too many new accounts from {exc.limit.per}. Try again in {exc.wait_words}.",

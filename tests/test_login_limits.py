@@ -5,6 +5,7 @@ lockout, and signup was not throttled at all.
 """
 
 import threading
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from html import unescape
 
@@ -12,7 +13,7 @@ import pytest
 import time_machine
 from django.contrib.auth import check_password_with_timing_attack_mitigation
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import connection, connections
 from django.test import Client
 
 from archipelag import auth
@@ -30,6 +31,19 @@ def log_in(client, username="alice", password="wrong", ip="192.0.2.10", url=LOGI
 
 def page(response):
     return unescape(response.content.decode())
+
+
+@contextmanager
+def hashing_threads_busy():
+    """Every hashing thread busy until the block ends: a hash asked for meanwhile waits its turn."""
+    release = threading.Event()
+    executor, size = auth._hashers()
+    for _ in range(size):
+        executor.submit(release.wait)
+    try:
+        yield
+    finally:
+        release.set()
 
 
 def signed_in(client):
@@ -123,13 +137,14 @@ def test_a_burst_of_wrong_passwords_gets_exactly_the_limit_checked(redis_url, po
 def test_no_turn_to_hash_answers_503_with_the_wait_and_counts_nothing(client, alice, settings):
     settings.PASSWORD_HASHING_CONCURRENCY = 1
     settings.PASSWORD_HASHING_WAIT = 0
-    with time_machine.travel(START, tick=False), auth.hashing_slot():
+    with time_machine.travel(START, tick=False), hashing_threads_busy():
         busy = log_in(client, password=PASSWORD)
         assert busy.status_code == 503
         assert busy["Retry-After"] == "1"
         assert "Too many logins are being checked right now. Try again in 1 second." in page(busy)
         for _ in range(10):
             assert log_in(client).status_code == 503
+    settings.PASSWORD_HASHING_WAIT = 10
     with time_machine.travel(START, tick=False):
         # The refused tries were taken back: the account's ten are all left.
         for _ in range(10):
@@ -176,9 +191,11 @@ def test_the_backend_holds_no_database_connection_while_it_hashes(postgres, monk
     User.objects.create_user("alice", password=PASSWORD)
     held_while_hashing = []
     check = check_password_with_timing_attack_mitigation
+    # The request's connection: the test client runs the view in this thread.
+    requests_connection = connections["default"]
 
     def watched_check(user, password):
-        held_while_hashing.append(connection.connection is not None)
+        held_while_hashing.append(requests_connection.connection is not None)
         return check(user, password)
 
     monkeypatch.setattr(auth, "check_password_with_timing_attack_mitigation", watched_check)
@@ -250,7 +267,7 @@ def test_a_refused_signup_keeps_what_was_typed_and_is_not_counted_when_invalid(d
 def test_no_turn_to_hash_a_new_password_answers_503(db, settings):
     settings.PASSWORD_HASHING_CONCURRENCY = 1
     settings.PASSWORD_HASHING_WAIT = 0
-    with auth.hashing_slot():
+    with hashing_threads_busy():
         busy = sign_up(Client(), "carol")
     assert busy.status_code == 503
     assert busy["Retry-After"] == "1"
