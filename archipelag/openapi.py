@@ -15,7 +15,14 @@ from typing import Any
 import msgspec
 from django.http import HttpRequest, HttpResponse
 
-from islands.agent import EnhancedHeartbeat, HostRegistration, JobStatus, JobSubmission, PollRequest
+from islands.agent import (
+    EnhancedHeartbeat,
+    HostRegistration,
+    JobStatus,
+    JobSubmission,
+    MaintenanceAnnouncement,
+    PollRequest,
+)
 from islands.mobile import MobilePairRequest
 
 # A JSON Schema (and ECMAScript) pattern ends with `$`; msgspec's end with
@@ -292,6 +299,11 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["success", "job"],
         "properties": {"success": {"const": True}, "job": _ref("Job")},
     },
+    "MaintenanceAnswer": {
+        "type": "object",
+        "required": ["success", "maintenance_until"],
+        "properties": {"success": {"const": True}, "maintenance_until": NULLABLE_TIMESTAMP},
+    },
     "Health": {
         "type": "object",
         "required": ["status"],
@@ -365,6 +377,16 @@ def _paths() -> dict[str, Any]:
                 operation_id="pollJobs",
             ),
         },
+        "/api/v1/islands/maintenance": {
+            "post": _operation(
+                "The Island announces a maintenance window (at most 24 h ahead, 24 h per 7 days), or ends it",
+                {"200": _ok("When its maintenance now ends (null: none)", _ref("MaintenanceAnswer"))},
+                [*body_errors, "401-bearer", 503],
+                body="MaintenanceAnnouncement",
+                security="islandToken",
+                operation_id="announceMaintenance",
+            ),
+        },
         "/api/v1/islands/jobs/{job_id}/status": {
             "post": _operation(
                 "The Island reports a job's state",
@@ -429,7 +451,15 @@ def _end_patterns(node: Any) -> Any:
 def document() -> dict[str, Any]:
     """The whole OpenAPI 3.1 document, built once per process."""
     _, requests = msgspec.json.schema_components(
-        [HostRegistration, PollRequest, MobilePairRequest, EnhancedHeartbeat, JobStatus, JobSubmission],
+        [
+            HostRegistration,
+            PollRequest,
+            MobilePairRequest,
+            EnhancedHeartbeat,
+            JobStatus,
+            JobSubmission,
+            MaintenanceAnnouncement,
+        ],
         ref_template="#/components/schemas/{name}",
     )
     return {

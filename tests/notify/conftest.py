@@ -1,4 +1,4 @@
-"""A real SMTP server for the notification tests: what it receives is the mailbox the tests read."""
+"""Real servers for the notification tests: an SMTP server (the mailbox) and an HTTP webhook receiver."""
 
 import email
 import email.policy
@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -64,3 +65,46 @@ def body(message: EmailMessage) -> str:
     part = message.get_body(preferencelist=("plain",))
     assert part is not None
     return str(part.get_content())
+
+
+@dataclass
+class Receiver:
+    """A local HTTP receiver: answers with the statuses queued (then 200), records what arrived."""
+
+    answers: list[int] = field(default_factory=list)
+    delay: float = 0.0
+    requests: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
+    url: str = ""
+
+    def ids(self):
+        return [headers["webhook-id"] for headers, _, _ in self.requests]
+
+
+@pytest.fixture
+def receiver(settings):
+    settings.WEBHOOKS_ALLOW_PRIVATE = True
+    box = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            data = self.rfile.read(int(self.headers["Content-Length"]))
+            box.requests.append(({k.lower(): v for k, v in self.headers.items()}, data, self.path))
+            if box.delay:
+                time.sleep(box.delay)
+            status = box.answers.pop(0) if box.answers else 200
+            self.send_response(status)
+            if status in (301, 302, 307, 308):
+                self.send_header("Location", f"{box.url}/elsewhere")
+            self.end_headers()
+            self.wfile.write(b"ok" if status < 300 else b"nope")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    box.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield box
+    server.shutdown()
+    server.server_close()

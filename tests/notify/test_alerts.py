@@ -209,3 +209,12 @@ def test_island_status_is_untouched_by_alerts(island):
     kill(island)
     island.refresh_from_db()
     assert island.status == Island.Status.OFFLINE
+
+
+def test_the_watcher_s_step_only_writes_rows_and_never_waits_on_mail(island, mailbox):
+    # A mail server that takes ages: the step does not touch it (the sender thread does).
+    mailbox.delay = 30
+    kill(island)
+    step(DEADLINE + timedelta(minutes=10))
+    assert mailbox.messages == []
+    assert Delivery.objects.get().status == "pending"

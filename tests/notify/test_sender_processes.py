@@ -30,6 +30,7 @@ def _sender(mailbox, tmp_path, name: str, lease: int = 60) -> subprocess.Popen[b
         "DATABASE_URL": _test_database_url(),
         "DJANGO_SETTINGS_MODULE": "archipelag.settings",
         "NOTIFY_CLAIM_LEASE": str(lease),
+        "WEBHOOKS_ALLOW_PRIVATE": "1",
     }
     log = (tmp_path / f"{name}.log").open("wb")
     return subprocess.Popen(
@@ -110,3 +111,44 @@ def test_a_sender_killed_mid_batch_loses_nothing_and_resends_with_the_same_id(
     assert all(n <= 2 for n in received.values())
     assert Notification.objects.count() == MESSAGES
     assert Delivery.objects.count() == MESSAGES
+
+
+@pytest.mark.postgres
+def test_a_sender_killed_mid_batch_delivers_each_webhook_event_once_by_its_id(
+    postgres, transactional_db, receiver, tmp_path, mailbox
+):
+    """Receivers de-duplicate on webhook-id: a resend after the kill carries the same one, signed."""
+    from standardwebhooks.webhooks import Webhook
+
+    from notify.models import WebhookEndpoint
+
+    dave = User.objects.create_user("dave", password=PASSWORD)  # no address: webhooks only
+    _, secret = WebhookEndpoint.objects.add(dave, receiver.url, ["island.linked"], timezone.now())
+    now = timezone.now()
+    for i in range(MESSAGES):
+        Notification.objects.record(dave, Notification.Kind.LINKED, f"linked:{i}", {"n": i}, now)
+    expected = set(Delivery.objects.values_list("message_id", flat=True))
+    assert len(expected) == MESSAGES
+    receiver.delay = 0.05
+    first = _sender(mailbox, tmp_path, "first", lease=2)
+    _wait(lambda: len(receiver.requests) >= 10)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    in_flight = set(
+        Delivery.objects.filter(status="pending", claim__isnull=False).values_list("message_id", flat=True)
+    )
+    assert Delivery.objects.filter(status="sent").count() < MESSAGES
+    second = _sender(mailbox, tmp_path, "second", lease=2)
+    try:
+        _wait(lambda: Delivery.objects.filter(status="sent").count() == MESSAGES)
+    finally:
+        _stop(second)
+    received = Counter(receiver.ids())
+    assert set(received) == expected
+    assert {mid for mid, n in received.items() if n > 1} <= in_flight
+    # What a de-duplicating receiver keeps: each event once, each one signed.
+    events = {}
+    for headers, data, _ in receiver.requests:
+        events[headers["webhook-id"]] = Webhook(secret).verify(data, headers)
+    assert sorted(event["data"]["n"] for event in events.values()) == list(range(MESSAGES))
+    assert Notification.objects.count() == MESSAGES

@@ -2,11 +2,7 @@
 reference library), retried, paused after about an hour, and never sent where they must not go."""
 
 import json
-import threading
-import time
-from dataclasses import dataclass, field
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import time_machine
@@ -19,49 +15,6 @@ from notify.sender import send_due
 from tests.notify.conftest import body
 
 ALL_EVENTS = ["island.offline", "island.online", "island.linked", "island.karma_level"]
-
-
-@dataclass
-class Receiver:
-    """A local HTTP receiver: answers with the statuses queued (then 200), records what arrived."""
-
-    answers: list[int] = field(default_factory=list)
-    delay: float = 0.0
-    requests: list[tuple[dict[str, str], bytes, str]] = field(default_factory=list)
-    url: str = ""
-
-    def ids(self):
-        return [headers["webhook-id"] for headers, _, _ in self.requests]
-
-
-@pytest.fixture
-def receiver(settings):
-    settings.WEBHOOKS_ALLOW_PRIVATE = True
-    box = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            data = self.rfile.read(int(self.headers["Content-Length"]))
-            box.requests.append(({k.lower(): v for k, v in self.headers.items()}, data, self.path))
-            if box.delay:
-                time.sleep(box.delay)
-            status = box.answers.pop(0) if box.answers else 200
-            self.send_response(status)
-            if status in (301, 302, 307, 308):
-                self.send_header("Location", f"{box.url}/elsewhere")
-            self.end_headers()
-            self.wfile.write(b"ok" if status < 300 else b"nope")
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    box.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield box
-    server.shutdown()
-    server.server_close()
 
 
 def add_endpoint(client, url, events=ALL_EVENTS):
