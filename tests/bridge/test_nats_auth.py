@@ -508,8 +508,12 @@ def test_another_islands_forgeries_leave_a_keyed_island_unchanged(callout, keyed
 FAKE_HARDWARE = {"gpu_model": "Fake GPU", "gpu_vram_mb": 1, "cpu_cores": 1, "ram_mb": 1}
 
 
-def _forge_against(forger: Any, host: str, job_id: str) -> None:
-    """What issue 13 did with a victim's host id, in the order that shows each one."""
+def _forge_against(forger: Any, host: str, job_id: str, lease_handled: Any) -> None:
+    """What issue 13 did with a victim's host id, in the order that shows each one.
+
+    The bridge handles each subject in its own thread, so the lease is
+    pushed first and `lease_handled()` awaited before the job is failed.
+    """
 
     def beat(status: str) -> bytes:
         body = {
@@ -522,12 +526,15 @@ def _forge_against(forger: Any, host: str, job_id: str) -> None:
         }
         return json.dumps(body).encode()
 
-    async def forge() -> None:
-        # Push its lease out, set it online with fake hardware, fail its job,
-        # rewrite its hardware through a registration, then sign it off.
+    async def push_lease() -> None:
         await forger.publish(
             f"host.{host}.lease", json.dumps({"job_id": job_id, "extend_seconds": 300}).encode()
         )
+        await forger.flush()
+
+    async def forge() -> None:
+        # Then set it online with fake hardware, fail its job, rewrite its
+        # hardware through a registration, and sign it off.
         await forger.publish(f"host.{host}.heartbeat", beat("online"))
         await forger.publish(
             f"host.{host}.status",
@@ -543,6 +550,8 @@ def _forge_against(forger: Any, host: str, job_id: str) -> None:
         await forger.flush()
         await asyncio.sleep(1.0)
 
+    forger._test_loop.run(push_lease())
+    lease_handled()
     forger._test_loop.run(forge())
 
 
@@ -596,7 +605,12 @@ def test_before_keys_the_shared_credential_forges_all_of_issue_13(callout, keyed
     before = _state(island, job)
     forger = callout.connect(callout.url("island", "shared"))
     forger._test_loop = callout.loop
-    _forge_against(forger, island.host_id, job.job_id)
+    _forge_against(
+        forger,
+        island.host_id,
+        job.job_id,
+        lambda: _wait_for(lambda: keyed_bridge.counters["lease_extended"], "the forged renewal"),
+    )
     after = _wait_for(
         lambda: (state := _state(island, job))["shown"] == Island.LiveStatus.SIGNED_OFF and state,
         "the forged sign-off",
@@ -619,7 +633,7 @@ def test_with_keys_another_islands_forgeries_all_fail(callout, keyed_bridge, ali
     (bobs,) = key_for(bob)
     forger = callout.connect(bobs.nats_url)
     forger._test_loop = callout.loop
-    _forge_against(forger, host, job.job_id)
+    _forge_against(forger, host, job.job_id, lambda: time.sleep(0.5))
 
     # Using another host id, made up or not, on any host subject; binding
     # or creating the victim's consumer.
