@@ -58,6 +58,10 @@ def test_a_refused_csrf_token_gives_one_message_and_keeps_the_page(browser_page,
 @pytest.mark.browser
 def test_refresh_after_the_session_ended_goes_to_the_login_page(browser_page, live_server_debug, alice):
     page = browser_page
+    # Without the live list's own polls and socket, which would find the
+    # session gone first (and rightly go to the login page themselves), so
+    # that it is Refresh's answer this test follows.
+    page.route("**/fleet_live*.js", lambda route: route.abort())
     login_browser(page, live_server_debug, alice)
     page.goto(live_server_debug.url + "/settings")
     Session.objects.all().delete()  # signed out elsewhere
