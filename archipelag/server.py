@@ -29,8 +29,10 @@ from urllib.parse import unquote, urlsplit
 # before anything that imports twisted.internet.reactor.
 from daphne.server import Server as DaphneServer  # isort: split
 
+from autobahn.websocket.types import ConnectionDeny
 from daphne.cli import CommandLineInterface as DaphneCommandLineInterface
 from daphne.http_protocol import HTTPFactory, WebRequest
+from daphne.ws_protocol import WebSocketFactory, WebSocketProtocol
 from twisted.internet import reactor
 from twisted.internet.base import ReactorBase
 
@@ -153,8 +155,78 @@ class BodyLimitedHTTPFactory(HTTPFactory):
         return protocol
 
 
+class PatientWebSocketProtocol(WebSocketProtocol):
+    """daphne's websocket protocol, telling a handshake it was too slow rather than forbidden.
+
+    daphne ends a handshake the application has not accepted within
+    --websocket_connect_timeout (5 s) with serverReject(), a 403 "Access
+    denied": after a mass disconnect, a page whose handshake merely queued
+    was told it is not allowed (docs/performance.md). Here it gets 503: try
+    again. And when the application accepts such a handshake after all, the
+    late accept is dropped quietly; daphne raised AttributeError on it (its
+    handshake is gone) and logged a traceback.
+    """
+
+    def check_timeouts(self) -> None:
+        if self.state == self.STATE_CONNECTING and self.duration() > self.server.websocket_connect_timeout:
+            self._refuse_as_busy()
+            return
+        super().check_timeouts()
+
+    def _refuse_as_busy(self) -> None:
+        if not hasattr(self, "handshake_deferred"):
+            return
+        busy = ConnectionDeny(code=503, reason="Service Unavailable")  # type: ignore[no-untyped-call]
+        self.handshake_deferred.errback(busy)
+        del self.handshake_deferred
+        self.server.protocol_disconnected(self)
+        logger.warning("event=websocket_handshake_timeout path=%s", self.request.path)
+
+    def serverAccept(self, subprotocol: str | None = None) -> None:
+        if not hasattr(self, "handshake_deferred"):
+            return
+        super().serverAccept(subprotocol)
+
+    def serverReject(self) -> None:
+        if not hasattr(self, "handshake_deferred"):
+            return
+        super().serverReject()
+
+
+# daphne looks for handshakes past --websocket_connect_timeout every 2 s.
+TIMEOUT_CHECK_PERIOD = 2.0
+
+
+class PatientWebSocketFactory(WebSocketFactory):
+    """daphne's websocket factory, building PatientWebSocketProtocol.
+
+    daphne's command line gives autobahn's own handshake timeout the same
+    value as its connect timeout. autobahn's, when it comes first, drops the
+    TCP connection without an answer (the burst's "connection errors" in
+    docs/performance.md); it is moved past daphne's next check, so a slow
+    handshake is answered 503 instead.
+    """
+
+    protocol = PatientWebSocketProtocol
+
+    def setProtocolOptions(self, *args: Any, **options: Any) -> None:
+        timeout = options.get("openHandshakeTimeout")
+        if timeout:
+            options["openHandshakeTimeout"] = timeout + TIMEOUT_CHECK_PERIOD + 1
+        super().setProtocolOptions(*args, **options)
+
+
 class Server(DaphneServer):
-    """daphne's server with BodyLimitedRequest as its HTTP request class."""
+    """daphne's server: BodyLimitedRequest for HTTP requests, PatientWebSocketProtocol for sockets."""
+
+    @property
+    def ws_factory(self) -> WebSocketFactory:
+        return self._ws_factory
+
+    @ws_factory.setter
+    def ws_factory(self, factory: WebSocketFactory) -> None:
+        # Built as daphne's run() builds its own.
+        self._ws_factory = PatientWebSocketFactory(self, server=self.server_name)
 
     # daphne's run() builds its HTTP factory and listens with it at once, so
     # the factory is replaced as run() stores it.
