@@ -44,6 +44,7 @@ class FleetConsumer(AsyncJsonWebsocketConsumer):
             "jobs_failed",
             "earnings",
             "karma",
+            "maintenance_until",
         )
         snapshot = {str(island.pk): island.live_key(now) async for island in islands}
         await self.send_json({"type": "snapshot", "at": now.isoformat(), "islands": snapshot})

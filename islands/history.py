@@ -1,12 +1,13 @@
 """An Island's last 30 UTC days, for its page: uptime, jobs, earnings and karma per day.
 
 Uptime comes from the status-change ledger (StatusChange): each day is cut
-into the time the Island spent online, down (silent without signing off)
-and signed off, and its share online is online ÷ (online + down), so a
-sign-off neither helps nor hurts it, as with karma. Time before the
+into the time the Island spent online, down (silent without signing off),
+signed off and in maintenance (down inside a window its owner announced,
+MaintenanceWindow), and its share online is online ÷ (online + down), so a
+sign-off or an announced maintenance neither helps nor hurts it, as with karma. Time before the
 Island's first heartbeat, and the part of today still to come, count as
 nothing. Jobs and earnings come from the attempts that ended that day,
-karma from the karma events: five queries whatever the history's length.
+karma from the karma events: six queries whatever the history's length.
 """
 
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from decimal import Decimal
 from django.db.models import Count, Max, Q, Sum
 from django.db.models.functions import TruncDate
 
-from islands.models import Attempt, Island, StatusChange
+from islands.models import Attempt, Island, MaintenanceWindow, StatusChange
 
 DAYS = 30
 # The uptime bar's states, in the order a day's segment stacks them.
@@ -196,9 +197,33 @@ def _intervals(island: Island, start: datetime, now: datetime) -> list[tuple[str
     return spans
 
 
+def _excused(
+    spans: list[tuple[str, datetime, datetime]], windows: list[tuple[datetime, datetime]]
+) -> list[tuple[str, datetime, datetime]]:
+    """The spans with the down time inside maintenance windows relabelled "maintenance"."""
+    for starts, ends in sorted(windows):
+        split: list[tuple[str, datetime, datetime]] = []
+        for state, begin, end in spans:
+            if state != "offline" or ends <= begin or starts >= end:
+                split.append((state, begin, end))
+                continue
+            if begin < starts:
+                split.append((state, begin, starts))
+            split.append(("maintenance", max(begin, starts), min(end, ends)))
+            if ends < end:
+                split.append((state, ends, end))
+        spans = split
+    return spans
+
+
 def _add_uptime(island: Island, days: list[Day], start: datetime, now: datetime) -> None:
     by_day = {day.day: day for day in days}
-    for state, begin, end in _intervals(island, start, now):
+    windows = list(
+        MaintenanceWindow.objects.filter(island=island, ends_at__gt=start, starts_at__lt=now).values_list(
+            "starts_at", "ends_at"
+        )
+    )
+    for state, begin, end in _excused(_intervals(island, start, now), windows):
         cursor = begin
         while cursor < end:
             midnight = _midnight(cursor.date() + timedelta(days=1))

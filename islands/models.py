@@ -1223,22 +1223,30 @@ class Island(models.Model):
         The list renders it (`data-live`) and the live socket's snapshot
         sends it, so the page can tell whether what it shows is current.
         """
-        return f"{self.status_at(now)}|{self.jobs_completed}|{self.jobs_failed}|{self.earnings}|{self.karma}"
+        maintenance = (
+            self.maintenance_until.isoformat() if self.in_maintenance(now) and self.maintenance_until else ""
+        )
+        counters = f"{self.jobs_completed}|{self.jobs_failed}|{self.earnings}|{self.karma}"
+        return f"{self.status_at(now)}|{counters}|{maintenance}"
 
     def shown_until(self, now: datetime) -> datetime | None:
         """When what this Island's card says changes by the clock alone, with no event: None if never.
 
         Online turns Down at its deadline; Down turns from "costs karma from"
-        to "costing karma since" when the grace ends. The page reloads its
+        to "costing karma since" when the grace ends; maintenance ends. The page reloads its
         list then, so neither waits for the watcher or a poll.
         """
         status = self.status_at(now)
-        if status == self.LiveStatus.ONLINE:
-            return self.offline_after
+        changes: list[datetime] = []
+        if status == self.LiveStatus.ONLINE and self.offline_after is not None:
+            changes.append(self.offline_after)
         charge = self.karma_charged_from
         if status == self.LiveStatus.OFFLINE and charge is not None and charge > now:
-            return charge
-        return None
+            changes.append(charge)
+        if self.in_maintenance(now) and self.maintenance_until is not None:
+            # The maintenance line goes at the window's end.
+            changes.append(self.maintenance_until)
+        return min(changes, default=None)
 
     def _apply_heartbeat(
         self, heartbeat: EnhancedHeartbeat, received_at: datetime, threshold: timedelta
@@ -1371,6 +1379,7 @@ class MaintenanceWindowManager(models.Manager["MaintenanceWindow"]):
                     self.filter(pk=current.pk).update(ends_at=now)
                 Island.objects.filter(pk=locked.pk).update(maintenance_until=None)
                 island.maintenance_until = None
+                announce_fleet([(locked.owner_id, locked.pk)])
                 return None
             if until <= now:
                 raise MaintenanceRefused("“until” must be in the future.")
@@ -1390,6 +1399,7 @@ class MaintenanceWindowManager(models.Manager["MaintenanceWindow"]):
                 self.create(island=locked, starts_at=now, ends_at=until, announced_by=by, created_at=now)
             Island.objects.filter(pk=locked.pk).update(maintenance_until=until)
             island.maintenance_until = until
+            announce_fleet([(locked.owner_id, locked.pk)])
             return until
 
 

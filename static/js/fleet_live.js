@@ -59,12 +59,12 @@
     if (root) root.setAttribute("data-connection", live.connected ? "live" : "polling");
   }
 
-  // Someone typing a search or renaming an Island keeps their form: the
-  // render waits until they are done.
+  // Someone typing a search, renaming an Island or setting its maintenance
+  // keeps their form: the render waits until they are done.
   function busy(root) {
     var active = document.activeElement;
     if (active && root.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName)) return true;
-    return root.querySelector("details.rename[open]") !== null;
+    return root.querySelector("details[open]") !== null;
   }
 
   function refresh() {

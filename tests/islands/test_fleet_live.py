@@ -17,7 +17,7 @@ from django.test import Client
 from django.utils import timezone
 
 from archipelag.asgi import application
-from islands.models import Island, Job
+from islands.models import Island, Job, MaintenanceWindow
 from tests.islands.conftest import AGENT_HEARTBEAT, beat, give_job, make_island, post_json
 
 pytestmark = [
@@ -83,8 +83,8 @@ async def test_the_snapshot_holds_each_of_the_owners_islands_and_no_one_elses(al
     snapshot = await communicator.receive_json_from()
     assert snapshot["type"] == "snapshot"
     assert snapshot["islands"] == {
-        str(waiting.pk): "new|0|0|0.0000|50.00",
-        str(online.pk): "online|0|0|0.0000|50.00",
+        str(waiting.pk): "new|0|0|0.0000|50.00|",
+        str(online.pk): "online|0|0|0.0000|50.00|",
     }
     await communicator.disconnect()
 
@@ -163,4 +163,29 @@ async def test_frames_from_the_browser_are_ignored(alice):
     await communicator.send_to(text_data="not json")
     await asyncio.sleep(0.05)
     assert await communicator.receive_nothing(QUIET)
+    await communicator.disconnect()
+
+
+async def test_starting_and_ending_maintenance_sends_a_message(alice):
+    island = await linked(alice, "alice-host-1")
+    communicator, _ = await open_socket(alice)
+    await communicator.receive_json_from()
+    now = timezone.now()
+    announce = database_sync_to_async(MaintenanceWindow.objects.announce)
+    await announce(island, now + timedelta(hours=1), "owner", now)
+    assert await communicator.receive_json_from() == {"type": "changed", "islands": [str(island.pk)]}
+    await announce(island, None, "owner", now + timedelta(minutes=1))
+    assert await communicator.receive_json_from() == {"type": "changed", "islands": [str(island.pk)]}
+    await communicator.disconnect()
+
+
+async def test_the_snapshot_says_until_when_an_island_is_in_maintenance(alice):
+    island = await linked(alice, "alice-host-1")
+    now = timezone.now()
+    until = await database_sync_to_async(MaintenanceWindow.objects.announce)(
+        island, now + timedelta(hours=1), "owner", now
+    )
+    communicator, _ = await open_socket(alice)
+    snapshot = await communicator.receive_json_from()
+    assert snapshot["islands"][str(island.pk)] == f"new|0|0|0.0000|50.00|{until.isoformat()}"
     await communicator.disconnect()

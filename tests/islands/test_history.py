@@ -8,7 +8,7 @@ import pytest
 import time_machine
 
 from islands.history import island_history
-from islands.models import Island, Job, StatusChange
+from islands.models import Island, Job, MaintenanceWindow, StatusChange
 from karma.models import KarmaEvent
 from tests.islands.conftest import give_job, make_island
 
@@ -102,8 +102,8 @@ def test_karma_at_the_end_of_each_day(alice_client, island):
     assert 'aria-label="Karma over 30 days: 50 to 52 (of 100)"' in page(alice_client, island)
 
 
-def test_the_history_costs_five_queries_however_long_it_is(island, django_assert_num_queries):
-    with django_assert_num_queries(5):
+def test_the_history_costs_six_queries_however_long_it_is(island, django_assert_num_queries):
+    with django_assert_num_queries(6):
         island_history(island, NOW)
 
 
@@ -128,3 +128,13 @@ def test_the_island_page_costs_the_same_queries_with_no_history_or_a_busy_month(
     assert 'title="2026-03-05: 4 completed, 1 failed"' in html
     print(f"/settings/islands/<id> queries: no history -> {len(empty)}, 50 jobs over 10 days -> {len(busy)}")
     assert len(empty) == len(busy)
+
+
+def test_down_time_inside_a_maintenance_window_is_maintenance_not_down(alice_client, island):
+    # The 6 h silence on the 9th (12:00-18:00); maintenance announced for 14:00-17:00.
+    MaintenanceWindow.objects.create(
+        island=island, starts_at=at(9, 14), ends_at=at(9, 17), announced_by="owner", created_at=at(9, 14)
+    )
+    days = uptime_titles(page(alice_client, island))
+    # 16 h online, 3 h down: 16/19; 3 h maintenance and 2 h signed off count neither way.
+    assert days[-2] == "2026-03-09: 84.2% online (down 3 h, signed off 2 h, maintenance 3 h)"
