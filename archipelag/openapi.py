@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from django.http import HttpRequest, HttpResponse
 
+from archipelag.api import error_response
 from islands.agent import (
     EnhancedHeartbeat,
     HostRegistration,
@@ -322,12 +323,18 @@ def _paths() -> dict[str, Any]:
                 [],
                 operation_id="ping",
             ),
+            "post": _operation(
+                "The same as GET; a body is accepted and not read",
+                {"200": _ok("Always", _ref("Ok"))},
+                [],
+                operation_id="pingPost",
+            ),
         },
         "/healthz": {
             "get": _operation(
                 "The coordinator, its database and Redis",
                 {"200": _ok("All well", _ref("Health")), "503": _ok("Something fails", _ref("Health"))},
-                [],
+                [405],
                 operation_id="healthz",
             ),
         },
@@ -490,4 +497,6 @@ def document() -> dict[str, Any]:
 
 def openapi_json(request: HttpRequest) -> HttpResponse:
     """GET /api/v1/openapi.json."""
+    if request.method not in ("GET", "HEAD"):
+        return error_response(405, "method not allowed: use GET", {"Allow": "GET, HEAD"})
     return HttpResponse(msgspec.json.encode(document()), content_type="application/json")

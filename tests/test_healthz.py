@@ -1,5 +1,6 @@
 from channels.layers import get_channel_layer
 from django.db import OperationalError
+from django.test import Client
 
 
 def test_healthz_checks_database_and_channel_layer(client, db):
@@ -34,3 +35,13 @@ def test_healthz_reports_a_failing_channel_layer_as_503(client, db, monkeypatch)
     assert response.status_code == 503
     assert response.json()["channel_layer"] == "failing"
     assert "redis is down" not in response.content.decode()
+
+
+def test_healthz_answers_get_and_head_only(client, db):
+    # Found by schemathesis (tests/test_openapi.py): TRACE ran the checks and answered 200.
+    response = client.generic("TRACE", "/healthz")
+    assert response.status_code == 405
+    assert response["Allow"] == "GET, HEAD"
+    assert response.json() == {"success": False, "error": "method not allowed: use GET"}
+    assert client.head("/healthz").status_code == 200
+    assert Client(enforce_csrf_checks=True).post("/healthz").status_code == 405

@@ -12,6 +12,7 @@ tries the same requests every run.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -30,7 +31,8 @@ from tests.islands.conftest import make_island
 
 schema = schemathesis.openapi.from_dict(document())
 
-EXAMPLES = 25
+# More for a longer run: SCHEMATHESIS_EXAMPLES=500 (docs/testing.md).
+EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
 
 
 @schemathesis.check
@@ -51,6 +53,8 @@ CHECKS = [
     checks.response_schema_conformance,
     checks.negative_data_rejection,
     checks.ignored_auth,
+    checks.unsupported_method,
+    checks.missing_required_header,
 ]
 
 
