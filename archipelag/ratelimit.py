@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.core.cache import cache
+from django.core.cache import DEFAULT_CACHE_ALIAS, cache, caches
+from django.core.cache.backends.redis import RedisCache
 from redis.exceptions import RedisError
 
 logger = logging.getLogger("archipelag.ratelimit")
@@ -178,12 +179,15 @@ _local_lock = threading.Lock()
 
 
 def _redis_client() -> Any:
-    """The redis-py client behind Django's Redis cache, or None for other caches."""
-    backend = getattr(cache, "_cache", None)
-    get_client = getattr(backend, "get_client", None)
-    if get_client is None or not type(cache).__module__.startswith("django.core.cache.backends.redis"):
+    """The redis-py client behind Django's Redis cache, or None for other caches.
+
+    `cache` is a proxy to the default cache, so the backend's own class is
+    what tells (the proxy's class never names Redis).
+    """
+    backend = caches[DEFAULT_CACHE_ALIAS]
+    if not isinstance(backend, RedisCache):
         return None
-    return get_client(write=True)
+    return backend._cache.get_client(write=True)
 
 
 def _count(keys: list[str], maxima: list[int], timeouts: list[int]) -> list[int]:
