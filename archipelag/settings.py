@@ -372,7 +372,10 @@ if env_str("EMAIL_HOST"):
         }
     }
 else:
-    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.console.EmailBackend"}}
+    # With DEBUG, links printed whole (archipelag.mail); without, Django's own
+    # console backend, which `check --deploy` recognises and refuses.
+    _console = "archipelag.mail.ConsoleBackend" if DEBUG else "django.core.mail.backends.console.EmailBackend"
+    MAILERS = {"default": {"BACKEND": _console}}
 # How long the notification sender holds a delivery it claimed before
 # another sender may take it over (a sender killed mid-send).
 NOTIFY_CLAIM_LEASE = env_int("NOTIFY_CLAIM_LEASE", 60)
