@@ -36,7 +36,16 @@ from django.utils import timezone
 from hypothesis import HealthCheck, settings
 
 from islands.agent import Capabilities, HostRegistration
-from islands.models import Attempt, DispatcherKey, DrawClock, Island, Job, OutboxMessage, StatusChange
+from islands.models import (
+    Attempt,
+    DispatcherKey,
+    DrawClock,
+    Island,
+    Job,
+    MaintenanceWindow,
+    OutboxMessage,
+    StatusChange,
+)
 from karma.models import KarmaEvent, UptimeSweep
 from pairing.models import MobilePairingSession, OpenedSession, PairingCode
 from tests.conftest import CAPABILITIES
@@ -166,6 +175,7 @@ WATCHED_MODELS: list[type[models.Model]] = [
     DispatcherKey,
     KarmaEvent,
     UptimeSweep,
+    MaintenanceWindow,
 ]
 
 type Snapshot = dict[type[models.Model], dict[Any, dict[str, Any]]]

@@ -12,11 +12,13 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 from django.db import models
+from django.utils import timezone
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,6 +30,7 @@ from islands.models import (
     DrawClock,
     Island,
     Job,
+    MaintenanceWindow,
     OutboxMessage,
     StatusChange,
 )
@@ -205,6 +208,25 @@ def jobs_poll_accepted(x: Exchange) -> None:
     assert [job["job_id"] for job in x.payload["jobs"]] == list(waiting)
 
 
+def maintenance_accepted(x: Exchange) -> None:
+    assert x.status == 200
+    island = x.calling_island()
+    x.only(Island, MaintenanceWindow)
+    if Island in x.changes:
+        assert x.changes[Island].changed[island.pk] <= {"maintenance_until"}
+    until = x.payload["maintenance_until"]
+    assert (until is None) == (island.maintenance_until is None)
+    if until is not None:
+        documented(UTC_TIME, until)
+
+
+UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+
+
+def _in_hours(hours: float) -> str:
+    return (timezone.now() + timedelta(hours=hours)).isoformat().replace("+00:00", "Z")
+
+
 def job_status_accepted(x: Exchange) -> None:
     assert x.status == 200
     island = x.calling_island()
@@ -317,6 +339,13 @@ ENDPOINTS = [
         lambda w: [{}, AGENT_HEARTBEAT],
         lambda w: f"Bearer {w.token}",
         jobs_poll_accepted,
+    ),
+    Endpoint(
+        "maintenance",
+        lambda w: "/api/v1/islands/maintenance",
+        lambda w: [{"until": _in_hours(2)}, {"until": None}, {"until": _in_hours(23.9)}],
+        lambda w: f"Bearer {w.token}",
+        maintenance_accepted,
     ),
     Endpoint(
         "job-status",
