@@ -12,13 +12,16 @@ THRESHOLD = timedelta(seconds=45)  # settings.ISLAND_OFFLINE_AFTER in tests
 
 
 def status_text(client, island, when):
+    """The card's one status: its badge, then the line saying what it means, if any."""
     with time_machine.travel(when, tick=False):
         html = client.get("/settings").content.decode()
     start = html.index(f'data-island="{island.pk}"')
     card = html[start : html.index("</article>", start)]
-    match = re.search(r"<dt>Status</dt>\s*<dd[^>]*>(.*?)</dd>", card, re.S)
-    assert match
-    return " ".join(re.sub(r"<[^>]+>", " ", match.group(1)).split())
+    assert "<dt>Status</dt>" not in card  # said once, not in the badge and again in a row
+    (badge,) = re.findall(r'<span class="status [^"]*" data-status="[^"]*">(.*?)</span>', card, re.S)
+    lines = re.findall(r'<p class="status-text[^"]*">(.*?)</p>', card, re.S)
+    assert len(lines) <= 1
+    return " — ".join(" ".join(re.sub(r"<[^>]+>", " ", part).split()) for part in [badge, *lines])
 
 
 def test_a_linked_island_without_heartbeat_is_waiting_not_offline(alice, alice_client):
@@ -45,9 +48,9 @@ def test_a_silent_island_is_down_and_says_when_karma_charges_begin(alice, alice_
     assert island.karma_charged_from == T0 + THRESHOLD + timedelta(minutes=15)
     assert island.status_at(T0 + timedelta(minutes=1)) == Island.LiveStatus.OFFLINE
     soon = status_text(alice_client, island, T0 + timedelta(minutes=1))
-    assert soon == "Down, without signing off: costs karma from 12:15 UTC"
+    assert soon == "Down — Without signing off: costs karma from 12:15 UTC"
     later = status_text(alice_client, island, T0 + timedelta(minutes=20))
-    assert later == "Down, without signing off: costing karma since 12:15 UTC"
+    assert later == "Down — Without signing off: costing karma since 12:15 UTC"
     assert list(Island.objects.shown_as(Island.LiveStatus.OFFLINE, T0 + timedelta(minutes=1))) == [island]
 
 
@@ -58,7 +61,7 @@ def test_a_signed_off_island_costs_nothing(alice, alice_client):
     island.refresh_from_db()
     assert island.status_at(T0 + timedelta(hours=1)) == Island.LiveStatus.SIGNED_OFF
     text = status_text(alice_client, island, T0 + timedelta(hours=1))
-    assert text == "Signed off: offline, no karma charge"
+    assert text == "Signed off — Offline, no karma charge"
     assert "karma from" not in text
 
 
@@ -67,7 +70,7 @@ def test_a_suspended_island_is_suspended_whatever_its_heartbeats(alice, alice_cl
     beat(island, T0)
     island.refresh_from_db()
     assert island.status_at(T0) == Island.LiveStatus.SUSPENDED
-    assert status_text(alice_client, island, T0) == "Suspended by an administrator"
+    assert status_text(alice_client, island, T0) == "Suspended — By an administrator: gets no jobs"
 
 
 def test_the_card_shows_the_island_id_the_job_api_wants_with_a_copy_button(alice, alice_client):
