@@ -4,13 +4,14 @@ import asyncio
 import io
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import pytest
 from django.core.management import CommandError, call_command
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from archipelag.nats import DUPLICATE_WINDOW, STREAM_MAX_AGE, default_stream
+from archipelag.nats import DUPLICATE_WINDOW, STREAM_MAX_AGE, default_stream, redact
 from tests.bridge.test_nats import delete_stream, fresh_prefix
 
 
@@ -45,10 +46,13 @@ def prefix(nats_url: str) -> Iterator[str]:
 def test_it_creates_the_stream_the_agent_and_the_sender_need(nats_url, prefix):
     name = default_stream(prefix)
     assert name == f"{prefix.rstrip('.')}_JOBS"
-    assert setup(nats_url, prefix) == (
-        f"Created stream {name} on {nats_url}: subjects {prefix}host.*.jobs, workqueue retention, "
+    printed = setup(nats_url, prefix)
+    assert printed == (
+        f"Created stream {name} on {redact(nats_url)}: subjects {prefix}host.*.jobs, workqueue retention, "
         "file storage, max_age 7 days, duplicate_window 2 hours.\n"
     )
+    password = urlsplit(nats_url).password
+    assert not password or password not in printed  # the service's password is never printed
     config = stream(nats_url, name)
     assert config.subjects == [f"{prefix}host.*.jobs"]
     assert (config.retention, config.storage) == (RetentionPolicy.WORK_QUEUE, StorageType.FILE)
@@ -56,7 +60,7 @@ def test_it_creates_the_stream_the_agent_and_the_sender_need(nats_url, prefix):
     assert config.duplicate_window == DUPLICATE_WINDOW.total_seconds()
     assert not config.deny_delete  # a job that moves on is deleted from it
 
-    assert setup(nats_url, prefix) == f"Stream {name} on {nats_url} is up to date.\n"
+    assert setup(nats_url, prefix) == f"Stream {name} on {redact(nats_url)} is up to date.\n"
 
 
 def test_it_brings_an_older_stream_up_to_date_and_keeps_what_is_more_generous(nats_url, prefix):
@@ -71,7 +75,7 @@ def test_it_brings_an_older_stream_up_to_date_and_keeps_what_is_more_generous(na
     )
     stream(nats_url, name, older)
     assert setup(nats_url, prefix) == (
-        f"Updated stream {name} on {nats_url}: max_age: 1 hour → 7 days; "
+        f"Updated stream {name} on {redact(nats_url)}: max_age: 1 hour → 7 days; "
         "duplicate_window: 2 minutes → 2 hours.\n"
     )
     config = stream(nats_url, name)
