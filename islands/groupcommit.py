@@ -109,9 +109,11 @@ class GroupCommit[T, R]:
                 self._abandon(pending)
                 raise
         if leads or pending.lead:
-            # A cancelled await here leaves the thread to finish the batch,
-            # wake the others and pass on the lead.
-            await sync_to_async(self._lead)()
+            # Shielded: a request whose client hung up is cancelled (Django
+            # does), and a write cancelled before its thread started it would
+            # never run, leaving nobody to lead again. The write goes on, and
+            # wakes the others and passes on the lead, whoever is listening.
+            await asyncio.shield(sync_to_async(self._lead)())
         if pending.error is not None:
             if pending.lead or leads:
                 raise pending.error

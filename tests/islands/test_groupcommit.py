@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
@@ -340,3 +341,36 @@ def test_concurrent_heartbeats_share_a_batch_and_a_revoked_token_in_it_gets_401(
     assert batches == [1, 11]
     written = set(Island.objects.filter(last_heartbeat_at__isnull=False).values_list("host_id", flat=True))
     assert written == {island.host_id for n, island in enumerate(islands) if n not in (5, 6)}
+
+
+def test_a_leader_that_hangs_up_before_its_write_starts_still_writes_and_passes_the_lead():
+    """Its client gone while its write waits for the request thread: the queue must not stall.
+
+    Django cancels a view whose client hung up. Were the leader's write
+    cancelled before it started, nobody would ever lead again and every
+    later heartbeat of the process would wait until its client gave up.
+    """
+    written: list[list[int]] = []
+
+    def write(items: Any) -> list[int]:
+        written.append(list(items))
+        return list(items)
+
+    commits: GroupCommit[int, int] = GroupCommit(write)
+    busy = threading.Event()
+
+    async def scenario() -> int:
+        # Keep the request thread (thread-sensitive executor) busy, so the
+        # leader's write is queued behind it and not started yet.
+        blocker = asyncio.ensure_future(sync_to_async(busy.wait)())
+        await asyncio.sleep(0.1)
+        leader = asyncio.ensure_future(commits.asubmit(1))
+        await asyncio.sleep(0.1)
+        leader.cancel()
+        busy.set()
+        await blocker
+        return await asyncio.wait_for(commits.asubmit(2), timeout=5)
+
+    assert asyncio.run(scenario()) == 2
+    # Each written once: together, or the leader's first, as the thread allows.
+    assert [item for batch in written for item in batch] == [1, 2]
