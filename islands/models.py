@@ -32,6 +32,7 @@ from django.db.models import (
     Value,
     When,
 )
+from django.db.models.base import ModelState
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast, Coalesce
@@ -509,12 +510,10 @@ class IslandManager(_IslandManagerBase["Island"]):
         if host_ids:
             conditions.append(Q(host_id__in=host_ids))
         islands = self.active().filter(functools.reduce(operator.or_, conditions))
-        kept = (name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES)
-        return list(
-            islands.only("host_id", "name", "token_hash", "kind", "owner", *kept)
-            .select_for_update(no_key=True)
-            .order_by("pk")
-        )
+        kept = [name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES]
+        attnames = ("id", "host_id", "name", "token_hash", "kind", "owner_id", *kept)
+        rows = islands.values_list(*attnames).select_for_update(no_key=True).order_by("pk")
+        return [Island.from_row(self.db, attnames, row) for row in rows]
 
     def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
         """Save HEARTBEAT_FIELDS of many Islands; on PostgreSQL one UPDATE ... FROM unnest(...).
@@ -1106,6 +1105,26 @@ class Island(models.Model):
         island = super().from_db(db, field_names, values, **kwargs)
         # What the ledger columns held when loaded, so save() can tell a
         # change to them (refused) from a row that merely carries them.
+        island._remember_ledger()
+        return island
+
+    @classmethod
+    def from_row(cls, db: str, attnames: Sequence[str], row: Sequence[Any]) -> "Island":
+        """The Island a row of values_list(*attnames) describes, as from_db would build it.
+
+        Model.__init__ walks every field of the model to fill in the deferred
+        ones; for the thousands of Islands a heartbeat batch locks, that walk
+        cost more than the rows themselves. The values here are already the
+        fields' Python values (values_list applies the converters); what is not
+        among attnames stays deferred, loaded on first access as with only().
+        Nothing listens to Island's pre_init or post_init, which this skips.
+        """
+        island = cls.__new__(cls)
+        island.__dict__.update(zip(attnames, row, strict=True))
+        state = ModelState()
+        state.db = db
+        state.adding = False
+        island._state = state
         island._remember_ledger()
         return island
 

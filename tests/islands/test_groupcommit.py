@@ -10,7 +10,8 @@ from typing import Any
 import msgspec
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection
+from django.db import connection, transaction
+from django.db.models.signals import post_init, pre_init
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
@@ -294,6 +295,29 @@ def test_a_batch_costs_the_same_for_two_tokens_or_two_hundred(alice):
 
     assert queries_for(2, "small") == queries_for(200, "large")
     assert Island.objects.filter(status=Island.Status.ONLINE).count() == 202
+
+
+def test_a_row_locked_for_a_batch_is_the_island_from_db_builds(alice):
+    """from_row skips Model.__init__: what it builds must behave as a loaded Island."""
+    made = make_island(alice, "row-host-000001", name="Attic", region="eu-west")
+    token = made.issue_token()
+    with transaction.atomic():
+        (island,) = Island.objects._lock_for_heartbeats({hash_secret(token)}, set(), T0)
+    loaded = Island.objects.get(pk=made.pk)
+    assert island == loaded and island.pk == made.pk
+    assert (island._state.db, island._state.adding) == ("default", False)
+    for name in ("host_id", "name", "token_hash", "kind", "owner_id", "region", "gpu_vram_mb", "karma"):
+        assert getattr(island, name) == getattr(loaded, name), name
+    assert "metrics" in island.get_deferred_fields()  # replaced by every beat, so not read
+    assert island.metrics == loaded.metrics  # and loaded on demand like any deferred field
+    assert island.owner == alice
+    # Saved as from_db's Island would be: an UPDATE of the fields named, never an INSERT.
+    island.region = "us-east"
+    island.save(update_fields=["region"])
+    assert Island.objects.get(pk=made.pk).region == "us-east"
+    assert Island.objects.count() == 1
+    # Skipping __init__ is only sound while nothing listens for an Island being built.
+    assert not pre_init.has_listeners(Island) and not post_init.has_listeners(Island)
 
 
 # --- Through HTTP, with real threads on PostgreSQL ------------------------------------
