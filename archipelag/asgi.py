@@ -19,7 +19,6 @@ from archipelag.handlers import ApiASGIHandler, is_api_path  # noqa: E402
 
 api_asgi_app = ApiASGIHandler()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.urls import re_path  # noqa: E402
@@ -73,7 +72,8 @@ class RouteApi:
 application = ProtocolTypeRouter(
     {
         "http": RouteApi(api_asgi_app, django_asgi_app),
-        # Browser sockets: the session cookie says who is there, and the
+        # Browser sockets: the session cookie says who is there (each
+        # route reads it as it needs, see the apps' routing.py), and the
         # Origin header must be the site's own (scheme, host and port of
         # PUBLIC_URL or CSRF_TRUSTED_ORIGINS), so another site cannot
         # open a socket with the user's cookie. An Origin that is no URL, and a
@@ -82,9 +82,7 @@ application = ProtocolTypeRouter(
         # and the server would log a crash for every stray probe.
         "websocket": RefuseMalformedOrigin(
             SiteOriginValidator(
-                AuthMiddlewareStack(
-                    URLRouter([*pairing_sockets, *islands_sockets, re_path(r"", WebsocketDenier.as_asgi())])
-                )
+                URLRouter([*pairing_sockets, *islands_sockets, re_path(r"", WebsocketDenier.as_asgi())])
             )
         ),
     }

@@ -741,7 +741,12 @@ class MobilePairingSession(ExpiringCode):
     @property
     def group_name(self) -> str:
         """The Channels group of the pages watching this session; named here only."""
-        return f"pairing.mobile.{self.id.hex}"
+        return self.group_for(self.id)
+
+    @staticmethod
+    def group_for(session_id: uuid.UUID) -> str:
+        """The group of session `session_id`, for a socket that joins before reading the row."""
+        return f"pairing.mobile.{session_id.hex}"
 
     def snapshot(self, now: datetime | None = None) -> SessionSnapshot:
         """This session as its page shows it. Reads `island`: select_related it."""

@@ -18,6 +18,7 @@ from django.test import Client
 
 from archipelag.asgi import application
 from islands.models import Island
+from pairing.consumers import MobilePairingConsumer
 from pairing.models import MobilePairingSession
 from tests.pairing.conftest import PHONE_HOST_ID, device, pair_phone
 
@@ -124,6 +125,32 @@ async def test_another_user_is_closed_with_4403_and_hears_nothing(session, bob_c
     # Bob is in no group: Alice's pairing does not reach him.
     assert (await redeem_over_http(session)).status_code == 201
     assert await communicator.receive_nothing()
+
+
+async def test_an_event_sent_while_the_socket_is_being_checked_reaches_only_the_owner(
+    session, alice_cookie, bob_cookie, monkeypatch
+):
+    """A socket joins the session's group before its owner is checked (one trip to the
+    database for both); what is announced in that window must not reach a stranger."""
+    owner = socket(session.row.id, alice_cookie)
+    assert (await owner.connect())[0]
+    assert (await owner.receive_json_from())["state"] == "waiting"
+
+    checking = MobilePairingConsumer.find_session
+
+    def announce_while_checking(consumer, session_id):
+        with transaction.atomic():
+            MobilePairingSession.objects.get(pk=session_id).announce()
+        return checking(consumer, session_id)
+
+    monkeypatch.setattr(MobilePairingConsumer, "find_session", announce_while_checking)
+    stranger = socket(session.row.id, bob_cookie)
+    assert (await stranger.connect())[0]
+    assert await stranger.receive_output() == {"type": "websocket.close", "code": 4403}
+    assert await stranger.receive_nothing()
+    # The owner, in the group all along, hears it.
+    assert (await owner.receive_json_from())["state"] == "waiting"
+    await owner.disconnect()
 
 
 async def test_an_unknown_session_looks_like_someone_elses(db, alice_cookie):
