@@ -1112,9 +1112,10 @@ class Island(models.Model):
     def from_row(cls, db: str, attnames: Sequence[str], row: Sequence[Any]) -> "Island":
         """The Island a row of values_list(*attnames) describes, as from_db would build it.
 
-        Model.__init__ walks every field of the model to fill in the deferred
-        ones; for the thousands of Islands a heartbeat batch locks, that walk
-        cost more than the rows themselves. The values here are already the
+        Model.__init__ walks every field of the model, per Island, to fill in
+        the deferred ones; a heartbeat batch locks thousands of Islands, and
+        this does only the assignments (how much it saves is not yet measured:
+        docs/performance.md, the bridge). The values here are already the
         fields' Python values (values_list applies the converters); what is not
         among attnames stays deferred, loaded on first access as with only().
         Nothing listens to Island's pre_init or post_init, which this skips.
