@@ -9,9 +9,11 @@ other request to Django's handler with `settings.MIDDLEWARE`.
 """
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from inspect import iscoroutinefunction
 from typing import Any
 
+from asgiref.sync import ThreadSensitiveContext
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.handlers.asgi import ASGIHandler
@@ -19,6 +21,9 @@ from django.core.handlers.exception import convert_exception_to_response
 from django.utils.module_loading import import_string
 
 API_PREFIX = "/api/"
+# Threads kept for the API's synchronous work, one request at a time each
+# (ThreadLanes). More requests than this at once get a thread of their own.
+API_THREADS = 32
 
 
 def is_api_path(path: str) -> bool:
@@ -52,8 +57,64 @@ def load_api_middleware(handler: Any, is_async: bool) -> None:
     handler._middleware_chain = chain
 
 
+class ThreadLanes:
+    """Single-thread executors kept for the life of the process, lent to one request at a time.
+
+    Django runs a request's synchronous work (its request_started and
+    request_finished receivers, a sync view, the heartbeat's batch write) on
+    one thread of that request's own, so code that expects one thread per
+    request gets it; its ASGI handler makes that thread anew for every
+    request and stops it after, which was a tenth of the API's CPU
+    (docs/performance.md). A lane keeps the same guarantee, one request on
+    one thread at a time, without starting a thread per request. Used from
+    the event loop only; taking and giving back are single list operations.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._idle: list[ThreadPoolExecutor] = []
+        self._made = 0
+
+    def take(self) -> ThreadPoolExecutor | None:
+        """An idle lane, a new one while fewer than `limit` exist, else None."""
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pass
+        if self._made >= self.limit:
+            return None
+        self._made += 1
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"api-lane-{self._made}")
+
+    def give_back(self, lane: ThreadPoolExecutor) -> None:
+        self._idle.append(lane)
+
+
 class ApiASGIHandler(ASGIHandler):
-    """Django's ASGI handler with settings.API_MIDDLEWARE in place of settings.MIDDLEWARE."""
+    """Django's ASGI handler with settings.API_MIDDLEWARE in place of settings.MIDDLEWARE,
+    and each request's synchronous work on a kept thread (ThreadLanes)."""
+
+    def __init__(self, threads: int = API_THREADS):
+        super().__init__()
+        self.lanes = ThreadLanes(threads)
 
     def load_middleware(self, is_async: bool = False) -> None:
         load_api_middleware(self, is_async)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        lane = self.lanes.take()
+        if lane is None:
+            # Every lane is busy: a thread of its own, as Django gives every request.
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            # The outermost context decides the thread; the one Django's
+            # handler enters inside this changes nothing. An executor given
+            # to the context is the caller's, so leaving does not stop it.
+            async with ThreadSensitiveContext(executor=lane):
+                await super().__call__(scope, receive, send)
+        finally:
+            # A call cancelled with its client may still be running on the
+            # lane; the next request's calls then queue behind it, one at a
+            # time as ever.
+            self.lanes.give_back(lane)

@@ -108,3 +108,81 @@ def test_the_api_chain_is_only_what_settings_list(settings):
     assert settings.API_MIDDLEWARE == ["archipelag.middleware.ApiMiddleware"]
     chain: Any = asgi.api_asgi_app._middleware_chain  # type: ignore[attr-defined]
     assert isinstance(chain.__wrapped__, ApiMiddleware)
+
+
+def _threads_of_request_started(run: Any) -> list[str]:
+    """The threads request_started ran on (Django runs its receivers on the request's own thread)."""
+    import threading
+
+    from django.core.signals import request_started
+
+    seen: list[str] = []
+
+    def record(**kwargs: Any) -> None:
+        seen.append(threading.current_thread().name)
+
+    request_started.connect(record)
+    try:
+        run()
+    finally:
+        request_started.disconnect(record)
+    return seen
+
+
+def test_api_requests_run_their_sync_work_on_kept_threads_and_pages_on_fresh_ones():
+    def three_of(path: str) -> None:
+        for _ in range(3):
+            assert asgi_request(path)["status"] in (200, 302)
+
+    api = _threads_of_request_started(lambda: three_of("/api/v1/ping"))
+    assert len(api) == 3
+    # One kept thread, lent to each request in turn: no thread started per request.
+    assert len(set(api)) == 1
+    assert api[0].startswith("api-lane-")
+    pages = _threads_of_request_started(lambda: three_of("/"))
+    assert len(pages) == 3
+    assert not any(name.startswith("api-lane-") for name in pages)
+
+
+def test_concurrent_api_requests_each_get_a_lane_of_their_own():
+    import asyncio
+    import threading
+
+    # Each request's request_started waits for the other's: two requests
+    # sharing one thread would never both arrive, and the barrier would break.
+    barrier = threading.Barrier(2, timeout=5)
+
+    async def both() -> list[dict[str, Any]]:
+        communicators = [
+            HttpCommunicator(asgi.application, "GET", "/api/v1/ping", headers=[(b"host", b"127.0.0.1")])
+            for _ in range(2)
+        ]
+        return await asyncio.gather(*(c.get_response(timeout=10) for c in communicators))
+
+    def run() -> None:
+        responses = async_to_sync(both)()
+        assert [response["status"] for response in responses] == [200, 200]
+
+    from django.core.signals import request_started
+
+    def wait_for_the_other(**kwargs: Any) -> None:
+        barrier.wait()
+
+    request_started.connect(wait_for_the_other)
+    try:
+        threads = _threads_of_request_started(run)
+    finally:
+        request_started.disconnect(wait_for_the_other)
+    assert len(set(threads)) == 2
+    assert all(name.startswith("api-lane-") for name in threads)
+
+
+def test_with_every_lane_busy_a_request_gets_a_thread_of_its_own():
+    from archipelag.handlers import ThreadLanes
+
+    lanes = ThreadLanes(2)
+    first, second = lanes.take(), lanes.take()
+    assert first is not None and second is not None and first is not second
+    assert lanes.take() is None
+    lanes.give_back(first)
+    assert lanes.take() is first
