@@ -129,6 +129,18 @@ HEARTBEAT_FIELDS = [
 HEARTBEAT_REPLACES = frozenset(
     {"metrics", "supported_runtimes", "asking_prices", "runtimes", "capacity", "may_work"}
 )
+# What a heartbeat batch's locking read loads of each Island: what a
+# heartbeat reads or may keep, and the name, which save() checks. Every
+# heartbeat replaces the JSON columns, so they are not read.
+HEARTBEAT_READS = (
+    "id",
+    "host_id",
+    "name",
+    "token_hash",
+    "kind",
+    "owner_id",
+    *(name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES),
+)
 # What Island.runtimes is derived from.
 RUNTIME_SOURCES = frozenset({"kind", "runtime", "supported_runtimes"})
 
@@ -500,9 +512,19 @@ class IslandManager(_IslandManagerBase["Island"]):
         compare-and-set with respect to the watcher, so a transition is recorded
         by exactly one of them. Locking in pk order keeps two concurrent batches
         from deadlocking; NO KEY leaves inserting jobs for these Islands unblocked.
-        Only what a heartbeat reads or may keep is loaded (and the name, which
-        save() checks): loading whole rows was most of a large batch's cost.
-        Every heartbeat replaces the JSON columns, so they are not read.
+        Only HEARTBEAT_READS is loaded: loading whole rows was most of a large
+        batch's cost.
+        """
+        rows = self.heartbeat_lock(token_hashes, host_ids, now)
+        return [Island.from_row(self.db, HEARTBEAT_READS, row) for row in rows]
+
+    def heartbeat_lock(
+        self, token_hashes: set[str], host_ids: set[str], now: datetime
+    ) -> "models.QuerySet[Island, tuple[Any, ...]]":
+        """The locking read of a heartbeat batch: HEARTBEAT_READS of each Island it names, as tuples.
+
+        Separate so bench/nats_heartbeats.py can send the very same statement
+        from psycopg alone.
         """
         conditions = []
         if token_hashes:
@@ -510,10 +532,7 @@ class IslandManager(_IslandManagerBase["Island"]):
         if host_ids:
             conditions.append(Q(host_id__in=host_ids))
         islands = self.active().filter(functools.reduce(operator.or_, conditions))
-        kept = [name for name in HEARTBEAT_FIELDS if name not in HEARTBEAT_REPLACES]
-        attnames = ("id", "host_id", "name", "token_hash", "kind", "owner_id", *kept)
-        rows = islands.values_list(*attnames).select_for_update(no_key=True).order_by("pk")
-        return [Island.from_row(self.db, attnames, row) for row in rows]
+        return islands.values_list(*HEARTBEAT_READS).select_for_update(no_key=True).order_by("pk")
 
     def _write_heartbeat_fields(self, islands: list["Island"]) -> None:
         """Save HEARTBEAT_FIELDS of many Islands; on PostgreSQL one UPDATE ... FROM unnest(...).
@@ -538,32 +557,47 @@ class IslandManager(_IslandManagerBase["Island"]):
         if connection.vendor != "postgresql":
             self.bulk_update(islands, HEARTBEAT_FIELDS)
             return
+        # A cursor of psycopg's own: Django's binds client-side, quoting every
+        # array element in Python. Same connection, same transaction.
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(self.heartbeat_update(), self.heartbeat_columns(islands))
+
+    def _heartbeat_write_fields(self) -> list[models.Field[Any, Any]]:
         meta = self.model._meta
         fields: list[models.Field[Any, Any]] = []
         for name in ["id", *HEARTBEAT_FIELDS]:
             field = meta.get_field(name)
             assert isinstance(field, models.Field)
             fields.append(field)
+        return fields
+
+    def heartbeat_update(self) -> str:
+        """PostgreSQL's UPDATE of a heartbeat batch, for heartbeat_columns() as its parameters.
+
+        Public for the same reason as heartbeat_lock.
+        """
+        connection = connections[self.db]
+        fields = self._heartbeat_write_fields()
         quote = connection.ops.quote_name
         # Identifiers and types come from the model, never from input; the
         # values travel as parameters, each an array of its column's type.
         names = [quote(field.column or field.attname) for field in fields]
         arrays = ", ".join(f"%b::{field.db_type(connection)}[]" for field in fields)
         assignments = ", ".join(f"{name} = v.{name}" for name in names[1:])
+        return (
+            f"UPDATE {quote(self.model._meta.db_table)} AS t SET {assignments} "  # noqa: S608
+            f"FROM unnest({arrays}) AS v({', '.join(names)}) WHERE t.{names[0]} = v.{names[0]}"
+        )
+
+    def heartbeat_columns(self, islands: list["Island"]) -> list[list[Any]]:
+        """heartbeat_update()'s parameters: one list per column, JSON encoded here."""
         columns: list[list[Any]] = []
-        for field in fields:
-            values = [getattr(island, field.attname) for island in islands]
-            if isinstance(field, models.JSONField):
+        for column in self._heartbeat_write_fields():
+            values = [getattr(island, column.attname) for island in islands]
+            if isinstance(column, models.JSONField):
                 values = [msgspec.json.encode(value).decode() for value in values]
             columns.append(values)
-        # A cursor of psycopg's own: Django's binds client-side, quoting every
-        # array element in Python. Same connection, same transaction.
-        with psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(
-                f"UPDATE {quote(meta.db_table)} AS t SET {assignments} "  # noqa: S608
-                f"FROM unnest({arrays}) AS v({', '.join(names)}) WHERE t.{names[0]} = v.{names[0]}",
-                columns,
-            )
+        return columns
 
     # --- Placement (ELIGIBILITY, the draw; docs/dispatch.md) -------------------------------
 
