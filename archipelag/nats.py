@@ -94,8 +94,12 @@ QUEUE_GROUP = "archipelag-coordinator"
 BATCH_SIZE = 500
 FLUSH_INTERVAL = 0.25  # seconds
 # A batch written in one transaction never holds more hosts than this, so
-# a backlog (after a database outage) is worked off in bounded steps.
-MAX_BATCH = 5000
+# a backlog (after a database outage) is worked off in bounded steps. It was
+# 5,000; bench/nats_heartbeats.py on 2 cores wrote 5,400/s with batches
+# growing to it (83 µs of bridge CPU a heartbeat) and 7,700/s capped at 500
+# (58 µs): two writers with smaller batches overlap Python and PostgreSQL
+# better than two with huge ones (docs/performance.md).
+MAX_BATCH = 500
 # While the database is down heartbeats wait in memory, one per host; past
 # this many hosts new ones are dropped (and counted) rather than letting a
 # flood of made-up host ids exhaust memory.
