@@ -125,6 +125,30 @@ async def measure(
     return rows, sockets, burst_sockets, ok
 
 
+# Issue 17: the pairing consumer's handshakes at least this share of the
+# bare consumer's rate, and the burst after the mass disconnect opened whole.
+TARGET_HANDSHAKE_RATIO = 0.5
+
+
+def handshake_verdict(
+    rates: dict[str, list[float]], burst: int, opened: int, refused: int, tracebacks: int
+) -> tuple[str, bool]:
+    """The issue 17 line: pairing / bare handshakes per step, and the burst after the mass disconnect."""
+    ratios = [
+        pairing / max(bare, 1e-9) for pairing, bare in zip(rates["pairing"], rates["bare"], strict=True)
+    ]
+    rate_met = min(ratios) >= TARGET_HANDSHAKE_RATIO
+    burst_met = opened == burst and refused == 0 and tracebacks == 0
+    line = (
+        f"pairing handshakes / bare per step: {', '.join(f'{ratio:.2f}' for ratio in ratios)} "
+        f"(target ≥ {TARGET_HANDSHAKE_RATIO}) {'met' if rate_met else 'NOT MET'}; "
+        "burst after the mass disconnect: "
+        f"{opened} of {burst} opened, {refused} refused with 403, {tracebacks} tracebacks "
+        f"(target: all, none, none) {'met' if burst_met else 'NOT MET'}"
+    )
+    return line, rate_met and burst_met
+
+
 def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defaults: bool) -> bool:
     limit = common.raise_open_files_limit()
     if limit < steps[-1] + 2000:
@@ -140,6 +164,7 @@ def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defau
     )
     passed = True
     last_kib: dict[str, float] = {}
+    rates: dict[str, list[float]] = {}
     for kind, application in (
         ("bare", "bench.baseline_asgi:application"),
         ("pairing", "archipelag.asgi:application"),
@@ -155,6 +180,11 @@ def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defau
             row += [""] * (len(table.headers) - len(row))
             table.add(*row)
         last_kib[kind] = float(rows[-2][6])
+        rates[kind] = [float(row[4]) for row in rows[:-1]]
+        if kind == "pairing":
+            burst_opened = len(burst_sockets.open)
+            refused = sum(count for reason, count in burst_sockets.failed.items() if "403" in reason)
+            pairing_tracebacks = log["Traceback"]
         table.note(
             f"{kind}: failed handshakes {sockets.failed or 'none'} (dropped and reconnected: "
             f"{sockets.dropped or 'none'}), in the burst "
@@ -180,6 +210,10 @@ def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defau
             f"{last_kib['pairing'] / max(last_kib['bare'], 1e-9):.2f}× the bare consumer; all held, no "
             f"MaxConnectionsError, no 'Timeout reading', no 1011: {'PASS' if passed else 'FAIL'}"
         )
+    if not redis_defaults:
+        line, handshakes_met = handshake_verdict(rates, burst, burst_opened, refused, pairing_tracebacks)
+        table.note(line)
+        passed = passed and handshakes_met
     table.note("KiB/socket: growth of the server's RSS since warm-up, divided by the sockets open.")
     table.note(common.machine_line())
     table.print()
