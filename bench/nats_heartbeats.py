@@ -255,10 +255,10 @@ def same_sql_baseline(database_url: str, hosts: list[str], batch_size: int, time
     options = connection.settings_dict.get("OPTIONS", {}).get("options", "")
     started = time.perf_counter()
     with psycopg.connect(database_url, options=options) as conn:
-        for sql, params, columns in prepared:
+        for lock, lock_params, columns in prepared:
             with conn.transaction():
                 with psycopg.ClientCursor(conn) as cursor:
-                    cursor.execute(sql, params)
+                    cursor.execute(lock, lock_params)
                     cursor.fetchall()
                 conn.execute(update, columns)
     elapsed = time.perf_counter() - started

@@ -157,7 +157,10 @@ def test_concurrent_api_requests_each_get_a_lane_of_their_own():
             HttpCommunicator(asgi.application, "GET", "/api/v1/ping", headers=[(b"host", b"127.0.0.1")])
             for _ in range(2)
         ]
-        return await asyncio.gather(*(c.get_response(timeout=10) for c in communicators))
+        responses: list[dict[str, Any]] = await asyncio.gather(
+            *(c.get_response(timeout=10) for c in communicators)
+        )
+        return responses
 
     def run() -> None:
         responses = async_to_sync(both)()
