@@ -144,18 +144,23 @@ def test_api_requests_run_their_sync_work_on_kept_threads_and_pages_on_fresh_one
     assert not any(name.startswith("api-lane-") for name in pages)
 
 
-def test_concurrent_api_requests_each_get_a_lane_of_their_own():
+def _threads_of_two_at_once(app: Any) -> list[str]:
+    """The threads two concurrent pings to `app` ran request_started on.
+
+    Each request's request_started waits for the other's, so both must be on
+    threads of their own at once: two sharing one thread, or one waiting for
+    the other's thread, would never both arrive, and the barrier would break.
+    """
     import asyncio
     import threading
 
-    # Each request's request_started waits for the other's: two requests
-    # sharing one thread would never both arrive, and the barrier would break.
+    from django.core.signals import request_started
+
     barrier = threading.Barrier(2, timeout=5)
 
     async def both() -> list[dict[str, Any]]:
         communicators = [
-            HttpCommunicator(asgi.application, "GET", "/api/v1/ping", headers=[(b"host", b"127.0.0.1")])
-            for _ in range(2)
+            HttpCommunicator(app, "GET", "/api/v1/ping", headers=[(b"host", b"127.0.0.1")]) for _ in range(2)
         ]
         responses: list[dict[str, Any]] = await asyncio.gather(
             *(c.get_response(timeout=10) for c in communicators)
@@ -166,26 +171,24 @@ def test_concurrent_api_requests_each_get_a_lane_of_their_own():
         responses = async_to_sync(both)()
         assert [response["status"] for response in responses] == [200, 200]
 
-    from django.core.signals import request_started
-
     def wait_for_the_other(**kwargs: Any) -> None:
         barrier.wait()
 
     request_started.connect(wait_for_the_other)
     try:
-        threads = _threads_of_request_started(run)
+        return _threads_of_request_started(run)
     finally:
         request_started.disconnect(wait_for_the_other)
+
+
+def test_concurrent_api_requests_each_get_a_lane_of_their_own():
+    threads = _threads_of_two_at_once(asgi.application)
     assert len(set(threads)) == 2
     assert all(name.startswith("api-lane-") for name in threads)
 
 
 def test_with_every_lane_busy_a_request_gets_a_thread_of_its_own():
-    from archipelag.handlers import ThreadLanes
-
-    lanes = ThreadLanes(2)
-    first, second = lanes.take(), lanes.take()
-    assert first is not None and second is not None and first is not second
-    assert lanes.take() is None
-    lanes.give_back(first)
-    assert lanes.take() is first
+    threads = _threads_of_two_at_once(ApiASGIHandler(threads=1))
+    assert len(set(threads)) == 2
+    # One on the only lane, the other on a thread of its own, as Django gives.
+    assert sorted(name.startswith("api-lane-") for name in threads) == [False, True]
