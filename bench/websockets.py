@@ -11,7 +11,11 @@ while every close the client did not ask for is counted.
 
 The baseline, measured in the same run by a second daphne process with the
 same settings and channel layer, is a bare consumer that only joins a group
-(bench/baseline_asgi.py).
+(bench/baseline_asgi.py). A third process serves the floor of any socket
+signed in by Django's session: the bare consumer behind the site's Origin
+checks, Channels' session middleware and one database call reading the
+user (the same module), so the table shows how much of the pairing
+consumer's cost is signing in at all and how much is its own.
 
 `--redis-defaults` runs both with the channel layer's Redis pool at redis-py's
 defaults (bench/settings_redis_defaults.py), to show the two failures the
@@ -48,6 +52,11 @@ def urls_for(
 ) -> list[tuple[int, str, dict[str, str]]]:
     if kind == "bare":
         return [(n, f"{server.ws_url}/ws/bare/{n}/", {"Origin": server.url}) for n in range(len(browsers))]
+    if kind == "signed-in":
+        return [
+            (n, f"{server.ws_url}/ws/signed-in/{n}/", browser_headers(server, browser))
+            for n, browser in enumerate(browsers)
+        ]
     return [
         (n, f"{server.ws_url}/ws/pair/mobile/{browser.session_id}/", browser_headers(server, browser))
         for n, browser in enumerate(browsers)
@@ -149,6 +158,22 @@ def handshake_verdict(
     return line, rate_met and burst_met
 
 
+def floor_line(rates: dict[str, list[float]]) -> str:
+    """What signing a socket in costs at all: the signed-in floor's and the pairing consumer's share of it."""
+    floor = [
+        signed_in / max(bare, 1e-9) for signed_in, bare in zip(rates["signed-in"], rates["bare"], strict=True)
+    ]
+    share = [
+        pairing / max(signed_in, 1e-9)
+        for pairing, signed_in in zip(rates["pairing"], rates["signed-in"], strict=True)
+    ]
+    return (
+        f"signed-in floor / bare per step: {', '.join(f'{ratio:.2f}' for ratio in floor)} (the most any "
+        "consumer that checks Django's session and the Origin can reach); pairing / signed-in floor: "
+        f"{', '.join(f'{ratio:.2f}' for ratio in share)}"
+    )
+
+
 def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defaults: bool) -> bool:
     limit = common.raise_open_files_limit()
     if limit < steps[-1] + 2000:
@@ -167,6 +192,7 @@ def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defau
     rates: dict[str, list[float]] = {}
     for kind, application in (
         ("bare", "bench.baseline_asgi:application"),
+        ("signed-in", "bench.baseline_asgi:application"),
         ("pairing", "archipelag.asgi:application"),
     ):
         with common.Daphne(
@@ -213,6 +239,7 @@ def run(steps: list[int], concurrency: int, hold: float, burst: int, redis_defau
     if not redis_defaults:
         line, handshakes_met = handshake_verdict(rates, burst, burst_opened, refused, pairing_tracebacks)
         table.note(line)
+        table.note(floor_line(rates))
         passed = passed and handshakes_met
     table.note("KiB/socket: growth of the server's RSS since warm-up, divided by the sockets open.")
     table.note(common.machine_line())
