@@ -17,12 +17,21 @@ What it does, all in one run:
      and its UPDATE (Island.objects.heartbeat_lock and heartbeat_update), with
      the values it would write. The bridge's ratio to this one is its own
      overhead, Python per message (target: 0.9, issue 17).
-3. Starts `manage.py nats_bridge` as a subprocess on that database (subjects
+3. The floor of any bridge on this machine: a process of its own receives
+   the same round through nats-py as the bridge does, decodes each body with
+   the bridge's decoder, and writes batches with the same-SQL baseline's
+   prepared statements on as many connections as the bridge's writers. The
+   bridge's ratio to it is what its own rules per batch cost.
+4. Starts `manage.py nats_bridge` as a subprocess on that database (subjects
    under a prefix of its own), sends one untimed round so every Island is
    online, then publishes the timed round: one realistic EnhancedHeartbeat
    per Island, at full speed, and stops the clock when PostgreSQL holds all
    of them. One beat per host, so the bridge's latest-per-host merging
    cannot make the figure look better than the rows really written.
+
+Each round is built before its clock starts and sent over a plain socket in
+NATS' own protocol, so the benchmark's Python is not on the clock (building
+50,000 heartbeats took 4 s, and was, until 2026-12-06).
 
 Targets: 5,000 heartbeats/s (50,000 Islands at the agent's 10 s interval), and
 0.9 of the same-SQL baseline.
@@ -217,27 +226,23 @@ def baseline(database_url: str, hosts: list[str], batch_size: int, timestamp: in
     return len(hosts) / elapsed
 
 
-def same_sql_baseline(database_url: str, hosts: list[str], batch_size: int, timestamp: int) -> float:
-    """Heartbeats/s that psycopg alone writes sending the bridge's own statements.
+def prepare_same_sql(
+    hosts: list[str], batch_size: int, timestamp: int
+) -> list[tuple[list[str], str, list[Any], list[list[Any]]]]:
+    """Per batch of `hosts`: the hosts, the locking read (SQL and parameters) and the UPDATE's columns.
 
-    Each batch is the bridge's locking read (Island.objects.heartbeat_lock,
-    its SQL as Django sends it: values bound client-side) and its UPDATE
-    (heartbeat_update, with heartbeat_columns as the parameters), on a
-    connection with the bridge's options. Everything Python does per row
-    (decoding, applying each beat, encoding the columns) is done before the
-    clock starts, so the ratio of the bridge to this is the bridge's own
-    overhead: the target (issue 17) is 0.9.
+    Everything Python does per row for the bridge's SQL (decoding, applying
+    each beat, encoding the columns) is done here, before any clock starts.
     """
     import msgspec
-    import psycopg
-    from django.db import connection, transaction
+    from django.db import transaction
 
     from islands.agent import EnhancedHeartbeat
     from islands.models import HEARTBEAT_READS, Island, offline_threshold
 
     now = datetime.now(UTC)
     threshold = offline_threshold()
-    prepared: list[tuple[str, list[Any], list[list[Any]]]] = []
+    prepared: list[tuple[list[str], str, list[Any], list[list[Any]]]] = []
     for start in range(0, len(hosts), batch_size):
         batch = hosts[start : start + batch_size]
         beats = {
@@ -250,23 +255,217 @@ def same_sql_baseline(database_url: str, hosts: list[str], batch_size: int, time
             islands = [Island.from_row("default", HEARTBEAT_READS, row) for row in query]
             for island in islands:
                 island._apply_heartbeat(beats[island.host_id], now, threshold)
-            prepared.append((sql, list(params), Island.objects.heartbeat_columns(islands)))
+            prepared.append((batch, sql, list(params), Island.objects.heartbeat_columns(islands)))
             transaction.set_rollback(True)
+    return prepared
+
+
+def write_prepared(
+    conn: Any, update: str, lock: str, lock_params: list[Any], columns: list[list[Any]]
+) -> None:
+    """One batch of the bridge's SQL, as psycopg alone sends it: the locking read, then the UPDATE."""
+    import psycopg
+
+    with conn.transaction():
+        with psycopg.ClientCursor(conn) as cursor:
+            cursor.execute(lock, lock_params)
+            cursor.fetchall()
+        conn.execute(update, columns)
+
+
+def connection_options() -> str:
+    """The bridge's connection options (JIT off), for psycopg alone."""
+    from django.db import connection
+
+    return str(connection.settings_dict.get("OPTIONS", {}).get("options", ""))
+
+
+def same_sql_baseline(database_url: str, hosts: list[str], batch_size: int, timestamp: int) -> float:
+    """Heartbeats/s that psycopg alone writes sending the bridge's own statements.
+
+    Each batch is the bridge's locking read (Island.objects.heartbeat_lock,
+    its SQL as Django sends it: values bound client-side) and its UPDATE
+    (heartbeat_update, with heartbeat_columns as the parameters), on a
+    connection with the bridge's options. Everything Python does per row
+    (decoding, applying each beat, encoding the columns) is done before the
+    clock starts, so the ratio of the bridge to this is the bridge's own
+    overhead: the target (issue 17) is 0.9.
+    """
+    import psycopg
+
+    from islands.models import Island
+
+    prepared = prepare_same_sql(hosts, batch_size, timestamp)
     update = Island.objects.heartbeat_update()
-    options = connection.settings_dict.get("OPTIONS", {}).get("options", "")
     started = time.perf_counter()
-    with psycopg.connect(database_url, options=options) as conn:
-        for lock, lock_params, columns in prepared:
-            with conn.transaction():
-                with psycopg.ClientCursor(conn) as cursor:
-                    cursor.execute(lock, lock_params)
-                    cursor.fetchall()
-                conn.execute(update, columns)
+    with psycopg.connect(database_url, options=connection_options()) as conn:
+        for _, lock, lock_params, columns in prepared:
+            write_prepared(conn, update, lock, lock_params, columns)
     elapsed = time.perf_counter() - started
     written = count_at(database_url, timestamp)
     if written != len(hosts):
         sys.exit(f"same-SQL baseline wrote {written} of {len(hosts)} rows")
     return len(hosts) / elapsed
+
+
+# --- The floor of any bridge: nats-py, decoding, the same SQL --------------------------
+
+
+def nats_floor(
+    database_url: str, nats_url: str, hosts: list[str], batch_size: int, timestamp: int, writers: int
+) -> tuple[float, float]:
+    """Heartbeats/s, and CPU µs per heartbeat, of the least any bridge on nats-py must do.
+
+    A process of its own subscribes as the bridge does (nats-py, a callback
+    per message), reads each heartbeat's host from its subject and decodes its
+    body with the bridge's own decoder and checks (decode_body, the agent's
+    EnhancedHeartbeat), gathers batches of `batch_size` in arrival order and
+    writes each with the same-SQL baseline's prepared statements on
+    `writers` connections at once, as the bridge does. What it leaves out is
+    the bridge's own work per batch: finding and locking the Islands through
+    Django, applying each beat's rules, encoding the columns. The same
+    publisher, the same round: so bridge / floor is what those rules cost, and
+    floor / baseline is what receiving and decoding costs on this machine.
+    """
+    import pickle
+    import select
+
+    prepared = prepare_same_sql(hosts, batch_size, timestamp)
+    prefix = f"benchfloor{uuid.uuid4().hex[:8]}."
+    with tempfile.NamedTemporaryFile(suffix=".pickle") as batches:
+        pickle.dump(prepared, batches)
+        batches.flush()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.nats_heartbeats",
+                "--floor-child",
+                batches.name,
+                "--writers",
+                str(writers),
+            ],
+            cwd=BASE_DIR,
+            env={**os.environ, "DATABASE_URL": database_url, "NATS_URL": nats_url, "FLOOR_PREFIX": prefix},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        answers = process.stdout
+        assert answers is not None
+
+        def said(timeout: float) -> str:
+            ready, _, _ = select.select([answers], [], [], timeout)
+            return answers.readline().strip() if ready else ""
+
+        try:
+            frames = round_of(prefix, hosts, timestamp)
+            if said(60) != "ready":
+                sys.exit("the floor's subscriber did not start")
+            started = time.perf_counter()
+            asyncio.run(publish_round(nats_url, frames))
+            outcome = said(300)
+            elapsed = time.perf_counter() - started
+        finally:
+            process.terminate()
+            process.wait(10)
+    if not outcome.startswith("done "):
+        sys.exit(f"the floor's subscriber failed: {outcome or 'no answer in 300 s'}")
+    written = count_at(database_url, timestamp)
+    if written != len(hosts):
+        sys.exit(f"the floor wrote {written} of {len(hosts)} rows")
+    return len(hosts) / elapsed, float(outcome.split()[1]) / len(hosts) * 1e6
+
+
+def floor_process(path: str, writers: int) -> None:
+    """nats_floor's subscriber, a process of its own: prints "ready", then "done <CPU seconds>"."""
+    import pickle
+
+    setup_django(os.environ["DATABASE_URL"])
+    with open(path, "rb") as batches:
+        prepared = pickle.load(batches)  # noqa: S301 (written by our own parent a moment ago)
+    expected = sum(len(batch[0]) for batch in prepared)
+    cpu = asyncio.run(
+        _floor(
+            os.environ["DATABASE_URL"],
+            os.environ["NATS_URL"],
+            os.environ["FLOOR_PREFIX"],
+            writers,
+            prepared,
+            expected,
+        )
+    )
+    print(f"done {cpu}", flush=True)
+
+
+async def _floor(
+    database_url: str,
+    nats_url: str,
+    prefix: str,
+    writers: int,
+    prepared: list[tuple[list[str], str, list[Any], list[list[Any]]]],
+    expected: int,
+) -> float:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import msgspec
+    import nats
+    import psycopg
+
+    from archipelag.api import decode_body
+    from archipelag.nats import Subjects
+    from islands.agent import HEARTBEAT_MAX_BODY_BYTES, EnhancedHeartbeat
+    from islands.models import Island
+
+    update = Island.objects.heartbeat_update()
+    subjects = Subjects(prefix)
+    decoder = msgspec.json.Decoder(EnhancedHeartbeat)
+    options = connection_options()
+    local = threading.local()
+    batches = iter(prepared)
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(writers)
+    pending: list[str] = []
+    writes: list[asyncio.Future[None]] = []
+    received = 0
+    all_in = asyncio.Event()
+
+    def write(hosts: list[str], batch: tuple[list[str], str, list[Any], list[list[Any]]]) -> None:
+        # Batches form in arrival order, which is publish order from one publisher.
+        if hosts != batch[0]:
+            raise RuntimeError("a batch arrived out of publish order")
+        if not hasattr(local, "conn"):
+            local.conn = psycopg.connect(database_url, options=options)
+        write_prepared(local.conn, update, *batch[1:])
+
+    def flush() -> None:
+        writes.append(loop.run_in_executor(executor, write, pending.copy(), next(batches)))
+        pending.clear()
+
+    async def on_heartbeat(msg: Any) -> None:
+        nonlocal received
+        host_id = subjects.host_id(msg.subject, "heartbeat")
+        if host_id is None:
+            raise RuntimeError(f"unexpected subject {msg.subject}")
+        decode_body(msg.data, decoder, HEARTBEAT_MAX_BODY_BYTES)
+        pending.append(host_id)
+        received += 1
+        if len(pending) == len(prepared[len(writes)][0]):
+            flush()
+        if received == expected:
+            all_in.set()
+
+    nc = await nats.connect(nats_url)
+    await nc.subscribe(subjects.of_hosts("heartbeat"), queue="floor", cb=on_heartbeat)
+    await nc.flush()
+    print("ready", flush=True)
+    cpu_before = time.process_time()
+    await all_in.wait()
+    await asyncio.gather(*writes)
+    cpu = time.process_time() - cpu_before
+    await nc.close()
+    executor.shutdown()
+    return cpu
 
 
 # --- Through the bridge -------------------------------------------------------------------
@@ -348,28 +547,61 @@ class BridgeProcess:
         return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
-async def publish_round(nats_url: str, prefix: str, hosts: list[str], timestamp: int) -> float:
-    """Publish one heartbeat per host as fast as NATS takes them; return the seconds it took."""
-    import nats
+def round_of(prefix: str, hosts: list[str], timestamp: int) -> bytes:
+    """One heartbeat per host as NATS protocol (PUB lines with their payloads), built before any clock starts.
 
-    payloads = [
-        (f"{prefix}host.{host}.heartbeat", json.dumps(heartbeat(host, timestamp)).encode()) for host in hosts
-    ]
-    nc = await nats.connect(nats_url, pending_size=64 * 1024 * 1024)
-    # nats-py's flush() writes its PING ahead of publishes still queued in the
-    # client, and close() may drop what sits in the socket's buffer. A message
-    # to ourselves, queued behind the heartbeats, returns only once the server
-    # has taken every one of them.
-    done = f"{prefix}bench.done.{uuid.uuid4().hex}"
-    sentinel = await nc.subscribe(done, max_msgs=1)
-    started = time.perf_counter()
-    for subject, payload in payloads:
-        await nc.publish(subject, payload)
-    await nc.publish(done, b"")
-    await sentinel.next_msg(timeout=300)
-    elapsed = time.perf_counter() - started
-    await nc.close()
-    return elapsed
+    Building 50,000 realistic heartbeats takes seconds of Python: inside the
+    timed window (as until 2026-12-06) the bridge waited for it, idle.
+    """
+    frames = []
+    for host in hosts:
+        payload = json.dumps(heartbeat(host, timestamp)).encode()
+        frames.append(
+            b"PUB %shost.%s.heartbeat %d\r\n%s\r\n" % (prefix.encode(), host.encode(), len(payload), payload)
+        )
+    return b"".join(frames)
+
+
+async def publish_round(nats_url: str, frames: bytes) -> float:
+    """Send a round_of() to NATS as fast as the server reads it; the seconds until it has taken all of it.
+
+    A plain socket speaking NATS' text protocol: a client library's Python
+    per message would be the benchmark's own load on the two cores it shares
+    with the bridge, where the Islands publishing in production are machines
+    of their own. The server answers the PING after the last PUB only once
+    it has processed every one of them.
+    """
+    from urllib.parse import urlsplit
+
+    url = urlsplit(nats_url)
+    reader, writer = await asyncio.open_connection(url.hostname or "127.0.0.1", url.port or 4222)
+    try:
+        info = await reader.readline()
+        if not info.startswith(b"INFO "):
+            raise RuntimeError(f"not a NATS server: {info[:80]!r}")
+        connect: dict[str, Any] = {"verbose": False, "pedantic": False, "name": "bench-publisher"}
+        if url.username:
+            connect.update(user=url.username, **{"pass": url.password or ""})
+        writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
+        await _pong(reader)
+        started = time.perf_counter()
+        writer.write(frames)
+        writer.write(b"PING\r\n")
+        await writer.drain()
+        await _pong(reader)
+        return time.perf_counter() - started
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _pong(reader: asyncio.StreamReader) -> None:
+    while True:
+        line = await asyncio.wait_for(reader.readline(), timeout=300)
+        if line == b"PONG\r\n":
+            return
+        if not line or line.startswith(b"-ERR"):
+            raise RuntimeError(f"NATS refused the round: {line.strip()!r}")
 
 
 def through_bridge(
@@ -392,14 +624,15 @@ def through_bridge(
     try:
         # Untimed: every Island comes online once, so the timed round is the
         # steady state (no status changes to insert).
-        asyncio.run(publish_round(nats_url, prefix, hosts, timestamp - 1))
+        asyncio.run(publish_round(nats_url, round_of(prefix, hosts, timestamp - 1)))
         wait_until_applied(running, len(hosts))
         wait_until_written(database_url, timestamp - 1, len(hosts))
 
+        frames = round_of(prefix, hosts, timestamp)
         spy = start_profile(running[0].process.pid, profile) if profile else None
         cpu_before = sum(bridge.cpu_seconds() for bridge in running)
         started = time.perf_counter()
-        publish_seconds = asyncio.run(publish_round(nats_url, prefix, hosts, timestamp))
+        publish_seconds = asyncio.run(publish_round(nats_url, frames))
         wait_until_applied(running, 2 * len(hosts))
         elapsed = time.perf_counter() - started
         # The counters say when; the database says whether: every timed beat is there.
@@ -495,7 +728,11 @@ def main() -> None:
     )
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
     parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument("--floor-child", metavar="BATCHES", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_child:
+        floor_process(args.floor_child, args.writers)
+        return
     if not args.database_url.startswith(("postgres://", "postgresql://")):
         sys.exit("the benchmark needs PostgreSQL: set DATABASE_URL=postgres://...")
 
@@ -507,6 +744,9 @@ def main() -> None:
 
     earlier = baseline(args.database_url, hosts, args.batch_size, stamp)
     raw = same_sql_baseline(args.database_url, hosts, args.batch_size, stamp + 5)
+    floor, floor_cpu = nats_floor(
+        args.database_url, args.nats_url, hosts, args.batch_size, stamp + 7, args.writers
+    )
     bridged, published, counters = through_bridge(
         args.database_url,
         args.nats_url,
@@ -528,8 +768,13 @@ def main() -> None:
     print(f"  published into NATS:             {published:>9,.0f} heartbeats/s")
     print(f"  bridge, end to end to PostgreSQL: {bridged:>8,.0f} heartbeats/s")
     print(f"  psycopg alone, the bridge's SQL:  {raw:>8,.0f} heartbeats/s (the baseline)")
+    print(
+        f"  nats-py + decoding + that SQL:    {floor:>8,.0f} heartbeats/s (the floor of any bridge here: "
+        f"{floor / raw:.2f} of the baseline, {floor_cpu:.0f} µs CPU per heartbeat)"
+    )
     print(f"  psycopg alone, earlier SQL:       {earlier:>8,.0f} heartbeats/s (ids-only lock, own UPDATE)")
     ratio = bridged / raw
+    print(f"  bridge / floor: {bridged / floor:.2f} (what the bridge's own rules per batch cost)")
     print(
         f"  bridge / baseline: {ratio:.2f} (target ≥ 0.9) {'met' if ratio >= 0.9 else 'NOT MET'}; "
         f"target 5,000/s: {'met' if bridged >= 5000 else 'NOT met'}"
