@@ -202,11 +202,8 @@ def baseline(database_url: str, hosts: list[str], batch_size: int, timestamp: in
     arrays = ", ".join(f"%s::{type_}[]" for type_ in types)
     # The bridge's connection options (JIT off), as same_sql_baseline uses:
     # earlier runs had JIT on here, one more way this baseline differed.
-    from django.db import connection
-
-    options = connection.settings_dict.get("OPTIONS", {}).get("options", "")
     started = time.perf_counter()
-    with psycopg.connect(database_url, options=options) as conn:
+    with psycopg.connect(database_url, options=connection_options()) as conn:
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             with conn.transaction():
@@ -383,17 +380,19 @@ def floor_process(path: str, writers: int) -> None:
     setup_django(os.environ["DATABASE_URL"])
     with open(path, "rb") as batches:
         prepared = pickle.load(batches)  # noqa: S301 (written by our own parent a moment ago)
-    expected = sum(len(batch[0]) for batch in prepared)
-    cpu = asyncio.run(
-        _floor(
-            os.environ["DATABASE_URL"],
-            os.environ["NATS_URL"],
-            os.environ["FLOOR_PREFIX"],
-            writers,
-            prepared,
-            expected,
+    try:
+        cpu = asyncio.run(
+            _floor(
+                os.environ["DATABASE_URL"],
+                os.environ["NATS_URL"],
+                os.environ["FLOOR_PREFIX"],
+                writers,
+                prepared,
+            )
         )
-    )
+    except Exception as exc:  # the parent reads one line: say what went wrong, not nothing
+        print(f"failed: {type(exc).__name__}: {exc}", flush=True)
+        return
     print(f"done {cpu}", flush=True)
 
 
@@ -403,7 +402,6 @@ async def _floor(
     prefix: str,
     writers: int,
     prepared: list[tuple[list[str], str, list[Any], list[list[Any]]]],
-    expected: int,
 ) -> float:
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -427,8 +425,17 @@ async def _floor(
     executor = ThreadPoolExecutor(writers)
     pending: list[str] = []
     writes: list[asyncio.Future[None]] = []
+    expected = sum(len(batch[0]) for batch in prepared)
     received = 0
+    # Set when every heartbeat is in, or when something failed (in `problems`).
     all_in = asyncio.Event()
+    problems: list[BaseException] = []
+
+    def failed(future: "asyncio.Future[None]") -> None:
+        problem = None if future.cancelled() else future.exception()
+        if problem is not None:
+            problems.append(problem)
+            all_in.set()
 
     def write(hosts: list[str], batch: tuple[list[str], str, list[Any], list[list[Any]]]) -> None:
         # Batches form in arrival order, which is publish order from one publisher.
@@ -439,14 +446,18 @@ async def _floor(
         write_prepared(local.conn, update, *batch[1:])
 
     def flush() -> None:
-        writes.append(loop.run_in_executor(executor, write, pending.copy(), next(batches)))
+        future = loop.run_in_executor(executor, write, pending.copy(), next(batches))
+        future.add_done_callback(failed)
+        writes.append(future)
         pending.clear()
 
     async def on_heartbeat(msg: Any) -> None:
         nonlocal received
         host_id = subjects.host_id(msg.subject, "heartbeat")
         if host_id is None:
-            raise RuntimeError(f"unexpected subject {msg.subject}")
+            problems.append(RuntimeError(f"unexpected subject {msg.subject}"))
+            all_in.set()
+            return
         decode_body(msg.data, decoder, HEARTBEAT_MAX_BODY_BYTES)
         pending.append(host_id)
         received += 1
@@ -461,6 +472,8 @@ async def _floor(
     print("ready", flush=True)
     cpu_before = time.process_time()
     await all_in.wait()
+    if problems:
+        raise problems[0]
     await asyncio.gather(*writes)
     cpu = time.process_time() - cpu_before
     await nc.close()
